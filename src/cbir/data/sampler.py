@@ -1,0 +1,154 @@
+"""M-per-class batch sampling with true epoch semantics.
+
+Metric-learning losses need several images of each class in a batch. Common samplers (e.g.
+pytorch-metric-learning's ``MPerClassSampler``) draw classes with replacement, so an "epoch" neither
+visits every image nor has a fixed length, and under DDP every rank draws its own independent stream.
+
+:class:`MPerClassBatchSampler` instead plans each epoch up front, from ``(seed, epoch)`` alone:
+
+1. each class's images are shuffled and cut into groups of ``m``; a class whose size is not a multiple
+   of ``m`` tops up its last group with random repeats of its own images (so classes with fewer than
+   ``m`` images are repeated — with augmentation they are still different views);
+2. batches are filled with ``batch_size / m`` groups of *distinct* classes, drawing classes with
+   probability proportional to their remaining groups, so large classes are spread over the epoch and
+   the leftover at the end (groups that cannot form a batch of distinct classes) is as small as possible;
+3. under DDP every rank computes the same plan and takes every ``world_size``-th batch, so ranks get
+   disjoint batches and the same number of steps.
+
+Every image is visited once per epoch, except the few in the leftover groups, which are reported in
+``last_plan_stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from cbir.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochPlanStats:
+    """What one epoch's plan covers."""
+
+    num_batches: int
+    images_visited: int  # distinct images in the epoch's batches (all ranks)
+    images_total: int
+    repeated_slots: int  # batch slots filled by repeats in classes smaller than a multiple of m
+    leftover_images: int  # images whose groups could not join a batch of distinct classes
+
+
+class MPerClassBatchSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices: ``batch_size // m`` classes, ``m`` images each."""
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        m: int,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        labels = np.asarray(labels)
+        if m < 1 or batch_size < 1 or batch_size % m:
+            raise ConfigError(f"sampler: batch_size ({batch_size}) must be a positive multiple of m ({m})")
+        classes, inverse = np.unique(labels, return_inverse=True)
+        self.classes_per_batch = batch_size // m
+        if len(classes) < self.classes_per_batch:
+            raise DataError(
+                f"sampler: a batch of {batch_size} with m={m} needs {self.classes_per_batch} classes, "
+                f"but the training set has only {len(classes)}; lower data.batch_size or raise sampler.m"
+            )
+        self.m = m
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self._indices_by_class = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        small = sum(len(ix) < m for ix in self._indices_by_class)
+        if small:
+            log.warning("sampler: %d of %d classes have fewer than m=%d images; their images are repeated",
+                        small, len(classes), m)
+        self._plan_cache: tuple[int, list[list[int]], EpochPlanStats] | None = None
+
+    # -- distributed context -------------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning (and by hand in plain loops) before each epoch."""
+        self.epoch = int(epoch)
+
+    # -- plan -----------------------------------------------------------------------------------------
+    def plan(self, epoch: int | None = None) -> tuple[list[list[int]], EpochPlanStats]:
+        """All batches of ``epoch`` (every rank's), and what they cover. Deterministic in (seed, epoch)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1], self._plan_cache[2]
+        rng = np.random.default_rng([self.seed, epoch])
+        groups: list[list[np.ndarray]] = []
+        repeated = 0
+        for indices in self._indices_by_class:
+            shuffled = rng.permutation(indices)
+            shortfall = (-len(shuffled)) % self.m
+            if shortfall:
+                shuffled = np.concatenate([shuffled, rng.choice(indices, size=shortfall, replace=True)])
+                repeated += shortfall
+            groups.append(list(shuffled.reshape(-1, self.m)))
+        remaining = np.array([len(g) for g in groups], dtype=np.float64)
+
+        batches: list[list[int]] = []
+        while np.count_nonzero(remaining) >= self.classes_per_batch:
+            chosen = rng.choice(len(groups), size=self.classes_per_batch, replace=False,
+                                p=remaining / remaining.sum())
+            batch = np.concatenate([groups[c].pop() for c in chosen])
+            remaining[chosen] -= 1
+            batches.append(batch.tolist())
+        leftover = {int(i) for c in range(len(groups)) for g in groups[c] for i in g}
+        visited = {i for b in batches for i in b}
+        stats = EpochPlanStats(
+            num_batches=len(batches),
+            images_visited=len(visited),
+            images_total=sum(len(ix) for ix in self._indices_by_class),
+            repeated_slots=repeated,
+            leftover_images=len(leftover - visited),
+        )
+        self._plan_cache = (epoch, batches, stats)
+        return batches, stats
+
+    @property
+    def last_plan_stats(self) -> EpochPlanStats:
+        return self.plan()[1]
+
+    def _rank_batches(self) -> list[list[int]]:
+        batches, _ = self.plan()
+        replicas = self.num_replicas
+        per_rank = len(batches) // replicas
+        if per_rank == 0:
+            raise DataError(f"sampler: the epoch has {len(batches)} batches, fewer than {replicas} ranks")
+        return batches[self.rank : per_rank * replicas : replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._rank_batches()
+
+    def __len__(self) -> int:
+        return len(self.plan()[0]) // self.num_replicas
+

@@ -1,0 +1,163 @@
+"""Retrieval metrics, computed in one place for validation, ``eval.py`` and the index benchmark.
+
+Definitions (the ones used in the metric-learning literature, e.g. Musgrave et al., "A Metric Learning
+Reality Check", 2020):
+
+* ``precision_at_1``: fraction of queries whose nearest gallery item has the query's label.
+* ``recall_at_k``: fraction of queries with at least one same-label item among their k nearest.
+* ``r_precision``: precision among the R nearest, R = number of same-label gallery items.
+* ``map_at_r``: mean average precision over the R nearest (MAP@R).
+
+Similarity is the inner product (cosine similarity for the L2-normalised embeddings an ``Embedder``
+returns). Ties are broken by gallery position (earlier first), exactly as a stable sort would, so results
+never depend on the order a kernel happens to return. A query with no same-label gallery item (a class of
+size one in the all-vs-all protocol) has no defined MAP@R; such queries are left out of every metric and
+counted in ``num_queries_excluded``.
+
+Memory stays bounded: queries are processed in chunks sized so that one chunk's ``chunk x gallery``
+similarity block fits ``memory_budget_mb``; the full query x gallery matrix is never built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
+
+# bytes held per (query, gallery) pair inside one chunk: similarity, relevance, self mask, tie cumsum, ...
+_BYTES_PER_PAIR = 24
+
+
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    *,
+    query_ids: torch.Tensor | None = None,
+    gallery_ids: torch.Tensor | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    memory_budget_mb: float = 256.0,
+) -> dict[str, float]:
+    """Compute retrieval metrics of ``query`` embeddings against ``gallery`` embeddings.
+
+    With ``gallery=None`` the protocol is all-vs-all: every query searches all *other* queries (CUB, SOP,
+    zero-shot splits). Otherwise it is query-vs-gallery (Fashion-MNIST test→train, In-Shop); pass
+    ``query_ids``/``gallery_ids`` when the two sets share items, and pairs with equal ids are skipped.
+    """
+    if gallery is None:
+        if gallery_labels is not None or gallery_ids is not None:
+            raise ValueError("gallery_labels/gallery_ids given without a gallery")
+        gallery, gallery_labels = query, query_labels
+        query_ids = gallery_ids = torch.arange(len(query), device=query.device)
+    elif gallery_labels is None:
+        raise ValueError("gallery given without gallery_labels")
+    if (query_ids is None) != (gallery_ids is None):
+        raise ValueError("pass both query_ids and gallery_ids, or neither")
+    _check_inputs(query, query_labels, "query")
+    _check_inputs(gallery, gallery_labels, "gallery")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query dim {query.shape[1]} != gallery dim {gallery.shape[1]}")
+
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    num_gallery = len(gallery)
+    gallery = gallery.float()
+    chunk = max(1, int(memory_budget_mb * 2**20 // (_BYTES_PER_PAIR * max(num_gallery, 1))))
+
+    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
+    totals.update({f"recall_at_{k}": 0.0 for k in ks})
+    evaluated = 0
+    for start in range(0, len(query), chunk):
+        stop = min(start + chunk, len(query))
+        sims = query[start:stop].float() @ gallery.T
+        relevant = query_labels[start:stop, None] == gallery_labels[None, :]
+        if query_ids is not None:
+            same_item = query_ids[start:stop, None] == gallery_ids[None, :]
+            sims.masked_fill_(same_item, float("-inf"))
+            relevant &= ~same_item
+        num_relevant = relevant.sum(dim=1)
+        keep = num_relevant > 0
+        if not keep.any():
+            continue
+        sims, relevant, num_relevant = sims[keep], relevant[keep], num_relevant[keep]
+
+        depth = min(max(ks[-1], int(num_relevant.max())), num_gallery)
+        ranked = stable_topk_indices(sims, depth)
+        hits = relevant.gather(1, ranked)
+        positions = torch.arange(depth, device=hits.device)
+        within_r = positions[None, :] < num_relevant[:, None]
+        hits_f = hits.float()
+        precision_at_i = hits_f.cumsum(dim=1) / (positions + 1)
+
+        totals["precision_at_1"] += hits_f[:, 0].sum().item()
+        for k in ks:
+            totals[f"recall_at_{k}"] += hits[:, :k].any(dim=1).float().sum().item()
+        totals["r_precision"] += ((hits_f * within_r).sum(1) / num_relevant).sum().item()
+        totals["map_at_r"] += ((precision_at_i * hits_f * within_r).sum(1) / num_relevant).sum().item()
+        evaluated += int(keep.sum())
+
+    result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
+    result["num_queries"] = float(evaluated)
+    result["num_queries_excluded"] = float(len(query) - evaluated)
+    return result
+
+
+def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, highest first, ties broken by column (lower first).
+
+    Equivalent to ``torch.sort(scores, descending=True, stable=True).indices[:, :k]`` but costs a top-k
+    plus a few linear passes instead of a full sort of every row.
+    """
+    num_cols = scores.shape[1]
+    if k >= num_cols:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    still_needed = k - above.sum(dim=1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=1) <= still_needed))
+    columns = chosen.nonzero()[:, 1].view(-1, k)  # ascending column order inside each row
+    order = torch.sort(scores.gather(1, columns), dim=1, descending=True, stable=True).indices
+    return columns.gather(1, order)
+
+
+def _check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if embeddings.ndim != 2:
+        raise ValueError(f"{name} embeddings must be 2-D (n, dim), got shape {tuple(embeddings.shape)}")
+    if labels.ndim != 1 or len(labels) != len(embeddings):
+        raise ValueError(f"{name} labels must be 1-D with {len(embeddings)} entries, got {tuple(labels.shape)}")
+    if len(embeddings) == 0:
+        raise ValueError(f"{name} set is empty")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{name} embeddings contain NaN or Inf (did training diverge?)")
+
+
+def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (first dim may differ per rank) from every process; identity when not
+    running distributed. Pads to the largest rank's length, gathers, then trims, because collective ops
+    need equal shapes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(n) for n in lengths))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(n)] for g, n in zip(gathered, lengths)])
+
+
+def unique_by_id(ids: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the first row of each id (distributed samplers pad with duplicates), sorted by id."""
+    unique_ids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    first = torch.full((len(unique_ids),), len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return (unique_ids, *(t[first] for t in tensors))

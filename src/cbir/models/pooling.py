@@ -1,0 +1,49 @@
+"""Global pooling of a feature map, and the GeM embedding head built on it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbir.errors import ConfigError
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al., 2018) with a learnable exponent ``p``.
+
+    ``p=1`` is average pooling, ``p→∞`` max pooling; ``p=3`` is the usual initialisation.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p).flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3f}, eps={self.eps}"
+
+
+class GeMHead(nn.Module):
+    """Embedding head: GeM on one backbone stage (the last by default) → linear projection → optional BN.
+
+    The ``Embedder`` L2-normalises the output.
+    """
+
+    def __init__(self, channels: dict[str, int], dim: int = 512, bn: bool = True, stage: str | None = None,
+                 p: float = 3.0) -> None:
+        super().__init__()
+        self.stage = stage or list(channels)[-1]
+        if self.stage not in channels:
+            raise ConfigError(f"head.stage={self.stage!r} is not a backbone stage ({', '.join(channels)})")
+        self.dim = dim
+        self.pool = GeM(p)
+        self.proj = nn.Linear(channels[self.stage], dim)
+        self.bn = nn.BatchNorm1d(dim) if bn else nn.Identity()
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bn(self.proj(self.pool(features[self.stage])))

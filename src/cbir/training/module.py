@@ -1,0 +1,132 @@
+"""LightningModule: a metric-learning loss (+ miner) on Embedder outputs, retrieval metrics on
+validation/test. Loss, miner, optimiser and scheduler come in as ready objects/factories, so this class
+knows nothing about Hydra."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY
+from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, retrieval_metrics, unique_by_id
+from cbir.models.embedder import Embedder
+
+MONITOR = "val/map_at_r"
+
+
+class MetricLearningModule(pl.LightningModule):
+    def __init__(
+        self,
+        embedder: Embedder,
+        loss: nn.Module | None = None,
+        miner: nn.Module | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        ks: Sequence[int] = DEFAULT_KS,
+        model_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.loss_fn = loss
+        self.miner = miner
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.scheduler_factory = scheduler
+        self.ks = tuple(ks)
+        # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
+        self.save_hyperparameters({"model_config": model_config or {}})
+        self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self._epoch_start = 0.0
+        self._epoch_images = 0
+        self.last_eval_metrics: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder(images)
+
+    # -- training ----------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise RuntimeError("MetricLearningModule was built without a loss; it can only evaluate")
+        embeddings = self.embedder(batch["image"])
+        labels = batch["label"]
+        pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss_fn(embeddings, labels, pairs_or_triplets)
+        self._epoch_images += len(labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        if elapsed > 0 and self._epoch_images:
+            self.log("train/images_per_second", self._epoch_images / elapsed, sync_dist=True, reduce_fx="sum")
+
+    def configure_optimizers(self):
+        params = [p for p in self.embedder.parameters() if p.requires_grad]
+        if self.loss_fn is not None:  # proxy/classifier losses carry parameters
+            params += [p for p in self.loss_fn.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "epoch"}}
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _collect(self, batch: dict) -> None:
+        self._eval_outputs.append({
+            "embedding": self.embedder(batch["image"]).float(),
+            "label": batch["label"],
+            "index": batch["index"],
+            "role": batch["role"],
+        })
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    def _log_retrieval(self, stage: str) -> None:
+        if not self._eval_outputs:
+            return
+        outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
+        self._eval_outputs.clear()
+        if self.trainer.sanity_checking:
+            return
+        gathered = {key: all_gather_concat(value) for key, value in outputs.items()}
+        _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
+                                                    gathered["label"], gathered["role"])
+        metrics = evaluate_embeddings(embeddings, labels, roles, self.ks)
+        self.last_eval_metrics = metrics
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("precision_at_1", "map_at_r"), sync_dist=False,
+                     rank_zero_only=False)
+
+
+def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
+                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
+    otherwise query-vs-gallery by role (items in both sets are not matched with themselves)."""
+    is_query = (roles & ROLE_QUERY).bool()
+    is_gallery = (roles & ROLE_GALLERY).bool()
+    if bool(is_query.all()) and bool(is_gallery.all()):
+        return retrieval_metrics(embeddings, labels, ks=ks)
+    if not (is_query.any() and is_gallery.any()):
+        # only happens when evaluation is truncated (fast_dev_run, limit_*_batches)
+        warnings.warn("evaluation saw no queries or no gallery items; metrics skipped", stacklevel=2)
+        return {}
+    ids = torch.arange(len(labels), device=labels.device)
+    return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
+                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks)

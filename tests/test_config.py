@@ -1,0 +1,122 @@
+"""Every option of every config group composes, and what it describes instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cbir import factory
+from cbir.entry import config_dir
+
+from conftest import compose_config, tiny_train_overrides
+
+CONF = config_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_groups_named_by_the_design_exist():
+    for group in ("model", "head", "loss", "miner", "sampler", "data", "augment", "optimizer", "scheduler",
+                  "trainer", "logger", "callbacks", "experiment"):
+        assert group in GROUPS
+    for model in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
+        assert (CONF / "model" / f"{model}.yaml").is_file()
+    for logger in ("csv", "wandb", "tensorboard"):
+        assert (CONF / "logger" / f"{logger}.yaml").is_file()
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
+    overrides = tiny_train_overrides(tiny_folder, tmp_path)
+    overrides = [o for o in overrides if not o.startswith(f"{group}=") and not o.startswith(f"{group}.")
+                 or group == "data" and o.startswith("data.")]
+    if group == "data":
+        overrides = [o for o in overrides if not o.startswith(("data.root=", "data="))]
+        overrides += [f"data={option}"] + _data_location(option, tiny_folder, tmp_path)
+    elif group == "experiment":
+        overrides += [f"+experiment={option}", f"data.root={tiny_folder}", "data=folder"]
+    else:
+        overrides += [f"{group}={option}"]
+    cfg = compose_config("train", overrides)
+    _instantiate_all(cfg, tmp_path)
+
+
+def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
+    if option == "folder":
+        return [f"data.root={folder}"]
+    if option == "csv":
+        rows = [f"{p},{p.parent.name},{'train' if p.parent.name < 'class_03' else 'test'}"
+                for p in sorted(folder.rglob("*.png"))]
+        (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+        return [f"data.path={tmp_path / 'list.csv'}"]
+    if option == "fashion_mnist":
+        from conftest import write_idx
+
+        rng = np.random.default_rng(0)
+        for prefix, n in (("train", 40), ("t10k", 20)):
+            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        return [f"data.root={tmp_path}", "data.m_per_class=2", "data.batch_size=8"]
+    raise AssertionError(f"add a fixture for data={option}")
+
+
+def _instantiate_all(cfg, tmp_path: Path) -> None:
+    catalog = factory.build_catalog(cfg.data)
+    assert catalog.records
+    embedder = factory.build_embedder_from_config(cfg) if cfg.model.pretrained == "none" else None
+    if embedder is None:  # pretrained=imagenet for a model whose weights may not be cached: build untrained
+        cfg.model.pretrained = "none"
+        embedder = factory.build_embedder_from_config(cfg)
+    out = embedder.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, cfg.head.dim)
+
+    datamodule = factory.build_datamodule(cfg, catalog, embedder)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape[1:] == (3, embedder.input_size, embedder.input_size)
+
+    module = factory.build_module(cfg, embedder)
+    assert module.loss_fn is not None
+    optim = module.configure_optimizers()
+    assert optim is not None
+    loss = module.loss_fn(embedder.train()(batch["image"]), batch["label"],
+                          module.miner(embedder(batch["image"]), batch["label"]) if module.miner else None)
+    assert torch.isfinite(loss)
+
+    loggers = factory.build_loggers(cfg)
+    callbacks = factory.build_callbacks(cfg, has_logger=bool(loggers))
+    trainer = factory.build_trainer(cfg, logger=loggers or False, callbacks=callbacks)
+    assert trainer is not None
+    for logger in loggers:
+        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+
+def test_eval_config_composes():
+    cfg = compose_config("eval", ["ckpt_path=/x.ckpt", "paths.output_dir=/tmp/x"])
+    assert cfg.protocol == "test" and cfg.data.test.gallery == "train"
+
+
+def test_loss_brings_its_miner_and_miner_can_be_overridden(tmp_path):
+    cfg = compose_config("train", ["loss=contrastive", f"paths.output_dir={tmp_path}"])
+    assert "PairMarginMiner" in cfg.miner._target_
+    cfg = compose_config("train", ["loss=contrastive", "miner=batch_hard", f"paths.output_dir={tmp_path}"])
+    assert "BatchHardMiner" in cfg.miner._target_
+    cfg = compose_config("train", ["miner=none", f"paths.output_dir={tmp_path}"])
+    assert factory.build_module(cfg, _tiny_embedder()).miner is None
+
+
+def _tiny_embedder():
+    from cbir.models.embedder import build_embedder
+
+    return build_embedder("resnet18", pretrained="none", image_size=32)
+
+
+def test_instantiated_objects_are_the_configured_types(tmp_path):
+    cfg = compose_config("train", ["optimizer=sgd", "scheduler=step", f"paths.output_dir={tmp_path}"])
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    assert isinstance(instantiate(cfg.scheduler)(optimizer), torch.optim.lr_scheduler.StepLR)

@@ -1,0 +1,107 @@
+"""Dataset readers on tiny fixtures in the official layouts, and image loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset, load_image
+from cbir.data.formats import ArrayRef, read_csv, read_fashion_mnist, read_folder
+from cbir.data.transforms import eval_transform
+from cbir.errors import BadImageError, DataError
+
+from conftest import write_class_images
+
+
+def test_fashion_mnist_reader(tiny_fashion_mnist):
+    catalog = read_fashion_mnist(tiny_fashion_mnist, download=False)
+    assert len(catalog.select("train")) == 40 and len(catalog.select("test")) == 20
+    assert catalog.arrays["train"].shape == (40, 28, 28)
+    first_test = catalog.records[catalog.select("test")[0]]
+    assert first_test.source == ArrayRef("test", 0) and first_test.label == 0
+    pixels = load_image(catalog, catalog.records[5].source)
+    assert pixels.shape == (28, 28, 3) and (pixels[..., 0] == pixels[..., 2]).all()  # grey replicated
+    assert catalog.class_names[9] == "Ankle boot"
+
+
+def test_fashion_mnist_missing_gives_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr("cbir.data.formats.FASHION_MNIST_DEBIAN_DIR", tmp_path / "nope")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        read_fashion_mnist(tmp_path / "empty", download=False)
+
+
+def test_folder_reader_zero_shot_split(tiny_folder):
+    catalog = read_folder(tiny_folder, test_fraction=0.5)
+    assert catalog.class_names == [f"class_{c:02d}" for c in range(6)]
+    train_labels = set(catalog.labels(catalog.select("train")))
+    test_labels = set(catalog.labels(catalog.select("test")))
+    assert train_labels == {0, 1, 2} and test_labels == {3, 4, 5}
+    assert len(catalog.records) == 24
+
+
+def test_folder_reader_with_split_subfolders(tmp_path):
+    write_class_images(tmp_path / "train", num_classes=3, per_class=2)
+    write_class_images(tmp_path / "test", num_classes=2, per_class=2, seed=1)
+    catalog = read_folder(tmp_path)
+    assert len(catalog.select("train")) == 6 and len(catalog.select("test")) == 4
+
+
+def test_folder_reader_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_folder(tmp_path / "missing")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        read_folder(tmp_path)
+
+
+def test_csv_reader_with_roles(tmp_path, tiny_folder):
+    images = sorted(tiny_folder.rglob("*.png"))
+    rows = ["path,label,split,role"]
+    rows += [f"{p},{p.parent.name},train," for p in images[:8]]
+    rows += [f"{p},{p.parent.name},test,query" for p in images[8:12]]
+    rows += [f"{p},{p.parent.name},test,gallery" for p in images[12:]]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    catalog = read_csv(tmp_path / "list.csv")
+    assert len(catalog.select("test:query")) == 4 and len(catalog.select("test:gallery")) == 12
+    spec = EvalSpec("test:query", "test:gallery")
+    dataset = spec.dataset(catalog, eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+    roles = dataset.roles
+    assert (roles == ROLE_QUERY).sum() == 4 and (roles == ROLE_GALLERY).sum() == 12
+
+
+def test_csv_reader_errors(tmp_path):
+    (tmp_path / "bad.csv").write_text("a.png\n")
+    with pytest.raises(DataError, match="row 1 has 1 columns"):
+        read_csv(tmp_path / "bad.csv")
+    (tmp_path / "role.csv").write_text("a.png,x,test,both\n")
+    with pytest.raises(DataError, match="role must be"):
+        read_csv(tmp_path / "role.csv")
+    with pytest.raises(DataError, match="does not exist"):
+        read_csv(tmp_path / "missing.csv")
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    catalog = read_folder(_one_class_folder(tmp_path, bad), test_fraction=0.0)
+    dataset = RecordDataset(catalog, [0], eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(BadImageError, match="broken.png"):
+        dataset[0]
+
+
+def test_transparent_png_is_composited_on_white(tmp_path):
+    path = tmp_path / "alpha.png"
+    Image.fromarray(np.zeros((4, 4, 4), dtype=np.uint8), mode="RGBA").save(path)  # fully transparent black
+    catalog = read_folder(_one_class_folder(tmp_path, path), test_fraction=0.0)
+    assert (load_image(catalog, catalog.records[0].source) == 255).all()
+
+
+def _one_class_folder(tmp_path: Path, image: Path) -> Path:
+    root = tmp_path / "one"
+    (root / "c").mkdir(parents=True)
+    image.rename(root / "c" / image.name)
+    return root

@@ -1,0 +1,85 @@
+"""M-per-class batch sampler: batch composition, epoch coverage, determinism, DDP disjointness."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cbir.data.sampler import MPerClassBatchSampler
+from cbir.errors import ConfigError, DataError
+
+
+def uneven_labels(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 30, size=25)  # includes classes smaller than m
+    return rng.permutation(np.repeat(np.arange(25), sizes))
+
+
+@pytest.mark.parametrize("m,batch_size", [(4, 32), (2, 16), (8, 64)])
+def test_every_batch_has_m_images_of_each_of_its_classes(m, batch_size):
+    labels = uneven_labels()
+    sampler = MPerClassBatchSampler(labels, m=m, batch_size=batch_size, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for batch in batches:
+        assert len(batch) == batch_size
+        counts = Counter(labels[batch].tolist())
+        assert len(counts) == batch_size // m
+        assert set(counts.values()) == {m}
+
+
+def test_epoch_covers_the_data_set():
+    labels = np.repeat(np.arange(40), 12)  # sizes divisible by m: nothing may be left out
+    sampler = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=3)
+    seen = [i for batch in sampler for i in batch]
+    assert sorted(seen) == list(range(len(labels)))  # every image exactly once
+    stats = sampler.last_plan_stats
+    assert stats.images_visited == stats.images_total == len(labels)
+    assert stats.leftover_images == 0 and stats.repeated_slots == 0
+
+
+def test_uneven_classes_are_covered_except_a_reported_leftover():
+    labels = uneven_labels(4)
+    sampler = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=0)
+    seen = {i for batch in sampler for i in batch}
+    stats = sampler.last_plan_stats
+    assert len(seen) == stats.images_visited
+    assert stats.images_visited + stats.leftover_images == len(labels)
+    assert stats.leftover_images < 0.1 * len(labels)
+    assert stats.repeated_slots > 0  # classes of size 1..3 were topped up with repeats
+
+
+def test_deterministic_per_seed_and_epoch():
+    labels = uneven_labels()
+    a = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=7)
+    b = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=7)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)  # a new epoch reshuffles
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    c = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=8)
+    assert list(c) != list(MPerClassBatchSampler(labels, m=4, batch_size=32, seed=7))
+
+
+def test_ranks_get_disjoint_batches_of_equal_count():
+    labels = np.repeat(np.arange(30), 10)
+    ranks = [MPerClassBatchSampler(labels, m=2, batch_size=20, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    per_rank = [list(s) for s in ranks]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(ranks[0])
+    flat = [tuple(b) for batches in per_rank for b in batches]
+    assert len(flat) == len(set(flat))
+    indices = [i for batches in per_rank for b in batches for i in b]
+    assert len(indices) == len(set(indices))  # no image on two ranks in the same epoch
+    single = MPerClassBatchSampler(labels, m=2, batch_size=20, seed=5)
+    assert len(single) >= 3 * len(ranks[0])
+
+
+def test_bad_arguments():
+    labels = np.repeat(np.arange(3), 5)
+    with pytest.raises(ConfigError, match="multiple"):
+        MPerClassBatchSampler(labels, m=3, batch_size=10)
+    with pytest.raises(DataError, match="only 3"):
+        MPerClassBatchSampler(labels, m=2, batch_size=16)
