@@ -69,7 +69,7 @@ def compose_config(name: str, overrides: list[str]):
 def tiny_train_overrides(data_root: Path, output_dir: Path) -> list[str]:
     """A training config small enough for a unit test: 32 px folder data, no weights, no logger."""
     return [
-        "data=folder", f"data.root={data_root}", "data.image_size=32", "data.batch_size=8",
+        "data=folder", f"data.root={data_root}", "data.image_size=32", "data.batch_size=6",
         "data.m_per_class=2", "data.eval_batch_size=16", "data.num_workers=0", "model.pretrained=none",
         "head.dim=16", "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", f"paths.output_dir={output_dir}",

@@ -39,7 +39,7 @@ def test_unreadable_image_names_the_file(tmp_path):
     root = tmp_path / "images"
     write_class_images(root, num_classes=4, per_class=2, size=16)
     (root / "class_00" / "img_0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    result = run_entry("train.py", "data=folder", f"data.root={root}", "data.test_fraction=0", *TINY, cwd=tmp_path)
+    result = run_entry("train.py", "data=folder", f"data.root={root}", *TINY, cwd=tmp_path)
     assert_one_line_error(result, "img_0.png", "cannot decode")
 
 

@@ -83,3 +83,19 @@ def test_bad_arguments():
         MPerClassBatchSampler(labels, m=3, batch_size=10)
     with pytest.raises(DataError, match="only 3"):
         MPerClassBatchSampler(labels, m=2, batch_size=16)
+
+
+def test_lightning_advances_the_epoch():
+    """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``; a batch sampler that it
+    cannot reach would replay the same batches every epoch."""
+    import torch
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    labels = np.repeat(np.arange(8), 4)
+    sampler = MPerClassBatchSampler(labels, m=2, batch_size=8, seed=0)
+    loader = DataLoader(TensorDataset(torch.arange(len(labels))), batch_sampler=sampler)
+    first = [b[0].tolist() for b in loader]
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3
+    assert [b[0].tolist() for b in loader] != first

@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,7 +53,9 @@ def one_line(exc: BaseException) -> str:
 
 def describe_config_error(exc: Exception) -> str:
     """Hydra/OmegaConf's multi-line composition errors, as one line that says what to change."""
-    text = str(exc)
+    text, cause = str(exc), exc.__cause__
+    while cause is not None:
+        text, cause = text + "\n" + str(cause), cause.__cause__
     if match := re.search(r"Key '([^']+)' is not in struct", text):
         key = match.group(1)
         over = re.search(r"Could not override '([^']+)'", text)
@@ -61,13 +63,13 @@ def describe_config_error(exc: Exception) -> str:
         return f"unknown config key '{full}' (check the spelling, or write +{full}=... to add a new key)"
     if match := re.search(r"Could not find '([^']+)'", text):
         group, _, option = match.group(1).rpartition("/")
-        options = re.findall(r"^\s+(\S+)\s*$", text.split("Available options:")[-1], flags=re.M) \
-            if "Available options:" in text else []
+        listing = re.search(r"Available options in '[^']*':\n((?:\t\S+\n?)+)", text)
+        options = listing.group(1).split() if listing else []
         choices = f"; choose from: {', '.join(options)}" if options else ""
         return f"unknown option '{option}' for config group '{group}'{choices}"
     if match := re.search(r"Missing mandatory value: (\S+)", text):
         return f"config value {match.group(1)} is required (set it on the command line: {match.group(1)}=...)"
-    return " ".join(text.split())
+    return " ".join(str(exc).split())
 
 
 def check_overrides(config_name: str, overrides: Sequence[str]) -> None:
@@ -95,6 +97,10 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any], argv: Sequenc
             return task(cfg)
         except CbirError as exc:
             exit_with_error(exc)
+        except InstantiationException as exc:
+            # hydra.utils.instantiate wraps what the target raised; a CbirError inside is the user's error
+            cause = _cbir_cause(exc)
+            exit_with_error(cause or ConfigError(describe_config_error(exc)))
         except OmegaConfBaseException as exc:
             exit_with_error(ConfigError(describe_config_error(exc)))
 
@@ -104,6 +110,16 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any], argv: Sequenc
         return _main()
     finally:
         sys.argv = saved_argv
+
+
+def _cbir_cause(exc: BaseException) -> CbirError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CbirError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def exit_with_error(exc: CbirError) -> None:

@@ -65,7 +65,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         if len(classes) < self.classes_per_batch:
             raise DataError(
                 f"sampler: a batch of {batch_size} with m={m} needs {self.classes_per_batch} classes, "
-                f"but the training set has only {len(classes)}; lower data.batch_size or raise sampler.m"
+                f"but the training set has only {len(classes)}; lower data.batch_size or raise data.m_per_class"
             )
         self.m = m
         self.batch_size = batch_size
@@ -94,8 +94,14 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning (and by hand in plain loops) before each epoch."""
+        """Called before each epoch (by Lightning through :attr:`sampler`, or by hand in plain loops)."""
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> MPerClassBatchSampler:
+        """Lightning/Fabric set the epoch via ``dataloader.batch_sampler.sampler.set_epoch(epoch)`` (the
+        shape of torch's ``BatchSampler``); without this every epoch would repeat epoch 0's batches."""
+        return self
 
     # -- plan -----------------------------------------------------------------------------------------
     def plan(self, epoch: int | None = None) -> tuple[list[list[int]], EpochPlanStats]:
