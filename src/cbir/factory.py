@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
-from cbir.errors import CheckpointError, ConfigError
+from cbir.errors import CheckpointError
 from cbir.models.embedder import Embedder, build_embedder
 from cbir.training.module import MetricLearningModule
 
@@ -132,7 +132,3 @@ def load_embedder_checkpoint(ckpt_path: str | Path) -> Embedder:
                               f"(first: {result.missing_keys[0]})")
     return embedder
 
-
-def require(cfg: DictConfig, key: str, hint: str) -> None:
-    if OmegaConf.select(cfg, key, default=None) is None:
-        raise ConfigError(f"{key} is required: {hint}")

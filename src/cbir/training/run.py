@@ -23,8 +23,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
+    embedder = factory.build_embedder_from_config(cfg)  # first: a missing weight fails fast
     catalog = factory.build_catalog(cfg.data)
-    embedder = factory.build_embedder_from_config(cfg)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
     module = factory.build_module(cfg, embedder)
     trainer = factory.build_trainer(cfg)
