@@ -3,7 +3,7 @@
     cbir train [hydra overrides...]      same as python train.py
     cbir eval  [hydra overrides...]      same as python eval.py
     cbir weights fetch NAME              seed torch hub's cache with offline ImageNet weights
-    cbir data fetch fashion_mnist        check for / download Fashion-MNIST
+    cbir data fetch fashion_mnist|emoji  check for / download a benchmark dataset
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch_w.add_argument("name", help="backbone name, e.g. mobilenet_v2")
     data = verbs.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     fetch_d = data.add_parser("fetch", help="make a dataset available locally")
-    fetch_d.add_argument("name", choices=["fashion_mnist"])
+    fetch_d.add_argument("name", choices=["fashion_mnist", "emoji"])
     fetch_d.add_argument("--root", default=None, help="where to look / download to")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cbir.models.weights import fetch_weights
 
             print(f"{args.name}: {fetch_weights(args.name)}")
+        elif args.verb == "data" and args.name == "emoji":
+            from cbir.data.emoji import DEFAULT_ROOT, read_emoji
+
+            print(read_emoji(args.root or DEFAULT_ROOT).summary())
         elif args.verb == "data":
             from cbir.data.formats import read_fashion_mnist
 

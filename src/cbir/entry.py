@@ -100,7 +100,10 @@ def run_hydra(config_name: str, task: Callable[[DictConfig], Any], argv: Sequenc
         except InstantiationException as exc:
             # hydra.utils.instantiate wraps what the target raised; a CbirError inside is the user's error
             cause = _cbir_cause(exc)
-            exit_with_error(cause or ConfigError(describe_config_error(exc)))
+            if cause is None and os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            exit_with_error(cause or ConfigError(describe_config_error(exc) +
+                                                 " (HYDRA_FULL_ERROR=1 shows the traceback)"))
         except OmegaConfBaseException as exc:
             exit_with_error(ConfigError(describe_config_error(exc)))
 

@@ -1,0 +1,131 @@
+"""Emoji cross-vendor data: fetch (verified, partial unpack) and reader, on a fake npm package."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.data import emoji
+from cbir.data.emoji import fetch_emoji, read_emoji, vendor_of
+from cbir.errors import DataError
+
+# (unified, skin variations) — five base emoji, one with two skin tones; code points deliberately unsorted
+ENTRIES = [("1F600", []), ("0023-FE0F-20E3", []), ("1F44D", ["1F44D-1F3FB", "1F44D-1F3FF"]),
+           ("2764-FE0F", []), ("1F680", [])]
+
+
+def _png(colour: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 4), colour, dtype=np.uint8), mode="RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _metadata(vendors=("google", "twitter"), missing: tuple[str, str] | None = None) -> list[dict]:
+    entries = []
+    for code, tones in ENTRIES:
+        entry = {"unified": code, "image": code.lower() + ".png"}
+        for v in vendors:
+            entry[f"has_img_{v}"] = missing != (v, code)
+        entry["skin_variations"] = {t.split("-")[-1]: {"unified": t, "image": t.lower() + ".png",
+                                                       **{f"has_img_{v}": True for v in vendors}} for t in tones}
+        entries.append(entry)
+    return entries
+
+
+def fake_package(vendor: str, path: Path, missing=None) -> tuple[Path, str]:
+    """A tarball shaped like emoji-datasource-<vendor> (plus files that must not be unpacked)."""
+    members = {"package/emoji.json": json.dumps(_metadata(missing=missing)).encode(),
+               "package/README.md": b"readme",
+               f"package/img/{vendor}/sheets/64.png": _png(1)}
+    for i, (code, tones) in enumerate(ENTRIES):
+        for name in [code, *tones]:
+            members[f"package/img/{vendor}/64/{name.lower()}.png"] = _png(10 * i)
+            members[f"package/img/{vendor}/32/{name.lower()}.png"] = _png(10 * i)
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
+    return path, integrity
+
+
+@pytest.fixture
+def fake_npm(tmp_path, monkeypatch):
+    """Route fetch_emoji's `npm pack` to local fake tarballs with their real integrity."""
+    tarballs, packages = {}, {}
+    for vendor in ("google", "twitter"):
+        tarball, integrity = fake_package(vendor, tmp_path / f"{vendor}.tgz")
+        package = f"emoji-datasource-{vendor}"
+        tarballs[package], packages[vendor] = tarball, (package, integrity)
+    monkeypatch.setattr(emoji, "EMOJI_PACKAGES", packages)
+
+    def fake_pack(package, dest, timeout):
+        target = dest / tarballs[package].name
+        target.write_bytes(tarballs[package].read_bytes())
+        return target
+
+    monkeypatch.setattr(emoji, "_npm_pack", fake_pack)
+    return packages
+
+
+def test_fetch_unpacks_only_metadata_and_64px_images(fake_npm, tmp_path):
+    root = fetch_emoji(tmp_path / "emoji")
+    for vendor in ("google", "twitter"):
+        files = sorted(p.relative_to(root / vendor).as_posix() for p in (root / vendor).rglob("*") if p.is_file())
+        assert "emoji.json" in files and ".complete" in files
+        assert len([f for f in files if f.startswith("64/")]) == 7  # 5 base + 2 skin tones
+        assert not any(f.startswith(("32/", "sheets")) or f.endswith("README.md") for f in files)
+
+
+def test_fetch_rejects_a_tampered_tarball(fake_npm, tmp_path, monkeypatch):
+    package, _ = fake_npm["google"]
+    monkeypatch.setitem(emoji.EMOJI_PACKAGES, "google", (package, "sha512-" + base64.b64encode(b"x" * 64).decode()))
+    with pytest.raises(DataError, match="integrity check failed"):
+        fetch_emoji(tmp_path / "emoji", vendors=["google"])
+    assert not (tmp_path / "emoji" / "google").exists()
+
+
+def test_reader_classes_views_and_zero_shot_split(fake_npm, tmp_path):
+    catalog = read_emoji(tmp_path / "emoji")
+    # classes sorted by code point: 0023-FE0F-20E3, 1F44D, 1F600, 1F680, 2764-FE0F
+    assert catalog.class_names == ["0023-FE0F-20E3", "2764-FE0F", "1F44D", "1F600", "1F680"]
+    counts = np.bincount(catalog.labels())
+    assert counts.tolist() == [2, 2, 6, 2, 2]  # both vendors; thumbs-up adds two skin tones per vendor
+    assert set(catalog.labels(catalog.select("train"))) == {0, 1}
+    assert set(catalog.labels(catalog.select("test"))) == {2, 3, 4}
+    assert {vendor_of(r.source) for r in catalog.records} == {"google", "twitter"}
+    no_tones = read_emoji(tmp_path / "emoji", skin_tones=False)
+    assert len(no_tones.records) == 10
+
+
+def test_reader_keeps_only_emoji_both_vendors_draw(tmp_path):
+    root = tmp_path / "emoji"
+    for vendor in ("google", "twitter"):
+        (root / vendor / "64").mkdir(parents=True)
+        (root / vendor / "emoji.json").write_text(json.dumps(_metadata(missing=("twitter", "1F600"))))
+        for code, tones in ENTRIES:
+            for name in [code, *tones]:
+                (root / vendor / "64" / f"{name.lower()}.png").write_bytes(_png(5))
+        (root / vendor / ".complete").write_text("x")
+    catalog = read_emoji(root, fetch=False)
+    assert "1F600" not in catalog.class_names and len(catalog.class_names) == 4
+
+
+def test_missing_data_without_fetch_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="cbir data fetch emoji"):
+        read_emoji(tmp_path / "none", fetch=False)
+
+
+def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    with pytest.raises(DataError, match="npm is not installed"):
+        fetch_emoji(tmp_path / "emoji", vendors=["google"])
