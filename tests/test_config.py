@@ -61,6 +61,10 @@ def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
             write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
             write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
         return [f"data.root={tmp_path}", "data.m_per_class=2", "data.batch_size=8"]
+    if option in ("cub200", "cars196", "sop", "inshop"):
+        import fixtures_benchmarks
+
+        return [f"data.root={getattr(fixtures_benchmarks, f'write_{option}')(tmp_path / option)}"]
     raise AssertionError(f"add a fixture for data={option}")
 
 

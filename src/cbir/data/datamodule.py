@@ -25,9 +25,11 @@ ROLE_QUERY = 1
 ROLE_GALLERY = 2
 
 
-def load_image(catalog: Catalog, source: str | ArrayRef) -> np.ndarray:
+def load_image(catalog: Catalog, source: str | ArrayRef,
+               box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB pixels of one record; grey arrays are replicated to three channels and
-    transparent images composited onto white."""
+    transparent images composited onto white. ``box`` (x, y, w, h in pixels) crops to an annotated
+    object, clipped to the image since benchmark boxes may overhang its border."""
     if isinstance(source, ArrayRef):
         pixels = catalog.arrays[source.array][source.index]
     else:
@@ -45,6 +47,14 @@ def load_image(catalog: Catalog, source: str | ArrayRef) -> np.ndarray:
             raise BadImageError(f"cannot decode image {source}: {exc}") from None
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    if box is not None:
+        x, y, w, h = box
+        height, width = pixels.shape[:2]
+        left, right = np.clip([np.floor(x), np.ceil(x + w)], 0, width).astype(int)
+        top, bottom = np.clip([np.floor(y), np.ceil(y + h)], 0, height).astype(int)
+        if right <= left or bottom <= top:
+            raise BadImageError(f"box {box} (x, y, w, h) lies outside image {source} ({width}x{height})")
+        pixels = pixels[top:bottom, left:right]
     return np.ascontiguousarray(pixels)
 
 
@@ -68,7 +78,7 @@ class RecordDataset(Dataset):
     def __getitem__(self, position: int) -> dict:
         index = int(self.indices[position])
         record = self.catalog.records[index]
-        pixels = load_image(self.catalog, record.source)
+        pixels = load_image(self.catalog, record.source, record.box)
         return {
             "image": self.transform(image=pixels)["image"],
             "label": record.label,

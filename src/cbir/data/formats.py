@@ -43,6 +43,8 @@ class Record:
     label: int  # index into Catalog.class_names
     split: str  # "train", "val", "test", "query", "gallery", ...
     role: str | None = None  # "query", "gallery" or None (both)
+    box: tuple[float, float, float, float] | None = None  # (x, y, w, h) in pixels: load only this crop
+    super_label: int | None = None  # the dataset's own coarse class id (SOP super_class_id), if any
 
 
 @dataclass
@@ -239,3 +241,136 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
     label_of = {name: i for i, name in enumerate(class_names)}
     records = [Record(image, label_of[label], split, role) for image, label, split, role in raw]
     return Catalog(path.stem, records, class_names)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval benchmarks: CUB-200-2011, Cars196, Stanford Online Products, In-Shop Clothes
+# ---------------------------------------------------------------------------------------------------
+CUB200_LAYOUT = ("CUB-200-2011 layout: root/images.txt (id path), image_class_labels.txt (id class), "
+                 "classes.txt (class name), bounding_boxes.txt (id x y w h), images/<path>")
+CARS196_LAYOUT = ("Stanford Cars layout: root/cars_annos.mat (annotations: relative_im_path, bbox_x1, "
+                  "bbox_y1, bbox_x2, bbox_y2, class, test; class_names), root/car_ims/")
+SOP_LAYOUT = ("Stanford Online Products layout: root/Ebay_train.txt and root/Ebay_test.txt "
+              "(header: image_id class_id super_class_id path), paths relative to root")
+INSHOP_LAYOUT = ("In-Shop layout: root/list_eval_partition.txt (count line, header line: image_name item_id "
+                 "evaluation_status, rows with status train/query/gallery), root/img/")
+
+
+def read_cub200(root: str | os.PathLike, crop_boxes: bool = False) -> Catalog:
+    """CUB-200-2011 with the zero-shot protocol: the first half of the classes (1-100) train, the rest
+    (101-200) test. ``crop_boxes`` loads only each bird's box from ``bounding_boxes.txt``."""
+    root = Path(root)
+    paths = dict(_read_table(root / "images.txt", (int, str), CUB200_LAYOUT))
+    classes = dict(_read_table(root / "classes.txt", (int, str), CUB200_LAYOUT))
+    class_of = dict(_read_table(root / "image_class_labels.txt", (int, int), CUB200_LAYOUT))
+    _require_same_ids(root / "image_class_labels.txt", paths, class_of)
+    boxes = {}
+    if crop_boxes:
+        rows = _read_table(root / "bounding_boxes.txt", (int, float, float, float, float), CUB200_LAYOUT)
+        boxes = {row[0]: row[1:] for row in rows}
+        _require_same_ids(root / "bounding_boxes.txt", paths, boxes)
+    label_of, split_of = _zero_shot_split(root / "classes.txt", classes, class_of.values(), CUB200_LAYOUT)
+    records = [Record(str(root / "images" / path), label_of[class_of[i]], split_of[class_of[i]],
+                      box=boxes.get(i)) for i, path in sorted(paths.items())]
+    return Catalog("cub200", records, [classes[c] for c in sorted(classes)])
+
+
+def read_cars196(root: str | os.PathLike, crop_boxes: bool = False) -> Catalog:
+    """Stanford Cars (Cars196) with the zero-shot protocol: the first half of the classes (1-98) train,
+    the rest (99-196) test; the file's own ``test`` flag (a classification split) is ignored.
+    ``crop_boxes`` loads only each car's box."""
+    root = Path(root)
+    path = root / "cars_annos.mat"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (expected {CARS196_LAYOUT})")
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        mat = loadmat(path, squeeze_me=True)
+        annotations, names = np.atleast_1d(mat["annotations"]), np.atleast_1d(mat["class_names"])
+        columns = {key: annotations[key] for key in ("relative_im_path", "class", "bbox_x1", "bbox_y1",
+                                                     "bbox_x2", "bbox_y2")}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, MatReadError, NotImplementedError) as exc:
+        raise DataError(f"{path}: cannot read annotations ({exc}); expected {CARS196_LAYOUT}") from None
+    classes = {i: str(name) for i, name in enumerate(names, start=1)}
+    class_ids = [int(c) for c in columns["class"]]
+    label_of, split_of = _zero_shot_split(path, classes, class_ids, CARS196_LAYOUT)
+    records = []
+    for k, (image, class_id) in enumerate(zip(columns["relative_im_path"], class_ids)):
+        x1, y1, x2, y2 = (float(columns[key][k]) for key in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
+        box = (x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1) if crop_boxes else None  # 1-based, inclusive
+        records.append(Record(str(root / str(image)), label_of[class_id], split_of[class_id], box=box))
+    return Catalog("cars196", records, [classes[c] for c in sorted(classes)])
+
+
+def read_sop(root: str | os.PathLike) -> Catalog:
+    """Stanford Online Products: splits from ``Ebay_train.txt`` / ``Ebay_test.txt`` (disjoint products);
+    a class is one product (``class_id``), and the product category (``super_class_id``) is kept as
+    ``Record.super_label``."""
+    root = Path(root)
+    rows = {split: _read_table(root / f"Ebay_{split}.txt", (int, int, int, str), SOP_LAYOUT, skip=1)
+            for split in ("train", "test")}
+    class_ids = sorted({class_id for table in rows.values() for _, class_id, _, _ in table})
+    label_of = {class_id: i for i, class_id in enumerate(class_ids)}
+    records = [Record(str(root / path), label_of[class_id], split, super_label=super_id)
+               for split, table in rows.items() for _, class_id, super_id, path in table]
+    return Catalog("sop", records, [str(c) for c in class_ids])
+
+
+def read_inshop(root: str | os.PathLike) -> Catalog:
+    """DeepFashion In-Shop Clothes Retrieval: splits ``train``, ``query`` and ``gallery`` from
+    ``list_eval_partition.txt``; a class is one item (``item_id``), shared by its queries and gallery."""
+    root = Path(root)
+    path = root / "list_eval_partition.txt"
+    rows = _read_table(path, (str, str, str), INSHOP_LAYOUT, skip=2)
+    for image, _, status in rows:
+        if status not in ("train", "query", "gallery"):
+            raise DataError(f"{path}: {image} has status {status!r}; expected train, query or gallery")
+    items = sorted({item for _, item, _ in rows})
+    label_of = {item: i for i, item in enumerate(items)}
+    records = [Record(str(root / image), label_of[item], status) for image, item, status in rows]
+    return Catalog("inshop", records, items)
+
+
+def _read_table(path: Path, types: Sequence[type], layout: str, skip: int = 0) -> list[tuple]:
+    """Whitespace-separated rows of an annotation file (after ``skip`` header lines), each field
+    converted by ``types``; a missing file or malformed row is a :class:`DataError` naming the layout."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (expected {layout})")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines()[skip:], start=skip + 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != len(types):
+                raise ValueError
+            rows.append(tuple(convert(value) for convert, value in zip(types, fields)))
+        except ValueError:
+            raise DataError(f"{path}: line {line_no} is {line.strip()!r}; expected {len(types)} fields "
+                            f"({layout})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows (expected {layout})")
+    return rows
+
+
+def _require_same_ids(path: Path, images: dict, annotations: dict) -> None:
+    """Every CUB image needs its annotation (and vice versa): a partial copy of the files is a user error."""
+    if images.keys() != annotations.keys():
+        example = min(images.keys() ^ annotations.keys())
+        raise DataError(f"{path} and images.txt disagree on image ids (e.g. {example}); "
+                        f"expected {CUB200_LAYOUT}")
+
+
+def _zero_shot_split(path: Path, classes: dict[int, str], used: Iterable[int],
+                     layout: str) -> tuple[dict[int, int], dict[int, str]]:
+    """Label (position among the sorted class ids) and split of each class id: the first half of the
+    sorted ids is ``train``, the second ``test`` — the benchmarks' zero-shot protocol (unseen classes)."""
+    unknown = set(used) - classes.keys()
+    if unknown:
+        raise DataError(f"{path}: class {min(unknown)} is not in the class list (expected {layout})")
+    ids = sorted(classes)
+    label_of = {class_id: i for i, class_id in enumerate(ids)}
+    split_of = {class_id: "train" if i < len(ids) // 2 else "test" for i, class_id in enumerate(ids)}
+    return label_of, split_of
