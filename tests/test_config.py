@@ -65,6 +65,11 @@ def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
         import fixtures_benchmarks
 
         return [f"data.root={getattr(fixtures_benchmarks, f'write_{option}')(tmp_path / option)}"]
+    if option == "emoji":
+        from test_emoji import write_unpacked
+
+        root = write_unpacked(tmp_path / "emoji")
+        return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=4"]
     raise AssertionError(f"add a fixture for data={option}")
 
 

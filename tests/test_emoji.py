@@ -107,15 +107,20 @@ def test_reader_classes_views_and_zero_shot_split(fake_npm, tmp_path):
     assert len(no_tones.records) == 10
 
 
-def test_reader_keeps_only_emoji_both_vendors_draw(tmp_path):
-    root = tmp_path / "emoji"
+def write_unpacked(root: Path, missing=None) -> Path:
+    """What `cbir data fetch emoji` leaves on disk, for the fake entries."""
     for vendor in ("google", "twitter"):
         (root / vendor / "64").mkdir(parents=True)
-        (root / vendor / "emoji.json").write_text(json.dumps(_metadata(missing=("twitter", "1F600"))))
-        for code, tones in ENTRIES:
+        (root / vendor / "emoji.json").write_text(json.dumps(_metadata(missing=missing)))
+        for i, (code, tones) in enumerate(ENTRIES):
             for name in [code, *tones]:
-                (root / vendor / "64" / f"{name.lower()}.png").write_bytes(_png(5))
+                (root / vendor / "64" / f"{name.lower()}.png").write_bytes(_png(40 * i))
         (root / vendor / ".complete").write_text("x")
+    return root
+
+
+def test_reader_keeps_only_emoji_both_vendors_draw(tmp_path):
+    root = write_unpacked(tmp_path / "emoji", missing=("twitter", "1F600"))
     catalog = read_emoji(root, fetch=False)
     assert "1F600" not in catalog.class_names and len(catalog.class_names) == 4
 

@@ -105,3 +105,39 @@ def _one_class_folder(tmp_path: Path, image: Path) -> Path:
     (root / "c").mkdir(parents=True)
     image.rename(root / "c" / image.name)
     return root
+
+
+def test_collate_drops_and_reports_bad_images(tiny_folder, tmp_path):
+    from cbir.data.datamodule import collate_records
+
+    catalog = read_folder(tiny_folder)
+    dataset = RecordDataset(catalog, [0, 1], eval_transform(16, (0.5,) * 3, (0.5,) * 3), on_bad_image="skip")
+    good = [dataset[0], dataset[1]]
+    batch = collate_records([good[0], {"bad_image": "cannot decode image x.png", "index": 7}, good[1]])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["index"].tolist() == [0, 1]
+    assert batch["bad_images"] == ["cannot decode image x.png"]
+    assert collate_records([{"bad_image": "m", "index": 1}]) == {"bad_images": ["m"]}
+
+
+def test_catalog_issues_are_reported(tmp_path):
+    from cbir.data.datamodule import report_catalog_issues
+    from cbir.data.formats import Catalog, Record
+
+    records = [Record("a.png", 0, "test"), Record("a.png", 0, "test"), Record("b.png", 1, "test")]
+    issues = report_catalog_issues(Catalog("x", records, ["c0", "c1"]), [EvalSpec("test")])
+    assert any("1 image paths appear more than once" in i for i in issues)
+    assert any("1 of 2 classes in 'test' have a single image" in i for i in issues)
+
+
+def test_cache_holds_decoded_pixels_and_is_used(tiny_folder, monkeypatch):
+    from cbir.data import datamodule
+    from cbir.data.datamodule import fill_cache
+
+    catalog = read_folder(tiny_folder)
+    cache, bad = fill_cache(catalog, range(len(catalog.records)), max_mb=100)
+    assert len(cache) == len(catalog.records) and not bad
+    small, _ = fill_cache(catalog, range(len(catalog.records)), max_mb=24 * 24 * 3 * 5 / 2**20)
+    assert len(small) == 5  # stops at the memory budget
+    monkeypatch.setattr(datamodule, "load_record", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    dataset = RecordDataset(catalog, [3], eval_transform(16, (0.5,) * 3, (0.5,) * 3), cache=cache)
+    assert dataset[0]["image"].shape == (3, 16, 16)

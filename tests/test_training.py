@@ -114,3 +114,35 @@ def test_wandb_logger_runs_offline(tiny_folder, tmp_path, monkeypatch):
     wandb.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, "an offline W&B run folder should exist"
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_skip_bad_images_trains_and_reports(tmp_path, cache, caplog):
+    from conftest import write_class_images
+
+    root = tmp_path / "images"
+    write_class_images(root, num_classes=6, per_class=4, size=16)
+    broken = [root / "class_00" / "img_1.png", root / "class_04" / "img_2.png"]  # one train, one test image
+    for path in broken:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = compose_config("train", tiny_train_overrides(root, tmp_path / "out") + [
+        "model=resnet18", "trainer.max_epochs=1", "data.on_bad_image=skip", f"data.cache_images={cache}"])
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    skipped = [r.getMessage() for r in caplog.records if "skipped unreadable image" in r.getMessage()]
+    assert sorted({m.split("cannot decode image ")[1].split(":")[0] for m in skipped}) == sorted(map(str, broken))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    trained = next(iter(results.values()))
+    assert trained["num_queries"] == 11  # 12 test images, one unreadable
+
+
+def test_fail_on_bad_image_names_it(tmp_path):
+    from cbir.errors import BadImageError
+    from conftest import write_class_images
+
+    root = tmp_path / "images"
+    write_class_images(root, num_classes=6, per_class=4, size=16)
+    (root / "class_05" / "img_3.png").write_bytes(b"")
+    cfg = compose_config("train", tiny_train_overrides(root, tmp_path / "out") + ["model=resnet18", "trainer=debug"])
+    with pytest.raises(BadImageError, match="img_3.png"):
+        train(cfg)

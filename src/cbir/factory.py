@@ -62,6 +62,9 @@ def build_datamodule(cfg: DictConfig, catalog: Catalog, embedder: Embedder) -> R
         train_split=data.get("train_split", "train"),
         val=_eval_spec(data.get("val")),
         test=_eval_spec(data.get("test")),
+        on_bad_image=data.get("on_bad_image", "fail"),
+        cache_images=data.get("cache_images", "auto"),
+        cache_max_mb=float(data.get("cache_max_mb", 2048)),
     )
 
 

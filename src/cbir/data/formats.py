@@ -157,9 +157,13 @@ def read_idx(path: Path | None) -> np.ndarray:
 
 
 def _download_fashion_mnist(target: Path) -> Path | None:
-    if not host_reachable("fashion-mnist.s3-website.eu-central-1.amazonaws.com", port=80):
-        return None
+    from urllib.parse import urlparse
+
     from torchvision.datasets import FashionMNIST
+
+    mirror = urlparse(FashionMNIST.mirrors[0])
+    if not host_reachable(mirror.hostname or "", port=mirror.port or (443 if mirror.scheme == "https" else 80)):
+        return None
 
     log.info("downloading Fashion-MNIST into %s", target)
     for train in (True, False):

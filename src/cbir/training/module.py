@@ -4,6 +4,7 @@ knows nothing about Hydra."""
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, retrieval_met
 from cbir.models.embedder import Embedder
 
 MONITOR = "val/map_at_r"
+log = logging.getLogger(__name__)
 
 
 class MetricLearningModule(pl.LightningModule):
@@ -40,9 +42,10 @@ class MetricLearningModule(pl.LightningModule):
         # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
         self.save_hyperparameters({"model_config": model_config or {}})
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
-        self._epoch_start = 0.0
+        self._epoch_start = self._last_step_end = 0.0
         self._epoch_images = 0
         self.last_eval_metrics: dict[str, float] = {}
+        self.bad_images: set[str] = set()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -50,20 +53,25 @@ class MetricLearningModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
+        self._last_step_end = self._epoch_start
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self.loss_fn is None:
             raise RuntimeError("MetricLearningModule was built without a loss; it can only evaluate")
+        if not self._note_bad_images(batch):
+            return None  # every image of the batch was unreadable (data.on_bad_image=skip)
         embeddings = self.embedder(batch["image"])
         labels = batch["label"]
         pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss_fn(embeddings, labels, pairs_or_triplets)
         self._epoch_images += len(labels)
+        self._last_step_end = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        elapsed = time.perf_counter() - self._epoch_start
+        # up to the last training step: validation runs before this hook and must not count
+        elapsed = self._last_step_end - self._epoch_start
         if elapsed > 0 and self._epoch_images:
             self.log("train/images_per_second", self._epoch_images / elapsed, sync_dist=True, reduce_fx="sum")
 
@@ -78,7 +86,28 @@ class MetricLearningModule(pl.LightningModule):
                                                          "interval": "epoch"}}
 
     # -- evaluation --------------------------------------------------------------------------------
+    def _note_bad_images(self, batch: dict) -> bool:
+        """Log each skipped image once; whether the batch has any image left."""
+        for message in batch.get("bad_images", ()):
+            if message not in self.bad_images:
+                self.bad_images.add(message)
+                log.warning("skipped unreadable image: %s", message)
+        return "image" in batch
+
+    def on_fit_end(self) -> None:
+        self._report_bad_images()
+
+    def on_test_end(self) -> None:
+        self._report_bad_images()
+
+    def _report_bad_images(self) -> None:
+        if self.bad_images:
+            log.warning("%d unreadable images were skipped (data.on_bad_image=skip); see the warnings above",
+                        len(self.bad_images))
+
     def _collect(self, batch: dict) -> None:
+        if not self._note_bad_images(batch):
+            return
         self._eval_outputs.append({
             "embedding": self.embedder(batch["image"]).float(),
             "label": batch["label"],
