@@ -43,6 +43,15 @@ def test_folder_reader_zero_shot_split(tiny_folder):
     assert len(catalog.records) == 24
 
 
+def test_folder_reader_split_by_class_list(tiny_folder, tmp_path):
+    (tmp_path / "test_classes.txt").write_text("class_00\nclass_04\n")
+    catalog = read_folder(tiny_folder, test_classes_file=tmp_path / "test_classes.txt")
+    assert set(catalog.labels(catalog.select("test"))) == {0, 4}
+    (tmp_path / "bad.txt").write_text("class_00\nnot_a_class\n")
+    with pytest.raises(DataError, match="not_a_class"):
+        read_folder(tiny_folder, test_classes_file=tmp_path / "bad.txt")
+
+
 def test_folder_reader_with_split_subfolders(tmp_path):
     write_class_images(tmp_path / "train", num_classes=3, per_class=2)
     write_class_images(tmp_path / "test", num_classes=2, per_class=2, seed=1)

@@ -146,3 +146,17 @@ def test_fail_on_bad_image_names_it(tmp_path):
     cfg = compose_config("train", tiny_train_overrides(root, tmp_path / "out") + ["model=resnet18", "trainer=debug"])
     with pytest.raises(BadImageError, match="img_3.png"):
         train(cfg)
+
+
+@pytest.mark.parametrize("data", ["folder", "csv", "fashion_mnist", "emoji", "cub200", "cars196", "sop", "inshop"])
+def test_fast_dev_run_on_each_data_format(data, tiny_folder, tmp_path):
+    """train.py's whole loop on each format's fixture in its official layout."""
+    from test_config import _data_location
+
+    overrides = [o for o in tiny_train_overrides(tiny_folder, tmp_path / "out") if not o.startswith("data")]
+    overrides += [f"data={data}", *_data_location(data, tiny_folder, tmp_path), "data.image_size=32",
+                  "data.num_workers=0", "model=resnet18", "trainer=debug"]
+    if data in ("cub200", "cars196", "sop", "inshop", "folder", "csv"):
+        overrides += ["data.batch_size=4", "data.m_per_class=2"]
+    train(compose_config("train", overrides))
+    assert (tmp_path / "out" / "config.yaml").is_file()

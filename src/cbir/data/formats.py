@@ -183,10 +183,12 @@ def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Class-per-folder tree and CSV
 # ---------------------------------------------------------------------------------------------------
-def read_folder(root: str | os.PathLike, test_fraction: float = 0.5) -> Catalog:
-    """One sub-folder per class. If ``root`` has ``train/`` and ``test/`` sub-trees they are the splits;
-    otherwise classes are sorted by name and the last ``test_fraction`` of them form the zero-shot
-    ``test`` split (``test_fraction=0`` puts everything in ``train``)."""
+def read_folder(root: str | os.PathLike, test_fraction: float = 0.5,
+                test_classes_file: str | os.PathLike | None = None) -> Catalog:
+    """One sub-folder per class. If ``root`` has ``train/`` and ``test/`` sub-trees they are the splits.
+    Otherwise the split is by class (zero-shot): the classes named in ``test_classes_file`` (one per
+    line) are ``test``, or, without a list, the last ``test_fraction`` of the classes sorted by name
+    (``test_fraction=0`` puts everything in ``train``)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root: folder {root} does not exist (expected one sub-folder per class)")
@@ -200,15 +202,30 @@ def read_folder(root: str | os.PathLike, test_fraction: float = 0.5) -> Catalog:
         class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
         if not class_names:
             raise DataError(f"data.root: {root} has no class sub-folders (expected root/<class>/<image>)")
-        if not 0.0 <= test_fraction < 1.0:
-            raise DataError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
-        first_test = len(class_names) - int(round(len(class_names) * test_fraction))
+        test_classes = _test_classes(class_names, test_fraction, test_classes_file)
         label_of = {name: i for i, name in enumerate(class_names)}
-        records = [Record(str(p), label_of[p.parent.name], "train" if label_of[p.parent.name] < first_test
-                          else "test") for p in _images_in_class_dirs(root)]
+        records = [Record(str(p), label_of[p.parent.name], "test" if p.parent.name in test_classes else "train")
+                   for p in _images_in_class_dirs(root)]
     if not records:
         raise DataError(f"data.root: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
     return Catalog(root.name or "folder", records, class_names)
+
+
+def _test_classes(class_names: list[str], test_fraction: float,
+                  test_classes_file: str | os.PathLike | None) -> set[str]:
+    if test_classes_file is not None:
+        path = Path(test_classes_file)
+        if not path.is_file():
+            raise DataError(f"data.test_classes_file: {path} does not exist (one class folder name per line)")
+        listed = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        unknown = sorted(listed - set(class_names))
+        if unknown:
+            raise DataError(f"{path}: {len(unknown)} listed classes have no folder (first: {unknown[0]!r})")
+        return listed
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
+    num_test = int(round(len(class_names) * test_fraction))
+    return set(class_names[len(class_names) - num_test:])
 
 
 def _images_in_class_dirs(folder: Path) -> Iterable[Path]:
