@@ -193,3 +193,23 @@ def test_inference_helper_channels_last_bf16_and_compile_agree_with_fp32():
     assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.98
     compiled = prepare_for_inference(embedder, compile="eager")  # traced by dynamo, no C++ build
     assert torch.allclose(embed(compiled, images), reference, atol=1e-4)
+
+
+def test_extract_speed_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch):
+    """A tiny run of benchmarks/extract_speed.py, so the script keeps working."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "extract_speed.py"
+    spec = importlib.util.spec_from_file_location("extract_speed", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "extract_speed", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--model", "resnet18", "--size", "32", "--batch", "2", "--iters", "1", "--warmup", "0",
+                        "--variants", "fp32,bf16+channels_last", "--out", str(tmp_path / "speed.json")]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["variant"] for r in result["results"]] == ["fp32", "bf16+channels_last"]
+    assert all(r["bare_img_per_s"] > 0 and r["ours_img_per_s"] > 0 for r in result["results"])
+    assert "| fp32" in capsys.readouterr().out
