@@ -28,6 +28,15 @@ def test_fast_dev_run(model, loss, tiny_folder, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("head", ["fusion", "dolg"])
+def test_fast_dev_run_heads(head, tiny_folder, tmp_path):
+    """python train.py model=resnet34 head=dolg loss=triplet (offline: untrained trunk)."""
+    cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) +
+                         ["model=resnet34", f"head={head}", "loss=triplet", "trainer=debug"])
+    train(cfg)
+    assert (tmp_path / "config.yaml").is_file()
+
+
 def _short_run(tiny_folder: Path, out: Path, extra: list[str]):
     return compose_config("train", tiny_train_overrides(tiny_folder, out) + [
         "model=resnet18", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.log_every_n_steps=1",
