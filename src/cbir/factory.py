@@ -68,15 +68,15 @@ def build_datamodule(cfg: DictConfig, catalog: Catalog, embedder: Embedder) -> R
         eval_batch_size=data.get("eval_batch_size"),
         num_workers=data.get("num_workers"),
         train_split=data.get("train_split", "train"),
-        val=_eval_spec(data.get("val")),
-        test=_eval_spec(data.get("test")),
+        val=eval_spec(data.get("val")),
+        test=eval_spec(data.get("test")),
         on_bad_image=data.get("on_bad_image", "fail"),
         cache_images=data.get("cache_images", "auto"),
         cache_max_mb=float(data.get("cache_max_mb", 2048)),
     )
 
 
-def _eval_spec(spec_cfg) -> EvalSpec | None:
+def eval_spec(spec_cfg) -> EvalSpec | None:
     if not spec_cfg:
         return None
     return EvalSpec(queries=spec_cfg.queries, gallery=spec_cfg.get("gallery"))

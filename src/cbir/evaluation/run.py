@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cbir import factory
-from cbir.data.datamodule import EvalSpec
 from cbir.errors import ConfigError
 from cbir.evaluation.report import format_table, write_json
 from cbir.training.module import MetricLearningModule
@@ -34,7 +33,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     spec_cfg = cfg.data.get(cfg.protocol)
     if spec_cfg is None:
         raise ConfigError(f"protocol={cfg.protocol}: data config '{cfg.data.name}' defines no '{cfg.protocol}' set")
-    datamodule.test_spec = EvalSpec(spec_cfg.queries, spec_cfg.get("gallery"))
+    datamodule.test_spec = factory.eval_spec(spec_cfg)
     module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
