@@ -61,6 +61,11 @@ def load_image(catalog: Catalog, source: str | ArrayRef,
     return np.ascontiguousarray(pixels)
 
 
+def check_bad_image_policy(on_bad_image: str) -> None:
+    if on_bad_image not in ("fail", "skip"):
+        raise ConfigError(f"data.on_bad_image must be fail or skip, got {on_bad_image!r}")
+
+
 def load_record(catalog: Catalog, index: int) -> np.ndarray:
     record = catalog.records[index]
     return load_image(catalog, record.source, record.box)
@@ -79,8 +84,7 @@ class RecordDataset(Dataset):
     def __init__(self, catalog: Catalog, indices: Sequence[int] | np.ndarray, transform: Callable,
                  roles: np.ndarray | None = None, on_bad_image: str = "fail",
                  cache: dict[int, np.ndarray] | None = None) -> None:
-        if on_bad_image not in ("fail", "skip"):
-            raise ConfigError(f"data.on_bad_image must be fail or skip, got {on_bad_image!r}")
+        check_bad_image_policy(on_bad_image)
         self.catalog = catalog
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -173,6 +177,11 @@ class EvalSpec:
     def all_vs_all(self) -> bool:
         return self.gallery is None or self.gallery == self.queries
 
+    def describe(self) -> str:
+        if self.all_vs_all:
+            return f"all-vs-all within '{self.queries}' (self excluded)"
+        return f"queries '{self.queries}' vs gallery '{self.gallery}'"
+
     def dataset(self, catalog: Catalog, transform: Callable, **kwargs) -> RecordDataset:
         """The evaluation set; ``kwargs`` go to :class:`RecordDataset` (on_bad_image, cache)."""
         queries = catalog.select(self.queries)
@@ -219,8 +228,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.train_split = train_split
         self.val_spec = val
         self.test_spec = test or val
-        if on_bad_image not in ("fail", "skip"):
-            raise ConfigError(f"data.on_bad_image must be fail or skip, got {on_bad_image!r}")
+        check_bad_image_policy(on_bad_image)
         self.on_bad_image = on_bad_image
         self.cache_images = cache_images
         self.cache_max_mb = cache_max_mb

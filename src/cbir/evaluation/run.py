@@ -38,8 +38,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_eval_metrics)
-    protocol = ("all-vs-all within '" + spec_cfg.queries + "' (self excluded)"
-                if datamodule.test_spec.all_vs_all else f"queries '{spec_cfg.queries}' vs gallery '{spec_cfg.gallery}'")
+    protocol = datamodule.test_spec.describe()
     print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
     write_json(Path(cfg.paths.output_dir) / "eval.json", {"model": name, "protocol": protocol, "metrics": metrics})
     return metrics

@@ -74,9 +74,5 @@ def _best_score(trainer: pl.Trainer) -> float | None:
 
 
 def _describe_protocol(cfg: DictConfig) -> str:
-    spec = cfg.data.get("test") or cfg.data.get("val")
-    if spec is None:
-        return cfg.data.name
-    if spec.get("gallery") in (None, spec.queries):
-        return f"{cfg.data.name}, all-vs-all within '{spec.queries}' (self excluded)"
-    return f"{cfg.data.name}, queries '{spec.queries}' vs gallery '{spec.gallery}'"
+    spec = factory.eval_spec(cfg.data.get("test") or cfg.data.get("val"))
+    return f"{cfg.data.name}, {spec.describe()}" if spec else cfg.data.name
