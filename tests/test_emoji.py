@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cbir.data import emoji
-from cbir.data.emoji import fetch_emoji, read_emoji, vendor_of
+from cbir.data.emoji import fetch_emoji, read_emoji
 from cbir.errors import DataError
 
 # (unified, skin variations) — five base emoji, one with two skin tones; code points deliberately unsorted
@@ -102,7 +102,10 @@ def test_reader_classes_views_and_zero_shot_split(fake_npm, tmp_path):
     assert counts.tolist() == [2, 2, 6, 2, 2]  # both vendors; thumbs-up adds two skin tones per vendor
     assert set(catalog.labels(catalog.select("train"))) == {0, 1}
     assert set(catalog.labels(catalog.select("test"))) == {2, 3, 4}
-    assert {vendor_of(r.source) for r in catalog.records} == {"google", "twitter"}
+    assert {r.domain for r in catalog.records} == {"google", "twitter"}
+    google_test = catalog.select("test@google")
+    assert len(google_test) == 5 and all(catalog.records[i].domain == "google" for i in google_test)
+    assert all("/google/" in catalog.records[i].source for i in google_test)
     no_tones = read_emoji(tmp_path / "emoji", skin_tones=False)
     assert len(no_tones.records) == 10
 
@@ -134,3 +137,22 @@ def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="npm is not installed"):
         fetch_emoji(tmp_path / "emoji", vendors=["google"])
+
+
+def test_cross_vendor_protocol_averages_both_directions(tmp_path, tiny_folder):
+    """eval.py protocol=cross_vendor: queries one vendor, gallery the other, both directions averaged."""
+    from conftest import compose_config
+
+    from cbir.evaluation.run import evaluate
+
+    root = write_unpacked(tmp_path / "emoji")
+    common = ["data=emoji", f"data.root={root}", "data.reader.fetch=false", "data.image_size=32",
+              "data.num_workers=0", "model=resnet18", "model.pretrained=none", "trainer.accelerator=cpu",
+              "trainer.enable_progress_bar=false"]
+    metrics = evaluate(compose_config("eval", common + ["protocol=cross_vendor", f"paths.output_dir={tmp_path / 'a'}"]))
+    # test classes 2-4: 5 images per vendor (thumbs-up has 3) -> 5 queries each way
+    assert metrics["num_queries"] == 10
+    saved = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert "queries 'test@google' vs gallery 'test@twitter'" in saved["protocol"] and "averaged" in saved["protocol"]
+    with pytest.raises(Exception, match="choose from: test, val, cross_vendor"):
+        evaluate(compose_config("eval", common + ["protocol=nope", f"paths.output_dir={tmp_path / 'b'}"]))

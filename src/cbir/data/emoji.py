@@ -2,7 +2,9 @@
 ``emoji-datasource-google`` / ``emoji-datasource-twitter``), 64x64 PNGs.
 
 A class is a base emoji; its views are each vendor's drawing plus the skin-tone variants. Classes are
-sorted by code point; the first half is ``train``, the second ``test`` (zero-shot, like CUB/SOP).
+sorted by code point; the first half is ``train``, the second ``test`` (zero-shot, like CUB/SOP). Each
+record's ``domain`` is its vendor, so ``test@google`` selects Google's test drawings: the cross-vendor
+protocol queries one vendor's drawings against the other's.
 
 ``fetch_emoji`` gets the package tarballs with ``npm pack`` (the registry's own client), checks their
 published sha512 integrity, and unpacks only ``emoji.json`` and ``img/<vendor>/64/`` into ``data/emoji``.
@@ -133,27 +135,24 @@ def read_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] = 
     except (OSError, ValueError) as exc:
         raise DataError(f"{meta_path}: cannot read emoji metadata ({exc}); delete {root} and fetch again") from None
 
-    views: dict[str, list[str]] = {}
+    views: dict[str, list[tuple[str, str]]] = {}  # class -> [(vendor, path)]
     for entry in entries:
         images = [(v, entry["image"]) for v in vendors if entry.get(f"has_img_{v}")]
         if len(images) < len(vendors) or not all((root / v / "64" / name).is_file() for v, name in images):
             continue  # keep only emoji every vendor draws
-        paths = [str(root / v / "64" / name) for v, name in images]
+        found = [(v, str(root / v / "64" / name)) for v, name in images]
         if skin_tones:
             for variant in (entry.get("skin_variations") or {}).values():
-                paths += [str(root / v / "64" / variant["image"]) for v in vendors
+                found += [(v, str(root / v / "64" / variant["image"])) for v in vendors
                           if variant.get(f"has_img_{v}") and (root / v / "64" / variant["image"]).is_file()]
-        views[entry["unified"]] = paths
+        views[entry["unified"]] = found
     if not views:
         raise DataError(f"no emoji found under {root}")
 
     classes = sorted(views, key=lambda code: tuple(int(part, 16) for part in code.split("-")))
     first_test = len(classes) // 2
-    records = [Record(path, label, "train" if label < first_test else "test")
-               for label, code in enumerate(classes) for path in views[code]]
+    records = [Record(path, label, "train" if label < first_test else "test", domain=vendor)
+               for label, code in enumerate(classes) for vendor, path in views[code]]
     return Catalog("emoji", records, classes)
 
 
-def vendor_of(path: str) -> str:
-    """The vendor whose drawing ``path`` is (``<root>/<vendor>/64/<file>.png``)."""
-    return Path(path).parent.parent.name

@@ -45,6 +45,7 @@ class Record:
     role: str | None = None  # "query", "gallery" or None (both)
     box: tuple[float, float, float, float] | None = None  # (x, y, w, h) in pixels: load only this crop
     super_label: int | None = None  # the dataset's own coarse class id (SOP super_class_id), if any
+    domain: str | None = None  # where the image comes from when a protocol crosses sources (emoji vendor)
 
 
 @dataclass
@@ -57,13 +58,17 @@ class Catalog:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def select(self, selector: str) -> np.ndarray:
-        """Indices of the records matching ``"split"`` or ``"split:role"``."""
-        split, _, role = selector.partition(":")
+        """Indices of the records matching ``"split[:role][@domain]"``, e.g. ``test``, ``test:query``,
+        ``test@google``."""
+        rest, _, domain = selector.partition("@")
+        split, _, role = rest.partition(":")
         chosen = [i for i, r in enumerate(self.records)
-                  if r.split == split and (not role or r.role in (role, None))]
+                  if r.split == split and (not role or r.role in (role, None)) and (not domain or r.domain == domain)]
         if not chosen:
             available = sorted({r.split for r in self.records})
-            raise DataError(f"{self.name}: no records match '{selector}' (splits: {', '.join(available)})")
+            domains = sorted({r.domain for r in self.records if r.domain})
+            raise DataError(f"{self.name}: no records match '{selector}' (splits: {', '.join(available)}"
+                            + (f"; domains: {', '.join(domains)})" if domains else ")"))
         return np.asarray(chosen, dtype=np.int64)
 
     def labels(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from cbir import factory
+from cbir.data.datamodule import EvalSpec
 from cbir.errors import ConfigError
 from cbir.evaluation.report import format_table, write_json
 from cbir.training.module import MetricLearningModule
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt_path`` (or, without one, ``cfg.model`` as it comes pretrained) on the data
-    config's ``protocol`` set (``test`` or ``val``)."""
+    config's ``protocol``: its ``test`` or ``val`` set, or a named entry of its ``protocols`` — one
+    query/gallery spec, or a list of them whose metrics are averaged (e.g. both cross-vendor
+    directions)."""
     if cfg.get("ckpt_path"):
         embedder = factory.load_embedder_checkpoint(cfg.ckpt_path)
         name = f"checkpoint {Path(cfg.ckpt_path).name}"
@@ -30,16 +33,35 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
-    spec_cfg = cfg.data.get(cfg.protocol)
-    if spec_cfg is None:
-        raise ConfigError(f"protocol={cfg.protocol}: data config '{cfg.data.name}' defines no '{cfg.protocol}' set")
-    datamodule.test_spec = factory.eval_spec(spec_cfg)
+    specs = protocol_specs(cfg.data, cfg.protocol)
     module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics = dict(module.last_eval_metrics)
-    protocol = datamodule.test_spec.describe()
+    results = []
+    for spec in specs:
+        datamodule.test_spec = spec
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results.append(dict(module.last_eval_metrics))
+    metrics = average_metrics(results)
+    protocol = " and ".join(spec.describe() for spec in specs) + (", averaged" if len(specs) > 1 else "")
     print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
     write_json(Path(cfg.paths.output_dir) / "eval.json", {"model": name, "protocol": protocol, "metrics": metrics})
     return metrics
 
+
+
+def protocol_specs(data_cfg: DictConfig, protocol: str) -> list[EvalSpec]:
+    """The evaluation specs of ``protocol``: ``test``/``val``, or an entry of ``data.protocols``."""
+    named = (data_cfg.get("protocols") or {}).get(protocol)
+    entry = named if named is not None else (data_cfg.get(protocol) if protocol in ("test", "val") else None)
+    if entry is None:
+        choices = ["test", "val", *(data_cfg.get("protocols") or {})]
+        raise ConfigError(f"protocol={protocol}: data config '{data_cfg.name}' has no such evaluation; "
+                          f"choose from: {', '.join(choices)}")
+    entries = entry if isinstance(entry, ListConfig) else [entry]
+    return [factory.eval_spec(e) for e in entries]
+
+
+def average_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each rate over the protocol's parts; query counts are summed."""
+    return {key: (sum(r[key] for r in results) if key.startswith("num_") else
+                  sum(r[key] for r in results) / len(results)) for key in results[0]}
