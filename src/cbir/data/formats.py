@@ -14,7 +14,6 @@ import csv
 import gzip
 import logging
 import os
-import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import DataError
+from cbir.net import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,6 @@ def _download_fashion_mnist(target: Path) -> Path | None:
     for train in (True, False):
         FashionMNIST(str(target), train=train, download=True)
     return target
-
-
-def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host`` opens within ``timeout`` (a quick offline check, no hang)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------

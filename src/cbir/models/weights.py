@@ -26,9 +26,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cbir.data.formats import host_reachable
 from cbir.errors import CbirError, CheckpointError, ConfigError, WeightsUnavailableError
 from cbir.models.backbones import backbone_spec
+from cbir.net import host_reachable
 
 log = logging.getLogger(__name__)
 
