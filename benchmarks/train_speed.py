@@ -1,0 +1,179 @@
+"""Training speed: fp32 vs channels-last vs bf16 autocast vs both, through ``train.py`` as users run it.
+
+For each data set and variant it runs ``python train.py`` in a subprocess for a fixed number of
+training batches (no validation, no checkpoints, no test) and reads ``train/images_per_second`` from the
+CSV logger: data loading, augmentation, forward, miner, loss, backward and optimiser step included.
+Variants are interleaved (round-robin over ``--repeats`` rounds) so background load hits them alike;
+the table shows the best round of each (the least disturbed by other jobs).
+
+A second column, "model only", times the same steps in-process on synthetic batches already in memory
+(forward + miner + loss + backward + AdamW step, warm-up excluded): when it is far above the
+``train.py`` figure, the input pipeline (or the per-step framework overhead) is the limit, not the net.
+
+    python benchmarks/train_speed.py                                  # emoji 64 px + Fashion-MNIST 32 px
+    python benchmarks/train_speed.py --datasets emoji --batches 10 --repeats 1     # quick look
+    python benchmarks/train_speed.py --compile                        # also torch.compile (model only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name -> (channels_last, bf16)
+    "fp32": (False, False),
+    "channels_last": (True, False),
+    "bf16": (False, True),
+    "bf16+channels_last": (True, True),
+}
+DATASETS = {  # name -> (image size, M per class) as in conf/data/
+    "emoji": (64, 4),
+    "fashion_mnist": (32, 16),
+}
+
+
+def train_overrides(dataset: str, variant: str, batches: int, out: str, extra: list[str]) -> list[str]:
+    channels_last, bf16 = VARIANTS[variant]
+    return [
+        f"data={dataset}", "model=mobilenet_v2", "model.pretrained=imagenet", "loss=triplet",
+        "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}", "test_after_fit=false",
+        "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null",
+        "callbacks.channels_last=" + ("{_target_:cbir.training.speed.ChannelsLast}" if channels_last else "null"),
+        "logger=csv", f"hydra.run.dir={out}", *extra,
+    ]
+
+
+def run_train(dataset: str, variant: str, batches: int, extra: list[str]) -> dict:
+    """One ``train.py`` subprocess; its logged training img/s and wall time."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(ROOT / "train.py"), *train_overrides(dataset, variant, batches, out, extra)]
+        started = time.perf_counter()
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py failed for {dataset}/{variant}:\n{proc.stderr[-3000:]}")
+        with open(Path(out) / "csv" / "metrics.csv", newline="") as f:
+            speeds = [float(r["train/images_per_second"]) for r in csv.DictReader(f) if r.get("train/images_per_second")]
+    return {"images_per_second": speeds[-1], "wall_seconds": wall}
+
+
+def model_only_speed(size: int, m: int, channels_last: bool, bf16: bool, compile: bool = False,
+                     batch: int = 128, steps: int = 6, warmup: int = 2) -> dict:
+    """img/s of forward + semi-hard miner + triplet loss + backward + AdamW on an in-memory batch."""
+    from pytorch_metric_learning import losses, miners
+
+    from cbir.models.embedder import build_embedder
+
+    torch.manual_seed(0)
+    model = build_embedder("mobilenet_v2", pretrained="none", image_size=size).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(batch // m).repeat_interleave(m)
+    loss_fn = losses.TripletMarginLoss(margin=0.1)
+    miner = miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile else model
+    times = []
+    compile_started = time.perf_counter()
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            embeddings = forward(images).float()
+        loss = loss_fn(embeddings, labels, miner(embeddings, labels))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+        if step == 0:
+            first_step = time.perf_counter() - compile_started
+    return {"images_per_second": batch / statistics.median(times[warmup:]), "first_step_seconds": first_step}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batches", type=int, default=20, help="training batches per train.py run (default 20)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is reported")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (model only)")
+    parser.add_argument("--no-train", action="store_true", help="only the in-process model-only timings")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_speed_cpu.json")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every train.py run")
+    return parser.parse_args(argv)
+
+
+def table(results: dict) -> str:
+    lines = ["| data | variant | train.py img/s | model only img/s | vs fp32 (train.py) |", "|---|---|---|---|---|"]
+    for dataset, variants in results.items():
+        base = variants.get("fp32", {}).get("train")
+        for name, row in variants.items():
+            train = row.get("train")
+            model = row.get("model_only")
+            ratio = f"{train / base:.2f}×" if train and base else "–"
+            lines.append(f"| {dataset} | {name} | {train:.0f} | " if train else f"| {dataset} | {name} | – | ")
+            lines[-1] += (f"{model:.0f} | " if model else "– | ") + ratio + " |"
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, dict]] = {d: {v: {} for v in args.variants} for d in args.datasets}
+    if args.compile:
+        for d in args.datasets:
+            results[d]["compile+bf16+channels_last"] = {}
+    runs = []
+    for round_ in range(args.repeats):
+        for dataset in args.datasets:
+            size, m = DATASETS[dataset]
+            for variant in results[dataset]:
+                channels_last, bf16 = VARIANTS.get(variant, (True, True))
+                compile = variant.startswith("compile")
+                row = results[dataset][variant]
+                if round_ == 0 or not compile:  # compiling is slow: once is enough
+                    speed = model_only_speed(size, m, channels_last, bf16, compile=compile)
+                    runs.append({"round": round_, "dataset": dataset, "variant": variant, "kind": "model_only", **speed})
+                    row["model_only"] = max(row.get("model_only", 0.0), speed["images_per_second"])
+                    if compile:
+                        row["compile_first_step_seconds"] = speed["first_step_seconds"]
+                if not args.no_train and not compile:
+                    result = run_train(dataset, variant, args.batches, args.overrides)
+                    runs.append({"round": round_, "dataset": dataset, "variant": variant, "kind": "train.py", **result})
+                    row["train"] = max(row.get("train", 0.0), result["images_per_second"])
+                print(f"round {round_} {dataset} {variant}: {row}", flush=True)
+    text = table(results)
+    header = (f"MobileNetV2 (ImageNet), triplet + semi-hard, batch 128; emoji 64 px M=4, Fashion-MNIST 32 px "
+              f"M=16; {args.batches} batches per train.py run, best of {args.repeats} interleaved rounds; "
+              f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(f"\n{header}\n{text}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"header": header, "table": text, "results": results, "runs": runs,
+               "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
+                           "load_average_start": load_before, "load_average_end": os.getloadavg()},
+               "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - started}
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
