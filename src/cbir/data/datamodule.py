@@ -39,11 +39,7 @@ def load_image(catalog: Catalog, source: str | ArrayRef,
         try:
             with Image.open(source) as image:
                 image.load()
-                if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
-                    image = image.convert("RGBA")
-                    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                    image = Image.alpha_composite(background, image)
-                pixels = np.asarray(image.convert("RGB"))
+                pixels = image_to_rgb(image)
         except FileNotFoundError:
             raise BadImageError(f"image file {source} does not exist") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -59,6 +55,15 @@ def load_image(catalog: Catalog, source: str | ArrayRef,
             raise BadImageError(f"box {box} (x, y, w, h) lies outside image {source} ({width}x{height})")
         pixels = pixels[top:bottom, left:right]
     return np.ascontiguousarray(pixels)
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of a decoded PIL image, transparency composited onto white."""
+    if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"))
 
 
 def check_bad_image_policy(on_bad_image: str) -> None:

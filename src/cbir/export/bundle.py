@@ -1,0 +1,302 @@
+"""A trained model as a self-contained folder: weights, the exact preprocessing, the config, a manifest,
+and TorchScript/ONNX copies checked against the eager model. ``load_bundle`` restores it without the
+training config or Hydra composition.
+
+Layout::
+
+    bundle/
+      manifest.json        format version, versions of cbir/torch/..., embedding dim, files + sha256,
+                           parity of each runtime copy against the eager model
+      model.json           what rebuilds the Embedder (backbone, head, input size, scales)
+      preprocessing.json   input size, mean/std, resize policy, query preprocessing
+      weights.pt           Embedder state dict (no loss/proxy parameters)
+      config.yaml          the training run's resolved config, when known
+      model.torchscript.pt traced Embedder (eval mode)
+      model.onnx           ONNX graph, dynamic batch
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cbir.errors import CbirError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RUNTIMES = ("torchscript", "onnx")
+PARITY_TOLERANCE = 1e-3  # max |eager - copy| on L2-normalised embeddings
+_REQUIRED = ("manifest.json", "model.json", "preprocessing.json", "weights.pt")
+
+
+class BundleError(CbirError):
+    """A bundle folder is missing, incomplete, or was written by an incompatible version."""
+
+
+@dataclass
+class Preprocessing:
+    """Everything between an RGB uint8 image and the model's input tensor."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "stretch to input_size x input_size, bilinear (albumentations Resize)"
+    query: dict | list | str | None = None  # query clean-up (cbir.preprocess), applied to queries only
+
+    def to_json(self) -> dict:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "query": self.query}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Preprocessing:
+        return cls(input_size=int(data["input_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
+                   resize=data.get("resize", cls.resize), query=data.get("query"))
+
+    def transform(self):
+        from cbir.data.transforms import eval_transform
+
+        return eval_transform(self.input_size, self.mean, self.std)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the eager Embedder (eval mode) plus what it needs to embed raw images."""
+
+    path: Path
+    embedder: nn.Module
+    preprocessing: Preprocessing
+    model_config: dict
+    manifest: dict
+    config: dict | None = None
+    _transform: object = field(default=None, repr=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+    @property
+    def transform(self):
+        """image (H, W, 3 uint8 RGB) → normalised CHW float tensor, exactly as in evaluation."""
+        if self._transform is None:
+            self._transform = self.preprocessing.transform()
+        return self._transform
+
+    def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self.transform(image=image)["image"] for image in images])
+
+    def embed(self, images: Sequence[np.ndarray], *, device: str | torch.device | None = None,
+              bf16: bool = False, channels_last: bool = False) -> np.ndarray:
+        """Float32 (N, D) embeddings of RGB uint8 images (no query preprocessing here: see Searcher)."""
+        from cbir.models.inference import embed
+
+        if not len(images):
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        return embed(self.embedder, self.to_tensor(images), device=device, channels_last=channels_last,
+                     bf16=bf16).cpu().numpy()
+
+    def runtime_copy(self, runtime: str):
+        """The TorchScript module, or an ONNX Runtime session, as saved in the bundle."""
+        if runtime == "torchscript":
+            return torch.jit.load(str(self._file("model.torchscript.pt")), map_location="cpu")
+        if runtime == "onnx":
+            import onnxruntime
+
+            return onnxruntime.InferenceSession(str(self._file("model.onnx")), providers=["CPUExecutionProvider"])
+        raise BundleError(f"unknown runtime {runtime!r}; choose from: {', '.join(RUNTIMES)}")
+
+    def _file(self, name: str) -> Path:
+        path = self.path / name
+        if not path.is_file():
+            raise BundleError(f"bundle {self.path} has no {name} (exported without it?)")
+        return path
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dict, config: dict | None = None,
+                  query_preprocess: dict | list | str | None = None, runtimes: Sequence[str] = RUNTIMES,
+                  tolerance: float = PARITY_TOLERANCE, sample_images: torch.Tensor | None = None,
+                  source: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
+    so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
+    ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
+    difference exceeds ``tolerance``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise BundleError(f"out={out_dir}: folder exists and is not empty (choose another or pass overwrite)")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise BundleError(f"runtimes: unknown {unknown}; choose from: {', '.join(RUNTIMES)}")
+    embedder = embedder.cpu().eval()
+    preprocessing = Preprocessing(input_size=int(embedder.input_size), mean=tuple(embedder.mean),
+                                  std=tuple(embedder.std), query=query_preprocess)
+    if sample_images is None:
+        generator = torch.Generator().manual_seed(0)
+        size = preprocessing.input_size
+        sample_images = torch.randn(4, 3, size, size, generator=generator)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        torch.save(embedder.state_dict(), staging / "weights.pt")
+        _write_json(staging / "model.json", model_config)
+        _write_json(staging / "preprocessing.json", preprocessing.to_json())
+        if config is not None:
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(OmegaConf.create(config), staging / "config.yaml")
+        with torch.inference_mode():
+            reference = embedder(sample_images).float()
+        parity = {}
+        for runtime in runtimes:
+            parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "embedding_dim": int(reference.shape[1]),
+            "backbone": model_config.get("backbone"),
+            "source": source,
+            "versions": _versions(),
+            "parity": parity,
+            "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
+        }
+        _write_json(staging / "manifest.json", manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_runtime_copy(runtime: str, embedder: nn.Module, folder: Path, sample: torch.Tensor,
+                        reference: torch.Tensor, tolerance: float) -> dict:
+    """Save one runtime copy, run it on ``sample`` (and on a different batch size, to prove the batch
+    axis is dynamic), and return the largest difference from the eager model."""
+    if getattr(embedder, "scriptable", True) is False:
+        return {"skipped": f"{type(embedder).__name__} has no graph to export (eager only)"}
+    example = sample[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if runtime == "torchscript":
+            with torch.inference_mode(False), torch.no_grad():
+                traced = torch.jit.trace(embedder, example, check_trace=False)
+            path = folder / "model.torchscript.pt"
+            traced.save(str(path))
+            with torch.no_grad():
+                output = torch.jit.load(str(path))(sample).float()
+        else:
+            path = folder / "model.onnx"
+            _export_onnx(embedder, example, path)
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            output = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0])
+    difference = float((output - reference).abs().max())
+    if not difference <= tolerance:
+        raise BundleError(f"{runtime} copy differs from the eager model by {difference:.2e} "
+                          f"(> tolerance {tolerance:g}); export with runtimes excluding {runtime}")
+    log.info("%s copy: max |difference| to eager = %.2e on %d samples", runtime, difference, len(sample))
+    return {"file": path.name, "max_abs_difference": difference, "samples": len(sample), "tolerance": tolerance}
+
+
+def _export_onnx(embedder: nn.Module, example: torch.Tensor, path: Path) -> None:
+    kwargs = dict(input_names=["images"], output_names=["embeddings"], opset_version=17)
+    try:  # the TorchScript-based exporter: fast, quiet, and enough for these graphs
+        torch.onnx.export(embedder, (example,), str(path), dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, **kwargs)
+    except Exception as legacy_error:  # noqa: BLE001 - fall back to the torch.export-based exporter
+        log.info("legacy ONNX export failed (%s); trying torch.export", legacy_error)
+        torch.onnx.export(embedder, (example,), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Restore a bundle written by :func:`export_bundle`: the eager Embedder in eval mode on CPU."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle: {path} is not a folder (export one with `python export.py ckpt_path=... out=...`)")
+    missing = [name for name in _REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise BundleError(f"bundle: {path} is not a complete cbir bundle (missing {', '.join(missing)})")
+    manifest = _read_json(path / "manifest.json")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"bundle: {path} has format version {version}; this cbir reads version {FORMAT_VERSION}")
+    for name, expected in (manifest.get("files") or {}).items():
+        if name.endswith((".pt", ".onnx")) and (path / name).is_file() and _sha256(path / name) != expected:
+            raise BundleError(f"bundle: {path / name} does not match the checksum in manifest.json "
+                              "(modified or damaged after export; export the bundle again)")
+    model_config = _read_json(path / "model.json")
+    preprocessing = Preprocessing.from_json(_read_json(path / "preprocessing.json"))
+
+    from cbir.factory import embedder_from_model_config
+
+    embedder = embedder_from_model_config(model_config, pretrained="none")
+    try:
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged user file
+        raise BundleError(f"bundle: cannot read {path / 'weights.pt'}: {exc}") from None
+    result = embedder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BundleError(f"bundle: {path / 'weights.pt'} does not fit model.json "
+                          f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+    config = None
+    if (path / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    return Bundle(path=path, embedder=embedder.eval(), preprocessing=preprocessing, model_config=model_config,
+                  manifest=manifest, config=config)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("cbir", "torch", "torchvision", "pytorch-metric-learning", "faiss-cpu", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle: cannot read {path}: {exc}") from None

@@ -1,0 +1,273 @@
+"""The one query path: image → query preprocessing → bundle's resize/normalise → Embedder → index → hits.
+
+The CLI (``search.py``, ``cbir search``), the Python API and the HTTP service all go through
+:class:`Searcher`, so they cannot disagree about what a query returns.
+
+    from cbir import Searcher
+    searcher = Searcher.open("bundle/", "bundle/index")
+    for hit in searcher.search_paths(["query.jpg"], k=10)[0]:
+        print(hit.rank, hit.score, hit.path, hit.label)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cbir.errors import BadImageError, CbirError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; larger is refused before decoding (decompression bombs)
+MAX_K = 1000
+
+
+class SearchError(CbirError):
+    """A search cannot run: bundle and index disagree, or the request is malformed."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    path: str | None
+    label: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_query_image(source: str | Path | bytes, *, name: str | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a query (a file path or the raw bytes of an upload) into HxWx3 uint8 RGB.
+
+    The content decides, not the file name; an empty, truncated or non-image input, or one larger than
+    ``max_pixels``, raises :class:`BadImageError` naming ``name`` (or the path)."""
+    from cbir.data.datamodule import image_to_rgb
+
+    label = name or (str(source) if not isinstance(source, bytes) else "upload")
+    if isinstance(source, bytes):
+        if not source:
+            raise BadImageError(f"query {label}: empty file (0 bytes)")
+        handle = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadImageError(f"query {label}: file does not exist")
+        if path.stat().st_size == 0:
+            raise BadImageError(f"query {label}: empty file (0 bytes)")
+        handle = path.open("rb")
+    try:
+        with handle, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise BadImageError(f"query {label}: {width}x{height} pixels is more than the limit of "
+                                        f"{max_pixels:,} pixels")
+                image.load()
+                pixels = image_to_rgb(image)
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(f"query {label}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(f"query {label}: cannot decode image ({exc})") from None
+    if pixels.size == 0:
+        raise BadImageError(f"query {label}: image has no pixels")
+    return np.ascontiguousarray(pixels)
+
+
+class Searcher:
+    """Bundle + index + query preprocessing. Thread-safe for concurrent searches (read-only state;
+    torch inference runs under ``inference_mode``)."""
+
+    def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, bf16: bool = False,
+                 batch_size: int = 32) -> None:
+        from cbir.preprocess import build_preprocessor
+
+        bundle_dim, index_dim = int(bundle.embedding_dim), int(index.embedding_dim)
+        if bundle_dim != index_dim:
+            raise SearchError(f"bundle {bundle.path} embeds into {bundle_dim} dimensions but index "
+                              f"{getattr(index, 'path', '')} holds {index_dim}-d vectors: build the index with "
+                              "this bundle (`cbir index build --bundle ...`)")
+        self._check_same_model(bundle, index)
+        self.bundle, self.index = bundle, index
+        self.device, self.bf16, self.batch_size = device, bf16, int(batch_size)
+        spec = bundle.preprocessing.query if preprocess is None else preprocess
+        self.preprocess_spec = spec
+        self.preprocessor = build_preprocessor(spec)
+        if device:
+            bundle.embedder.to(device)
+
+    @classmethod
+    def open(cls, bundle_path: str | Path, index_path: str | Path | None = None, **kwargs) -> Searcher:
+        """Load a bundle and an index folder (default: ``<bundle>/index``)."""
+        from cbir.export.bundle import load_bundle
+        from cbir.index.store import load_index
+
+        bundle = load_bundle(bundle_path)
+        index_path = Path(index_path) if index_path else Path(bundle_path) / "index"
+        return cls(bundle, load_index(index_path), **kwargs)
+
+    @staticmethod
+    def _check_same_model(bundle, index) -> None:
+        built_with = (getattr(index, "metadata", None) or {}).get("bundle_weights_sha256")
+        weights = (bundle.manifest.get("files") or {}).get("weights.pt")
+        if built_with and weights and built_with != weights:
+            log.warning("index %s was built with a different model than bundle %s (weights differ): "
+                        "scores will be meaningless unless you rebuild the index", getattr(index, "path", ""),
+                        bundle.path)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def embed_images(self, images: Sequence[np.ndarray], preprocess=None) -> np.ndarray:
+        """(N, D) float32 query embeddings of RGB uint8 images, after query preprocessing."""
+        from cbir.preprocess import build_preprocessor
+
+        preprocessor = self.preprocessor if preprocess is None else build_preprocessor(preprocess)
+        cleaned = [preprocessor(image) for image in images]
+        chunks = [self.bundle.embed(cleaned[start:start + self.batch_size], device=self.device, bf16=self.bf16)
+                  for start in range(0, len(cleaned), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
+
+    def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[list[Hit]]:
+        """Top-``k`` hits of each image, best first."""
+        k = check_k(k)
+        if not len(images):
+            return []
+        embeddings = self.embed_images(images, preprocess)
+        return self.search_embeddings(embeddings, k)
+
+    def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        k = check_k(k)
+        size = len(self.index)
+        if size == 0:
+            raise SearchError(f"index {getattr(self.index, 'path', '')} is empty: add images to it first")
+        scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, size))
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
+            records = self.index.lookup([i for _, i in valid])
+            results.append([Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"))
+                            for rank, ((score, i), rec) in enumerate(zip(valid, records), start=1)])
+        return results
+
+    def search_paths(self, paths: Iterable[str | Path], k: int = 10, preprocess=None) -> list[list[Hit]]:
+        """Search each image file; a folder expands to the images inside it (sorted)."""
+        files = expand_query_paths(paths)
+        results: list[list[Hit]] = []
+        for start in range(0, len(files), self.batch_size):
+            images = [read_query_image(p) for p in files[start:start + self.batch_size]]
+            results += self.search_images(images, k, preprocess)
+        return results
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of an indexed image (for thumbnails); SearchError for an unknown id."""
+        records = self.index.lookup([int(image_id)])
+        path = _field(records[0], "path") if records and records[0] is not None else None
+        if not path:
+            raise SearchError(f"no indexed image with id {image_id}")
+        return Path(path)
+
+    def info(self) -> dict:
+        return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
+                "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
+                "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get(
+                    "factory_string"), "preprocess": self.preprocess_spec}
+
+
+def _field(record, name: str):
+    if record is None:
+        return None
+    value = record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+    return None if value is None else str(value)
+
+
+def check_k(k) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise SearchError(f"k={k!r}: must be a whole number") from None
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k={k}: must be between 1 and {MAX_K}")
+    return k
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def expand_query_paths(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for entry in paths:
+        entry = Path(entry)
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise BadImageError(f"query folder {entry} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise BadImageError(f"query {entry}: no such file or folder")
+    if not files:
+        raise ConfigError("query: give at least one image file or folder")
+    return files
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def format_hits(query: str, hits: Sequence[Hit]) -> str:
+    """A ranked Markdown table of one query's hits."""
+    lines = [f"query: {query}", "| rank |  score | id | label | path |", "|---:|---:|---:|---|---|"]
+    lines += [f"| {h.rank} | {h.score:.4f} | {h.id} | {h.label if h.label is not None else ''} | {h.path} |"
+              for h in hits]
+    return "\n".join(lines)
+
+
+def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path, *, query_label: str | None = None,
+              thumb: int = 160, columns: int = 5) -> Path:
+    """A PNG of the query (left) and its hits with rank and score; when labels are known, a green
+    border marks a hit with the query's label and a red border one without."""
+    from PIL import ImageDraw, ImageOps
+
+    caption, pad, border = 16, 6, 4
+    rows = max(1, math.ceil(len(hits) / columns))
+    width = pad + (thumb + pad) * (columns + 1)
+    height = pad + rows * (thumb + caption + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def paste(image: Image.Image, x: int, y: int, text: str, colour: str | None) -> None:
+        tile = ImageOps.pad(image.convert("RGB"), (thumb - 2 * border, thumb - 2 * border), color="white")
+        if colour:
+            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=colour)
+        canvas.paste(tile, (x + border, y + border))
+        draw.text((x, y + thumb + 2), text[:28], fill="black")
+
+    paste(Image.fromarray(query_image), pad, pad, "query" + (f" ({query_label})" if query_label else ""), "#3366cc")
+    for n, hit in enumerate(hits):
+        x = pad + (thumb + pad) * (1 + n % columns)
+        y = pad + (thumb + caption + pad) * (n // columns)
+        try:
+            with Image.open(hit.path) as image:
+                image.load()
+                picture = image.copy()
+        except (OSError, TypeError, ValueError):
+            picture = Image.new("RGB", (thumb, thumb), "#dddddd")
+        colour = None
+        if query_label is not None and hit.label is not None:
+            colour = "#22aa44" if hit.label == query_label else "#cc3333"
+        paste(picture, x, y, f"#{hit.rank} {hit.score:.3f}", colour)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return out_path

@@ -1,0 +1,78 @@
+"""``search.py``/``cbir search``: arguments → Searcher → ranked tables, JSON and result grids.
+
+Plain ``key=value`` arguments over conf/search.yaml rather than a Hydra app: a search should start fast,
+write no output folder, and ``index=<path>`` must stay a path (``index`` is a config group for export).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cbir.entry import config_dir
+from cbir.errors import ConfigError
+from cbir.search import Searcher, expand_query_paths, format_hits, read_query_image, save_grid
+
+
+def search_config(argv: Sequence[str]) -> DictConfig:
+    """conf/search.yaml with ``key=value`` arguments applied (``--json`` = ``json=true``)."""
+    base = OmegaConf.load(config_dir() / "search.yaml")
+    items = []
+    for arg in argv:
+        if arg == "--json":
+            arg = "json=true"
+        arg = arg[2:] if arg.startswith("--") else arg
+        if "=" not in arg:
+            raise ConfigError(f"argument '{arg}': write key=value; keys: {', '.join(base.keys())}")
+        items.append(arg)
+    try:
+        given = OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse arguments: {' '.join(str(exc).split())}") from None
+    unknown = [key for key in given.keys() if key not in base]
+    if unknown:
+        raise ConfigError(f"unknown search option '{unknown[0]}'; choose from: {', '.join(base.keys())}")
+    cfg = OmegaConf.merge(base, given)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}=... is required (python search.py bundle=DIR query=IMAGE)")
+    return cfg
+
+
+def preprocess_spec(name_or_spec):
+    """``preprocess=clahe`` names a conf/preprocess option; a dict/list is a spec as it is."""
+    if name_or_spec is None:
+        return None
+    if isinstance(name_or_spec, str):
+        path = config_dir() / "preprocess" / f"{name_or_spec}.yaml"
+        if not path.is_file():
+            choices = sorted(p.stem for p in (config_dir() / "preprocess").glob("*.yaml"))
+            raise ConfigError(f"preprocess={name_or_spec}: no such option; choose from: {', '.join(choices)}")
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return OmegaConf.to_container(name_or_spec, resolve=True) if OmegaConf.is_config(name_or_spec) else name_or_spec
+
+
+def run_search(cfg: DictConfig) -> list[dict]:
+    queries = cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query]
+    files = expand_query_paths([str(q) for q in queries])
+    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
+                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+    results = []
+    for start in range(0, len(files), searcher.batch_size):
+        batch = files[start:start + searcher.batch_size]
+        images = [read_query_image(path) for path in batch]
+        for path, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k))):
+            results.append({"query": str(path), "hits": [hit.to_json() for hit in hits]})
+            if cfg.grid:
+                grid = Path(cfg.grid)
+                target = grid / f"{path.stem}.png" if len(files) > 1 or grid.suffix.lower() != ".png" else grid
+                save_grid(image, hits, target)
+            if not cfg.json:
+                print(format_hits(str(path), hits) + "\n")
+    if cfg.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return results
