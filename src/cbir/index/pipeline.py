@@ -1,0 +1,94 @@
+"""Collection → embeddings → FAISS index + id store, saved in one folder.
+
+:func:`build_collection_index` is the one call ``export.py``, ``cbir index build`` and tests use;
+:func:`add_to_index` extracts only the images an index does not hold yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from cbir.errors import DataError
+from cbir.index.builder import IndexOptions
+from cbir.index.collection import Collection, read_collection
+from cbir.index.extract import Extraction, extract_collection, model_fingerprint
+from cbir.index.store import CbirIndex, DimensionMismatchError
+
+log = logging.getLogger(__name__)
+EXTRACT_DIR = "embeddings"
+
+
+def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | Collection,
+                           out_dir: str | os.PathLike, *, kind: str = "auto", target_recall: float = 0.95,
+                           batch_size: int = 64, num_workers: int = 2, shard_size: int = 4096,
+                           device: str | None = None, channels_last: bool = True, bf16: bool = False,
+                           resume: bool = True, progress: bool = True, extra_info: dict | None = None,
+                           **index_options) -> CbirIndex:
+    """Embed every image of ``collection`` (resumable shards under ``out_dir/embeddings``), build the
+    index ``kind`` chooses, and save it in ``out_dir``. ``index_options`` are :class:`IndexOptions` fields."""
+    options = IndexOptions(kind=kind, target_recall=target_recall, **index_options)
+    if not isinstance(collection, Collection):
+        collection = read_collection(collection)
+    out = Path(out_dir)
+    extraction = extract_collection(embedder, collection, out / EXTRACT_DIR, batch_size=batch_size,
+                                    num_workers=num_workers, shard_size=shard_size, device=device,
+                                    channels_last=channels_last, bf16=bf16, resume=resume, progress=progress)
+    if len(extraction.indices) == 0:
+        raise DataError(f"collection {collection.spec}: none of its {len(collection)} images could be read "
+                        f"(see {out / EXTRACT_DIR / 'skipped.json'})")
+    paths = [collection.source(int(i)) for i in extraction.indices]
+    labels = [collection.label(int(i)) for i in extraction.indices]
+    index = CbirIndex.build(extraction.embeddings, paths, labels, options=options)
+    index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
+                      **(extra_info or {}))
+    index.save(out)
+    log.info("index: %s → %s", index.describe(), out)
+    return index
+
+
+def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_dir: str | os.PathLike,
+                       **options) -> CbirIndex:
+    """:func:`build_collection_index` with a bundle's Embedder; the index records the bundle's weights hash
+    (``bundle_weights_sha256``) so a search with another bundle can be flagged."""
+    weights = (getattr(bundle, "manifest", None) or {}).get("files", {}).get("weights.pt")
+    extra = {"bundle": str(getattr(bundle, "path", "")), "bundle_weights_sha256": weights}
+    return build_collection_index(bundle.embedder, collection, out_dir, extra_info=extra, **options)
+
+
+def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.PathLike | Collection,
+                 work_dir: str | os.PathLike, *, batch_size: int = 64, num_workers: int = 2,
+                 device: str | None = None, channels_last: bool = True, bf16: bool = False,
+                 progress: bool = True) -> tuple[np.ndarray, Extraction]:
+    """Embed and add the images of ``collection`` that ``index`` does not hold yet (by path); returns the
+    new ids and the extraction (with its skipped images)."""
+    if index.info.get("model") not in (None, model_fingerprint(embedder)):
+        log.warning("index: adding with a different model than the one that built the index")
+    if int(embedder.embedding_dim) != index.embedding_dim:
+        raise DimensionMismatchError(f"the model gives {embedder.embedding_dim}-d embeddings, the index holds "
+                                     f"{index.embedding_dim}-d: add images with the model that built the index")
+    if not isinstance(collection, Collection):
+        collection = read_collection(collection)
+    known = index.store.paths()
+    new = np.array([i for i in collection.indices if collection.source(int(i)) not in known], dtype=np.int64)
+    if len(new) == 0:
+        log.info("index: every image of %s is indexed already", collection.spec)
+        return np.zeros(0, np.int64), Extraction(np.zeros((0, index.embedding_dim), np.float32), new, [])
+    fresh = Collection(collection.spec, collection.catalog, new)
+    key = hashlib.sha256("\n".join(fresh.source(int(i)) for i in new).encode()).hexdigest()[:12]
+    extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", batch_size=batch_size,
+                                    num_workers=num_workers, device=device, channels_last=channels_last,
+                                    bf16=bf16, progress=progress)
+    ids = index.add(extraction.embeddings, [fresh.source(int(i)) for i in extraction.indices],
+                    [fresh.label(int(i)) for i in extraction.indices])
+    return ids, extraction
+
+
+def _model_info(embedder: nn.Module) -> dict:
+    return {"model": model_fingerprint(embedder), "input_size": int(embedder.input_size),
+            "mean": list(embedder.mean), "std": list(embedder.std), "embedding_dim": int(embedder.embedding_dim)}

@@ -1,0 +1,300 @@
+"""The index on disk and in memory: FAISS index + id store + description.
+
+A saved index is a folder with three files, each written atomically (temp + rename):
+
+- ``index.faiss``: the FAISS index (always a CPU index), whose ids are the store's ids;
+- ``ids.jsonl``: one line per image, ``{"id", "path", "label", "meta"}``;
+- ``index.json``: kind, factory string, search parameters, measured recall, dimension, count (written
+  last; :meth:`CbirIndex.load` checks the three agree).
+
+Ids are stable: they are assigned once (``next_id`` grows) and survive ``add`` and ``remove``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from cbir.errors import CbirError
+from cbir.index.builder import (GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param,
+                                torch_exact_search)
+from cbir.index.extract import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"
+
+
+class IndexFilesError(CbirError):
+    """An index folder is missing files or its files disagree."""
+
+
+class DimensionMismatchError(CbirError):
+    """Query embeddings do not have the index's dimension (another model built the index)."""
+
+
+class IdStore:
+    """Index id → image path, label and metadata."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict] = {}
+        self.next_id = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, paths: Sequence[str], labels: Sequence[str | None] | None = None,
+            metadata: Sequence[dict | None] | None = None) -> np.ndarray:
+        """New ids for ``paths``."""
+        ids = np.arange(self.next_id, self.next_id + len(paths), dtype=np.int64)
+        labels = labels if labels is not None else [None] * len(paths)
+        metadata = metadata if metadata is not None else [None] * len(paths)
+        if not len(labels) == len(metadata) == len(paths):
+            raise ValueError("paths, labels and metadata must have the same length")
+        for i, path, label, meta in zip(ids.tolist(), paths, labels, metadata):
+            self.rows[i] = {"id": i, "path": str(path), "label": label, "meta": meta or {}}
+        self.next_id += len(paths)
+        return ids
+
+    def remove(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self.rows.pop(int(i), None)
+
+    def lookup(self, ids: Iterable[int]) -> list[dict | None]:
+        return [self.rows.get(int(i)) for i in ids]
+
+    def ids_of_paths(self, paths: Iterable[str]) -> np.ndarray:
+        wanted = {str(p) for p in paths}
+        return np.array([i for i, row in self.rows.items() if row["path"] in wanted], dtype=np.int64)
+
+    def paths(self) -> set[str]:
+        return {row["path"] for row in self.rows.values()}
+
+    def ids(self) -> np.ndarray:
+        return np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
+
+    def save(self, path: Path) -> None:
+        lines = [json.dumps(row, ensure_ascii=False) for row in self.rows.values()]
+        atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
+
+    @classmethod
+    def load(cls, path: Path, next_id: int) -> IdStore:
+        store = cls()
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    store.rows[int(row["id"])] = row
+                except (ValueError, KeyError, TypeError):
+                    raise IndexFilesError(f"{path}: line {line_no} is not an id record; rebuild the index") from None
+        store.next_id = max(next_id, max(store.rows, default=-1) + 1)
+        return store
+
+
+class CbirIndex:
+    """A FAISS index over embeddings, with the id store that names what each id is."""
+
+    def __init__(self, index: faiss.Index, store: IdStore, info: dict) -> None:
+        self.index = index
+        self.store = store
+        self.info = info
+        self.path: Path | None = None  # the folder it was loaded from / saved to
+        self._search_backend: tuple[str, object] | None = None
+
+    # -- building -----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
+              metadata: Sequence[dict | None] | None = None, options: IndexOptions | None = None) -> CbirIndex:
+        """Index ``embeddings`` (row i is image ``paths[i]``) with the kind ``options`` choose."""
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) != len(paths):
+            raise ValueError(f"embeddings {embeddings.shape} do not match {len(paths)} paths")
+        store = IdStore()
+        ids = store.add(paths, labels, metadata)
+        index, info = build_index(embeddings, ids, options)
+        return cls(index, store, info)
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def metadata(self) -> dict:
+        """What ``index.json`` holds: kind, factory, search parameters, measured recall, model hashes."""
+        return self.info
+
+    @property
+    def kind(self) -> str:
+        return str(self.info.get("kind"))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    # -- searching ----------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (Q, k), best first; ids are -1 where the index has fewer than k images."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.embedding_dim:
+            raise DimensionMismatchError(
+                f"query embeddings have {queries.shape[1]} dimensions but the index holds {self.embedding_dim}-d "
+                "vectors: search with the model that built the index, or rebuild the index with this model")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if len(self) == 0:
+            return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+        backend, engine = self.search_backend()
+        if backend == "torch-cuda":
+            vectors, ids = engine
+            scores, positions = torch_exact_search(vectors, queries, k, device="cuda")
+            found = ids[positions]
+            if positions.shape[1] < k:
+                pad = k - positions.shape[1]
+                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+            return scores, found
+        return engine.search(queries, k)
+
+    def search_backend(self) -> tuple[str, object]:
+        """Where searches run: ``faiss-gpu`` (a GPU copy of the index), ``torch-cuda`` (exact search as a
+        CUDA matrix multiply, for flat indexes when faiss has no GPU), or ``faiss-cpu``."""
+        if self._search_backend is None:
+            self._search_backend = self._choose_backend()
+        return self._search_backend
+
+    def _choose_backend(self) -> tuple[str, object]:
+        if self.kind in GPU_KINDS and gpu_available():
+            try:
+                resources = faiss.StandardGpuResources()
+                gpu_index = faiss.index_cpu_to_gpu(resources, 0, self.index)
+                gpu_index.referenced_resources = resources  # keep the GPU memory pool alive
+                for name, value in self.info.get("search_params", {}).items():
+                    set_search_param(gpu_index, name, value)
+                return "faiss-gpu", gpu_index
+            except (RuntimeError, AttributeError) as exc:  # the cloner has no CPU fallback of its own
+                log.warning("index: cannot copy %s to the GPU (%s); searching on the CPU",
+                            self.info.get("factory"), exc)
+        if self.kind == "flat" and torch.cuda.is_available():
+            flat = faiss.downcast_index(self.index.index)
+            vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            return "torch-cuda", (torch.as_tensor(vectors.copy(), device="cuda"), ids)
+        return "faiss-cpu", self.index
+
+    def lookup(self, ids: Iterable[int]) -> list[dict | None]:
+        """The store records of ``ids`` (None for -1 or a removed id)."""
+        return self.store.lookup(ids)
+
+    # -- changing -----------------------------------------------------------------------------------
+    def add(self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
+            metadata: Sequence[dict | None] | None = None) -> np.ndarray:
+        """Add images to the trained index; returns their new ids. (IVF lists keep their centroids: after
+        adding far more than the index was built with, rebuild it.)"""
+        embeddings = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
+        if embeddings.shape[1] != self.embedding_dim:
+            raise DimensionMismatchError(f"new embeddings have {embeddings.shape[1]} dimensions, the index "
+                                         f"{self.embedding_dim}: add images with the model that built the index")
+        if len(embeddings) != len(paths):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(paths)} paths")
+        ids = self.store.add(paths, labels, metadata)
+        self.index.add_with_ids(embeddings, ids)
+        self._changed()
+        return ids
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove ``ids`` (unknown ids are ignored); returns how many were removed."""
+        ids = np.asarray([i for i in ids if int(i) in self.store.rows], dtype=np.int64)
+        if len(ids) == 0:
+            return 0
+        try:
+            removed = int(self.index.remove_ids(ids))
+        except RuntimeError:  # HNSW cannot remove in place: rebuild its graph from the stored vectors
+            removed = self._rebuild_without(ids)
+        self.store.remove(ids)
+        self._changed()
+        return removed
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        return self.remove(self.store.ids_of_paths(paths))
+
+    def _rebuild_without(self, ids: np.ndarray) -> int:
+        keep = np.setdiff1d(self.store.ids(), ids)
+        vectors = self.index.reconstruct_batch(keep) if len(keep) else np.zeros((0, self.embedding_dim), np.float32)
+        fresh = faiss.index_factory(self.embedding_dim, self.info["factory"], faiss.METRIC_INNER_PRODUCT)
+        inner = faiss.downcast_index(faiss.downcast_index(fresh).index)
+        old = faiss.downcast_index(faiss.downcast_index(self.index).index)
+        inner.hnsw.efConstruction = old.hnsw.efConstruction
+        inner.hnsw.efSearch = old.hnsw.efSearch
+        if len(keep):
+            fresh.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keep)
+        removed = int(self.index.ntotal - fresh.ntotal)
+        self.index = fresh
+        return removed
+
+    def _changed(self) -> None:
+        self._search_backend = None
+        self.info["ntotal"] = int(self.index.ntotal)
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.info["ntotal"] = int(self.index.ntotal)
+        self.info["dim"] = self.embedding_dim
+        self.info["next_id"] = int(self.store.next_id)
+        tmp = folder / (INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, folder / INDEX_FILE)
+        self.store.save(folder / IDS_FILE)
+        atomic_write_json(folder / INFO_FILE, self.info)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> CbirIndex:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise IndexFilesError(f"index folder {folder} does not exist (build one with `cbir index build`)")
+        missing = [name for name in (INDEX_FILE, IDS_FILE, INFO_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise IndexFilesError(f"index folder {folder} lacks {', '.join(missing)}: it is not a cbir index "
+                                  "or its build did not finish; build it again")
+        try:
+            info = json.loads((folder / INFO_FILE).read_text())
+            index = faiss.read_index(str(folder / INDEX_FILE))
+        except (ValueError, RuntimeError) as exc:
+            raise IndexFilesError(f"index folder {folder}: cannot read it ({' '.join(str(exc).split())[:200]}); "
+                                  "build it again") from None
+        store = IdStore.load(folder / IDS_FILE, int(info.get("next_id", 0)))
+        if not index.ntotal == len(store) == info.get("ntotal") or index.d != info.get("dim"):
+            raise IndexFilesError(
+                f"index folder {folder}: files disagree (index.faiss: {index.ntotal} vectors of {index.d}-d, "
+                f"ids.jsonl: {len(store)} images, index.json: {info.get('ntotal')} of {info.get('dim')}-d); "
+                "they come from different builds: build the index again")
+        loaded = cls(index, store, info)
+        loaded.path = folder
+        for name, value in info.get("search_params", {}).items():
+            set_search_param(index, name, value)
+        return loaded
+
+    def describe(self) -> str:
+        recall_key = f"recall_at_{self.info.get('recall_k', 10)}"
+        return (f"{len(self)} images, {self.embedding_dim}-d, {self.info.get('factory')} ({self.info.get('reason')}); "
+                f"search {self.info.get('search_params') or 'exact'}; {recall_key}={self.info.get(recall_key)} "
+                f"(target {self.info.get('target_recall')})")
+
+
+def load_index(folder: str | os.PathLike) -> CbirIndex:
+    """:meth:`CbirIndex.load`: an index folder written by :meth:`CbirIndex.save`."""
+    return CbirIndex.load(folder)
