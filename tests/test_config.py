@@ -128,6 +128,8 @@ def _tiny_embedder():
 
 def test_instantiated_objects_are_the_configured_types(tmp_path):
     cfg = compose_config("train", ["optimizer=sgd", "scheduler=step", f"paths.output_dir={tmp_path}"])
-    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    make_optimizer, loss_lr = factory.optimizer_factory(cfg.optimizer)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    assert loss_lr == pytest.approx(100 * cfg.optimizer.lr)  # optimizer.loss_lr=null: 100 x lr
     assert isinstance(instantiate(cfg.scheduler)(optimizer), torch.optim.lr_scheduler.StepLR)

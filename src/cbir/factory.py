@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
-from cbir.errors import CheckpointError
+from cbir.errors import CheckpointError, ConfigError
 from cbir.models.embedder import Embedder, build_embedder
 from cbir.training.module import MetricLearningModule
 
@@ -82,19 +82,75 @@ def eval_spec(spec_cfg) -> EvalSpec | None:
     return EvalSpec(queries=spec_cfg.queries, gallery=spec_cfg.get("gallery"))
 
 
-def build_module(cfg: DictConfig, embedder: Embedder) -> MetricLearningModule:
-    miner_cfg = cfg.get("miner")
-    miner = instantiate(miner_cfg) if miner_cfg and "_target_" in miner_cfg else None
-    scheduler_cfg = cfg.get("scheduler")
+LOSS_LR_MULTIPLIER = 100.0  # proxies/class weights learn 100x faster than the network (Proxy-Anchor recipe)
+
+
+def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = None) -> MetricLearningModule:
+    """The LightningModule for ``cfg``. Proxy/classifier losses get ``num_classes`` (the training
+    classes, read from ``catalog``, or from ``cfg.data`` when not given) and ``embedding_size`` (the
+    Embedder's) here; with ``loss.xbm=true`` the loss and its miner are wrapped in PML's
+    ``CrossBatchMemory``."""
+    miner = _instantiate_optional(cfg.get("miner"))
+    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+    xbm = bool(loss_cfg.pop("xbm", False))
+    xbm_memory_size = int(loss_cfg.pop("xbm_memory_size", 4096))
+    train_classes = None
+    if "num_classes" in loss_cfg:
+        if catalog is None:
+            catalog = build_catalog(cfg.data)
+        train_classes = training_classes(catalog, cfg.data.get("train_split", "train"))
+        loss_cfg["num_classes"] = len(train_classes)
+    if "embedding_size" in loss_cfg:
+        loss_cfg["embedding_size"] = embedder.embedding_dim
+    loss = instantiate(loss_cfg)
+    if xbm:
+        loss, miner = cross_batch_memory(loss, miner, embedder.embedding_dim, xbm_memory_size), None
+    optimizer, loss_lr = optimizer_factory(cfg.optimizer)
     return MetricLearningModule(
         embedder,
-        loss=instantiate(cfg.loss),
+        loss=loss,
         miner=miner,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(scheduler_cfg) if scheduler_cfg and "_target_" in scheduler_cfg else None,
+        optimizer=optimizer,
+        loss_lr=loss_lr,
+        scheduler=_instantiate_optional(cfg.get("scheduler")),
         ks=tuple(cfg.metrics.ks),
         model_config=model_config(cfg),
+        train_classes=train_classes,
     )
+
+
+def _instantiate_optional(node):
+    return instantiate(node) if node and "_target_" in node else None
+
+
+def training_classes(catalog: Catalog, train_split: str = "train") -> list[int]:
+    """The sorted label ids of the training split: proxy losses need one proxy per class, with the
+    labels remapped to 0..C-1 (zero-shot splits hold out classes, so the ids have gaps)."""
+    labels = catalog.labels(catalog.select(train_split))
+    if len(labels) == 0:
+        raise ConfigError(f"data.train_split={train_split!r} selects no images; a proxy/classifier loss "
+                          "needs training classes")
+    return sorted({int(label) for label in labels})
+
+
+def cross_batch_memory(loss, miner, embedding_size: int, memory_size: int):
+    """``loss.xbm=true``: PML's CrossBatchMemory around the loss (the miner then mines against the memory)."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    name = type(loss).__name__
+    if name not in CrossBatchMemory.supported_losses():
+        raise ConfigError(f"loss.xbm=true: cross-batch memory does not support {name}; use it with a pair or "
+                          f"triplet loss ({', '.join(CrossBatchMemory.supported_losses())}) or set loss.xbm=false")
+    return CrossBatchMemory(loss, embedding_size=embedding_size, memory_size=memory_size, miner=miner)
+
+
+def optimizer_factory(optimizer_cfg: DictConfig):
+    """The optimiser partial, and the lr of loss parameters (``optimizer.loss_lr``; null = 100 x lr)."""
+    options = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    loss_lr = options.pop("loss_lr", None)
+    if loss_lr is None:
+        loss_lr = LOSS_LR_MULTIPLIER * float(options["lr"])
+    return instantiate(options), float(loss_lr)
 
 
 def build_loggers(cfg: DictConfig) -> list:

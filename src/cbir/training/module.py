@@ -31,13 +31,21 @@ class MetricLearningModule(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         ks: Sequence[int] = DEFAULT_KS,
         model_config: dict | None = None,
+        loss_lr: float | None = None,
+        train_classes: Sequence[int] | None = None,
     ) -> None:
+        """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
+        their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
+        ids, remapped to 0..C-1 before the loss (proxy losses index their proxies by label)."""
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss
         self.miner = miner
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.loss_lr = loss_lr
         self.scheduler_factory = scheduler
+        # not persistent: rebuilt from the data, so checkpoints stay loadable whatever the class ids
+        self.register_buffer("label_map", contiguous_label_map(train_classes), persistent=False)
         self.ks = tuple(ks)
         # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
         self.save_hyperparameters({"model_config": model_config or {}})
@@ -61,7 +69,7 @@ class MetricLearningModule(pl.LightningModule):
         if not self._note_bad_images(batch):
             return None  # every image of the batch was unreadable (data.on_bad_image=skip)
         embeddings = self.embedder(batch["image"])
-        labels = batch["label"]
+        labels = self.training_labels(batch["label"])
         pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss_fn(embeddings, labels, pairs_or_triplets)
         self._epoch_images += len(labels)
@@ -75,11 +83,25 @@ class MetricLearningModule(pl.LightningModule):
         if elapsed > 0 and self._epoch_images:
             self.log("train/images_per_second", self._epoch_images / elapsed, sync_dist=True, reduce_fx="sum")
 
+    def training_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Batch labels as the loss sees them: 0..C-1 over the training classes when those are known."""
+        if self.label_map is None:
+            return labels
+        mapped = self.label_map[labels.clamp(0, len(self.label_map) - 1)]
+        if bool(((labels >= len(self.label_map)) | (mapped < 0)).any()):
+            unknown = sorted(set(labels.tolist()) - set(torch.nonzero(self.label_map >= 0).flatten().tolist()))
+            raise RuntimeError(f"training batch has labels {unknown[:5]} outside the training classes")
+        return mapped
+
     def configure_optimizers(self):
-        params = [p for p in self.embedder.parameters() if p.requires_grad]
-        if self.loss_fn is not None:  # proxy/classifier losses carry parameters
-            params += [p for p in self.loss_fn.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        groups = [{"params": [p for p in self.embedder.parameters() if p.requires_grad], "name": "embedder"}]
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad] if self.loss_fn is not None else []
+        if loss_params:  # proxy/classifier losses: their own group, usually with a much higher lr
+            group = {"params": loss_params, "name": "loss"}
+            if self.loss_lr is not None:
+                group["lr"] = self.loss_lr
+            groups.append(group)
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
@@ -142,6 +164,18 @@ class MetricLearningModule(pl.LightningModule):
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name in ("precision_at_1", "map_at_r"), sync_dist=False,
                      rank_zero_only=False)
+
+
+def contiguous_label_map(train_classes: Sequence[int] | None) -> torch.Tensor | None:
+    """Lookup table label id → 0..C-1 (in sorted id order), -1 for ids outside ``train_classes``."""
+    if train_classes is None:
+        return None
+    classes = torch.as_tensor(sorted(set(int(c) for c in train_classes)), dtype=torch.long)
+    if len(classes) == 0 or int(classes[0]) < 0:
+        raise ValueError(f"train_classes must be non-empty non-negative label ids, got {list(train_classes)[:5]}")
+    table = torch.full((int(classes[-1]) + 1,), -1, dtype=torch.long)
+    table[classes] = torch.arange(len(classes))
+    return table
 
 
 def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
