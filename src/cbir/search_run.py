@@ -33,7 +33,7 @@ def search_config(argv: Sequence[str]) -> DictConfig:
         given = OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot parse arguments: {' '.join(str(exc).split())}") from None
-    unknown = [key for key in given.keys() if key not in base]
+    unknown = [key for key in given.keys() if key not in base.keys()]
     if unknown:
         raise ConfigError(f"unknown search option '{unknown[0]}'; choose from: {', '.join(base.keys())}")
     cfg = OmegaConf.merge(base, given)

@@ -1,0 +1,214 @@
+"""The query path: Searcher (Python), search.py (CLI), export.py with an index, and each bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, compose_config
+from PIL import Image
+
+from cbir import Searcher, load_bundle
+from cbir.errors import BadImageError
+from cbir.export.bundle import export_bundle
+from cbir.factory import build_embedder_from_config, model_config
+from cbir.index.pipeline import build_bundle_index
+from cbir.search import SearchError, expand_query_paths, read_query_image, save_grid
+
+
+def _export(folder: Path, dim: int = 16, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = compose_config("train", ["model=resnet18", "model.pretrained=none", "model.image_size=32",
+                                   f"head.dim={dim}"])
+    return export_bundle(build_embedder_from_config(cfg), folder, model_config=model_config(cfg), runtimes=[])
+
+
+@pytest.fixture(scope="module")
+def searcher_parts(tiny_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    bundle = load_bundle(_export(root / "bundle"))
+    index = build_bundle_index(bundle, str(tiny_folder), root / "bundle" / "index", kind="flat", num_workers=0,
+                               progress=False)
+    return bundle, index, root
+
+
+@pytest.fixture()
+def searcher(searcher_parts):
+    bundle, index, _ = searcher_parts
+    return Searcher(bundle, index)
+
+
+def test_each_indexed_image_finds_itself_first(searcher, tiny_folder):
+    files = sorted(tiny_folder.rglob("*.png"))
+    results = searcher.search_paths(files, k=5)
+    assert len(results) == len(files)
+    for path, hits in zip(files, results):
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert hits[0].path == str(path) and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert hits[0].label == path.parent.name
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+def test_folder_query_and_batches_agree_with_single_queries(searcher, tiny_folder):
+    searcher.batch_size = 5  # several batches
+    folder_results = searcher.search_paths([tiny_folder / "class_02"], k=3)
+    single = [searcher.search_paths([p], k=3)[0] for p in sorted((tiny_folder / "class_02").glob("*.png"))]
+    assert [[h.id for h in hits] for hits in folder_results] == [[h.id for h in hits] for hits in single]
+
+
+def test_k_larger_than_the_index_returns_everything(searcher, searcher_parts):
+    hits = searcher.search_images([np.zeros((20, 20, 3), np.uint8)], k=100)[0]
+    assert len(hits) == len(searcher_parts[1]) == 24
+
+
+@pytest.mark.parametrize("k", [0, -1, 1001, "x"])
+def test_bad_k(searcher, k):
+    with pytest.raises(SearchError, match="k="):
+        searcher.search_images([np.zeros((8, 8, 3), np.uint8)], k=k)
+
+
+def test_query_preprocessing_from_the_bundle_or_per_call(searcher_parts, tiny_folder):
+    bundle, index, _ = searcher_parts
+    image = read_query_image(next(tiny_folder.rglob("*.png")))
+    plain = Searcher(bundle, index).embed_images([image])
+    clahe = Searcher(bundle, index, preprocess={"steps": [{"name": "clahe", "clip_limit": 4.0}]})
+    assert clahe.info()["preprocess"] == {"steps": [{"name": "clahe", "clip_limit": 4.0}]}
+    assert not np.allclose(clahe.embed_images([image]), plain)
+    assert np.allclose(Searcher(bundle, index).embed_images([image], preprocess={"steps": [{"name": "clahe",
+                       "clip_limit": 4.0}]}), clahe.embed_images([image]))
+
+
+def test_dimension_mismatch_is_a_clear_error(searcher_parts, tmp_path):
+    _, index, _ = searcher_parts
+    other = load_bundle(_export(tmp_path / "b32", dim=32))
+    with pytest.raises(SearchError, match="32 dimensions .* 16-d"):
+        Searcher(other, index)
+
+
+def test_other_model_same_dimension_is_flagged(searcher_parts, tmp_path, caplog):
+    _, index, _ = searcher_parts
+    other = load_bundle(_export(tmp_path / "b16", seed=1))
+    Searcher(other, index)
+    assert "different model" in caplog.text
+
+
+def test_empty_index_is_a_clear_error(searcher_parts, tiny_folder):
+    bundle, _, root = searcher_parts
+    from cbir.index.store import load_index
+
+    index = load_index(root / "bundle" / "index")
+    index.remove(index.store.ids())
+    with pytest.raises(SearchError, match="empty"):
+        Searcher(bundle, index).search_images([np.zeros((8, 8, 3), np.uint8)], k=3)
+
+
+def _png_bytes(size=(10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (the data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"this is not an image", "not a readable image"),
+    (_png_bytes()[:40], "cannot decode|not a readable"),
+    (_huge_png_header(100_000, 100_000), "pixels"),
+])
+def test_bad_query_bytes(data, message):
+    with pytest.raises(BadImageError, match=message):
+        read_query_image(data, name="upload.png")
+
+
+def test_bad_query_files(tmp_path):
+    with pytest.raises(BadImageError, match="does not exist"):
+        read_query_image(tmp_path / "nope.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(BadImageError, match="empty"):
+        read_query_image(tmp_path / "empty.jpg")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(BadImageError, match="text.png"):
+        read_query_image(tmp_path / "text.png")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BadImageError, match="holds no images"):
+        expand_query_paths([tmp_path / "folder"])
+
+
+def test_content_decides_not_the_extension(tmp_path):
+    path = tmp_path / "photo.txt"
+    path.write_bytes(_png_bytes((7, 5)))
+    assert read_query_image(path).shape == (5, 7, 3)
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert (read_query_image(buffer.getvalue()) == 255).all()  # transparency composited onto white
+
+
+def test_grid_png(searcher, tiny_folder, tmp_path):
+    path = next(tiny_folder.rglob("*.png"))
+    hits = searcher.search_paths([path], k=6)[0]
+    out = save_grid(read_query_image(path), hits, tmp_path / "grid.png", query_label=path.parent.name)
+    with Image.open(out) as grid:
+        assert grid.size[0] > 5 * 100 and grid.size[1] >= 160
+        pixels = np.asarray(grid.convert("RGB"))
+    assert ((pixels == [0x22, 0xAA, 0x44]).all(axis=2)).any()  # a correct hit's green border
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_search_cli_table_json_grid_and_errors(searcher_parts, tiny_folder, tmp_path):
+    _, _, root = searcher_parts
+    bundle = root / "bundle"
+    query = next(tiny_folder.rglob("*.png"))
+    table = _run("search.py", f"bundle={bundle}", f"query={query}", "k=3", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr[-1500:]
+    assert "| 1 |" in table.stdout and str(query) in table.stdout
+
+    js = _run("search.py", f"bundle={bundle}", f"query={tiny_folder / 'class_00'}", "k=2", "--json",
+              f"grid={tmp_path / 'grids'}", cwd=tmp_path)
+    assert js.returncode == 0, js.stderr[-1500:]
+    payload = json.loads(js.stdout)
+    assert len(payload) == 4 and all(len(entry["hits"]) == 2 for entry in payload)
+    assert payload[0]["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 4
+
+    for args, message in ([f"bundle={bundle}"], "query=... is required"), \
+            ([f"bundle={bundle}", f"query={query}", "kk=3"], "unknown search option 'kk'"), \
+            ([f"bundle={tmp_path}", f"query={query}"], "not a complete cbir bundle"), \
+            ([f"bundle={bundle}", f"query={tmp_path / 'no.jpg'}"], "no such file"):
+        bad = _run("search.py", *args, cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_export_with_index_then_cbir_search(tiny_folder, tmp_path):
+    """The demo's path: export.py (pretrained model here) with index.collection, then `cbir search`."""
+    out = tmp_path / "bundle"
+    run = _run("export.py", "model=resnet18", "model.pretrained=none", "model.image_size=32", "head.dim=8",
+               f"out={out}", f"index.collection={tiny_folder}", "index.num_workers=0", "runtimes=[]",
+               f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "index").is_dir() and "24 images" in run.stdout
+    search = subprocess.run([sys.executable, "-m", "cbir.cli", "search", f"bundle={out}",
+                             f"query={next(tiny_folder.rglob('*.png'))}", "k=1", "--json"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert search.returncode == 0, search.stderr[-1500:]
+    assert json.loads(search.stdout)["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
