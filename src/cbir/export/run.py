@@ -33,7 +33,7 @@ def export(cfg: DictConfig) -> Path:
     print(describe_bundle(bundle))
     index_cfg = cfg.get("index") or {}
     if index_cfg.get("collection"):
-        from cbir.index.builder import build_bundle_index
+        from cbir.index.pipeline import build_bundle_index
 
         options = {k: v for k, v in OmegaConf.to_container(index_cfg, resolve=True).items()
                    if k not in ("collection", "out")}
