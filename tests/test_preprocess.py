@@ -102,7 +102,7 @@ def test_auto_leaves_a_clean_image_alone_and_fixes_noisy_dark_blurred_ones(photo
 
     noisy = gaussian_noise(photo, 25, seed=3)
     out, applied = auto.apply(noisy)
-    assert [a["step"] for a in applied] == ["nlm"]
+    assert [a["step"] for a in applied] == ["bilateral"]
     assert psnr(out, photo) > psnr(noisy, photo) + 1.0
 
     dark = low_light(photo, noise_sigma=0)

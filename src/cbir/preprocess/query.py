@@ -214,7 +214,8 @@ class Auto(Step):
     """Measure the image, then apply only the steps it needs, in this order:
 
     1. brightness (mean luminance) below ``dark_threshold`` → :class:`Gamma` towards ``target_brightness``;
-    2. estimated noise sigma above ``noise_threshold`` → the ``denoiser`` (``nlm`` adapts to the noise);
+    2. estimated noise sigma above ``noise_threshold`` → the ``denoiser`` (``bilateral`` by default: on noisy
+       emoji queries it retrieved as well as or better than non-local means at 1/100 of the cost);
     3. contrast (luminance std) below ``contrast_threshold`` → :class:`Clahe`;
     4. sharpness (variance of the Laplacian) below ``sharpness_threshold``, and no noise found →
        :class:`UnsharpMask` (noise would be sharpened too).
@@ -233,7 +234,7 @@ class Auto(Step):
     target_brightness: float = 150.0
     contrast_threshold: float = 20.0
     sharpness_threshold: float = 250.0
-    denoiser: str = "nlm"
+    denoiser: str = "bilateral"
 
     _DENOISERS: ClassVar[dict[str, type[Step]]] = {"nlm": NonLocalMeans, "bilateral": Bilateral, "median": Median}
 
