@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
 from cbir.errors import CheckpointError, ConfigError
+from cbir.evaluation.baselines import HANDCRAFTED, HandcraftedEmbedder, build_handcrafted_embedder
 from cbir.models.embedder import Embedder, build_embedder
 from cbir.training.module import MetricLearningModule
 
@@ -28,7 +29,10 @@ def build_catalog(data_cfg: DictConfig) -> Catalog:
 
 def model_config(cfg: DictConfig) -> dict:
     """What a checkpoint needs to rebuild the Embedder: backbone, input size, the head config, and the
-    training (freezing) and inference (scales) options."""
+    training (freezing) and inference (scales) options; for ``model=handcrafted``, the descriptor options."""
+    if cfg.model.backbone == HANDCRAFTED:
+        return {"backbone": HANDCRAFTED, "image_size": int(cfg.model.image_size),
+                "descriptor": OmegaConf.to_container(cfg.model.get("descriptor") or {}, resolve=True)}
     scales = cfg.model.get("scales")
     return {
         "backbone": cfg.model.backbone,
@@ -41,7 +45,9 @@ def model_config(cfg: DictConfig) -> dict:
     }
 
 
-def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> Embedder:
+def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> Embedder | HandcraftedEmbedder:
+    if model_cfg["backbone"] == HANDCRAFTED:  # nothing pretrained: the descriptor is fixed
+        return build_handcrafted_embedder(model_cfg["image_size"], **(model_cfg.get("descriptor") or {}))
     head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None
     return build_embedder(model_cfg["backbone"], pretrained=pretrained, image_size=model_cfg["image_size"],
                           head=head, freeze_stages=model_cfg.get("freeze_stages", 0),

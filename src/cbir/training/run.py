@@ -9,30 +9,40 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from cbir import factory
-from cbir.errors import CheckpointError
+from cbir.errors import CheckpointError, ConfigError
 from cbir.evaluation.report import format_table, write_json
-from cbir.training.module import MONITOR
+from cbir.training.module import MONITOR, MetricLearningModule
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train per ``cfg``; returns the best validation MAP@R (the value sweepers optimise)."""
+    """Train per ``cfg``; returns the best validation MAP@R (the value sweepers optimise).
+
+    With ``train.fit=false`` nothing is trained: the model as it comes (pretrained backbone, or the
+    hand-crafted descriptor) is evaluated on ``data.test`` and its MAP@R returned — the baseline row."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
+    fit = bool((cfg.get("train") or {}).get("fit", True))
     embedder = factory.build_embedder_from_config(cfg)  # first: a missing weight fails fast
+    if fit and not any(p.requires_grad for p in embedder.parameters()):
+        raise ConfigError(f"model={cfg.model.backbone} has nothing to train; evaluate it with "
+                          f"`python eval.py model={cfg.model.backbone}` or `python train.py "
+                          f"model={cfg.model.backbone} train.fit=false`")
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
+    if not fit:
+        return _evaluate_as_is(cfg, embedder, datamodule, output_dir)
     module = factory.build_module(cfg, embedder)
     trainer = factory.build_trainer(cfg)
 
     results: dict[str, dict[str, float]] = {}
     if cfg.get("evaluate_untrained"):
         trainer.test(module, datamodule=datamodule, verbose=False)
-        results[f"untrained ({cfg.model.backbone}, pretrained={cfg.model.pretrained})"] = dict(module.last_eval_metrics)
+        results[_untrained_name(cfg)] = dict(module.last_eval_metrics)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
 
@@ -47,6 +57,23 @@ def train(cfg: DictConfig) -> float | None:
         write_json(output_dir / "results.json", {"protocol": _describe_protocol(cfg), "results": results,
                                                  "best_val_map_at_r": best_score})
     return best_score
+
+
+def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> float:
+    """``train.fit=false``: the untrained evaluation alone, same table and results.json as a training run."""
+    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))  # no loss/optimiser: nothing is fitted
+    trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = {_untrained_name(cfg): dict(module.last_eval_metrics)}
+    print("\nRetrieval on " + _describe_protocol(cfg) + ":\n" + format_table(results) + "\n")
+    score = float(module.last_eval_metrics["map_at_r"])
+    write_json(output_dir / "results.json", {"protocol": _describe_protocol(cfg), "results": results,
+                                             "test_map_at_r": score})
+    return score
+
+
+def _untrained_name(cfg: DictConfig) -> str:
+    return f"untrained ({cfg.model.backbone}, pretrained={cfg.model.pretrained})"
 
 
 def _resume_path(cfg: DictConfig) -> str | None:
