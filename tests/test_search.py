@@ -212,3 +212,22 @@ def test_export_with_index_then_cbir_search(tiny_folder, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert search.returncode == 0, search.stderr[-1500:]
     assert json.loads(search.stdout)["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_array_backed_hits_load_their_pixels(searcher, tiny_fashion_mnist, monkeypatch, tmp_path):
+    """Fashion-MNIST images live in arrays, not files: grids and thumbnails read them through the dataset."""
+    import cbir.index.collection as collection
+    from cbir.data.formats import read_fashion_mnist
+    from cbir.search import Hit
+
+    catalog = read_fashion_mnist(str(tiny_fashion_mnist))
+    monkeypatch.setattr(collection, "read_data_config", lambda name, spec, config_dir=None: catalog)
+    pixels = searcher.load_source("fashion_mnist:train/3")
+    assert pixels.shape == (28, 28, 3) and (pixels[..., 0] == catalog.arrays["train"][3]).all()
+    hits = [Hit(rank=1, score=0.5, id=0, path="fashion_mnist:train/3", label="3")]
+    out = save_grid(pixels, hits, tmp_path / "g.png", load=searcher.load_source)
+    with Image.open(out) as grid:
+        tile = np.asarray(grid.convert("RGB"))[20:140, 190:310]
+    assert tile.std() > 0  # the image was drawn, not the grey placeholder
+    with pytest.raises(SearchError, match="no indexed image"):
+        searcher.image_source(10**9)

@@ -106,6 +106,7 @@ class Searcher:
         spec = bundle.preprocessing.query if preprocess is None else preprocess
         self.preprocess_spec = spec
         self.preprocessor = build_preprocessor(spec)
+        self._datasets: dict = {}  # array-backed datasets opened for their pixels, by name
         if device:
             bundle.embedder.to(device)
 
@@ -170,19 +171,58 @@ class Searcher:
             results += self.search_images(images, k, preprocess)
         return results
 
-    def image_path(self, image_id: int) -> Path:
-        """The file of an indexed image (for thumbnails); SearchError for an unknown id."""
-        records = self.index.lookup([int(image_id)])
-        path = _field(records[0], "path") if records and records[0] is not None else None
-        if not path:
+    def image_source(self, image_id: int) -> str:
+        """Where an indexed image comes from: a file path, or ``<dataset>:<array>/<row>`` for array-backed
+        datasets (Fashion-MNIST); SearchError for an unknown id."""
+        try:
+            records = self.index.lookup([int(image_id)])
+        except (KeyError, IndexError, ValueError, TypeError):
+            records = [None]
+        source = _field(records[0], "path") if records and records[0] is not None else None
+        if not source:
             raise SearchError(f"no indexed image with id {image_id}")
-        return Path(path)
+        return source
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of an indexed image; SearchError for an unknown id or an array-backed image."""
+        source = self.image_source(image_id)
+        if _array_source(source) is not None:
+            raise SearchError(f"indexed image {image_id} is row {source} of a dataset array, not a file")
+        return Path(source)
+
+    def load_indexed_image(self, image_id: int) -> np.ndarray:
+        """HxWx3 uint8 RGB pixels of an indexed image (for thumbnails and result grids)."""
+        return self.load_source(self.image_source(image_id))
+
+    def load_source(self, source: str) -> np.ndarray:
+        from cbir.data.datamodule import load_image
+
+        array_ref = _array_source(source)
+        if array_ref is None:
+            return load_image(None, source)
+        dataset, array, row = array_ref
+        if dataset not in self._datasets:
+            from cbir.index.collection import read_data_config
+
+            self._datasets[dataset] = read_data_config(dataset, source)
+        from cbir.data.formats import ArrayRef
+
+        return load_image(self._datasets[dataset], ArrayRef(array, row))
 
     def info(self) -> dict:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
                 "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
                 "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get(
                     "factory_string"), "preprocess": self.preprocess_spec}
+
+
+def _array_source(source: str) -> tuple[str, str, int] | None:
+    """``fashion_mnist:train_images/12`` → ("fashion_mnist", "train_images", 12); None for a file path."""
+    name, sep, rest = source.partition(":")
+    if not sep or "/" not in rest or not name.isidentifier() or Path(source).exists():
+        return None
+    array, _, row = rest.rpartition("/")
+    return (name, array, int(row)) if row.isdigit() and array else None
 
 
 def _field(record, name: str):
@@ -234,9 +274,10 @@ def format_hits(query: str, hits: Sequence[Hit]) -> str:
 
 
 def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path, *, query_label: str | None = None,
-              thumb: int = 160, columns: int = 5) -> Path:
+              thumb: int = 160, columns: int = 5, load=None) -> Path:
     """A PNG of the query (left) and its hits with rank and score; when labels are known, a green
-    border marks a hit with the query's label and a red border one without."""
+    border marks a hit with the query's label and a red border one without. ``load(hit.path)`` gives a
+    hit's pixels (default: open the file; :meth:`Searcher.load_source` also reads dataset arrays)."""
     from PIL import ImageDraw, ImageOps
 
     caption, pad, border = 16, 6, 4
@@ -258,10 +299,14 @@ def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path
         x = pad + (thumb + pad) * (1 + n % columns)
         y = pad + (thumb + caption + pad) * (n // columns)
         try:
-            with Image.open(hit.path) as image:
-                image.load()
-                picture = image.copy()
-        except (OSError, TypeError, ValueError):
+            if load is not None:
+                picture = Image.fromarray(load(hit.path))
+            else:
+                with Image.open(hit.path) as image:
+                    image.load()
+                    picture = image.copy()
+        except (OSError, TypeError, ValueError, CbirError) as exc:
+            log.warning("result grid: cannot show %s (%s)", hit.path, exc)
             picture = Image.new("RGB", (thumb, thumb), "#dddddd")
         colour = None
         if query_label is not None and hit.label is not None:

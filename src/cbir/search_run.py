@@ -70,7 +70,7 @@ def run_search(cfg: DictConfig) -> list[dict]:
             if cfg.grid:
                 grid = Path(cfg.grid)
                 target = grid / f"{path.stem}.png" if len(files) > 1 or grid.suffix.lower() != ".png" else grid
-                save_grid(image, hits, target)
+                save_grid(image, hits, target, load=searcher.load_source)
             if not cfg.json:
                 print(format_hits(str(path), hits) + "\n")
     if cfg.json:
