@@ -140,3 +140,14 @@ def test_damaged_bundles_are_clear_errors(tmp_path):
     with pytest.raises(BundleError, match="no model.onnx"):
         bundle = export_bundle(embedder, tmp_path / "c", model_config=model_cfg, runtimes=[])
         load_bundle(bundle).runtime_copy("onnx")
+
+
+def test_run_folder_resolves_to_its_best_checkpoint(tiny_checkpoint, tmp_path):
+    from cbir.errors import CheckpointError
+    from cbir.factory import resolve_checkpoint
+
+    run = tiny_checkpoint.parent.parent
+    assert resolve_checkpoint(run) == tiny_checkpoint
+    assert resolve_checkpoint(tiny_checkpoint) == tiny_checkpoint
+    with pytest.raises(CheckpointError, match="holds no best"):
+        resolve_checkpoint(tmp_path)

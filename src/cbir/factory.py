@@ -187,7 +187,29 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
 
 def load_embedder_checkpoint(ckpt_path: str | Path) -> Embedder:
     """Rebuild the Embedder stored in a training checkpoint (no training config needed)."""
+    return load_checkpoint_model(ckpt_path)[0]
+
+
+def resolve_checkpoint(ckpt_path: str | Path) -> Path:
+    """A checkpoint file, or a training run folder → its best checkpoint (newest ``best-*.ckpt`` in
+    ``checkpoints/``), else its ``last.ckpt``."""
     path = Path(ckpt_path)
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise CheckpointError(f"ckpt_path: folder {path} holds no best-*.ckpt or last.ckpt "
+                          "(give a checkpoint file or a training run folder)")
+
+
+def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
+    """The Embedder stored in a training checkpoint (a file, or a run folder: its best checkpoint) and
+    the model config that rebuilds it."""
+    path = resolve_checkpoint(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist")
     try:
@@ -203,5 +225,5 @@ def load_embedder_checkpoint(ckpt_path: str | Path) -> Embedder:
     if result.missing_keys:
         raise CheckpointError(f"ckpt_path: {path} lacks {len(result.missing_keys)} embedder weights "
                               f"(first: {result.missing_keys[0]})")
-    return embedder
+    return embedder, dict(model_cfg)
 

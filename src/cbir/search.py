@@ -201,13 +201,17 @@ class Searcher:
         if array_ref is None:
             return load_image(None, source)
         dataset, array, row = array_ref
-        if dataset not in self._datasets:
-            from cbir.index.collection import read_data_config
-
-            self._datasets[dataset] = read_data_config(dataset, source)
         from cbir.data.formats import ArrayRef
 
-        return load_image(self._datasets[dataset], ArrayRef(array, row))
+        return load_image(self.dataset_catalog(dataset), ArrayRef(array, row))
+
+    def dataset_catalog(self, name: str):
+        """The catalog of data config ``name`` (read once), for array-backed image sources."""
+        if name not in self._datasets:
+            from cbir.index.collection import read_data_config
+
+            self._datasets[name] = read_data_config(name, name)
+        return self._datasets[name]
 
     def info(self) -> dict:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),

@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 def export(cfg: DictConfig) -> Path:
     """Write the bundle to ``cfg.out``; with ``cfg.index.collection`` also build its index."""
     if cfg.get("ckpt_path"):
-        embedder, model_config = factory.load_checkpoint_model(cfg.ckpt_path)
-        config = _run_config(Path(cfg.ckpt_path))
-        source = f"checkpoint {Path(cfg.ckpt_path).resolve()}"
+        ckpt = factory.resolve_checkpoint(cfg.ckpt_path)  # a run folder → its best checkpoint
+        embedder, model_config = factory.load_checkpoint_model(ckpt)
+        config = _run_config(ckpt)
+        source = f"checkpoint {ckpt.resolve()}"
     else:
         embedder = factory.build_embedder_from_config(cfg)
         model_config = factory.model_config(cfg)
