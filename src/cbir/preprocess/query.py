@@ -346,7 +346,7 @@ def _build_step(item: Any) -> Step:
     if isinstance(item, str):
         name, params = item, {}
     elif isinstance(item, Mapping):
-        params = {str(k): _plain(v) for k, v in item.items()}
+        params = {str(k): v for k, v in item.items()}
         name = params.pop("name", None)
     else:
         raise ConfigError(f"preprocess: a step must be a name or {{name: ..., <parameters>}}, got {item!r}")
@@ -360,8 +360,3 @@ def _build_step(item: Any) -> Step:
         raise ConfigError(f"preprocess step '{name}': unknown parameter(s) {', '.join(unknown)}; "
                           f"it takes {', '.join(allowed)}")
     return cls(**params)
-
-
-def _plain(value: Any) -> Any:
-    """YAML/OmegaConf scalars as Python numbers (ints stay ints where a step expects a count)."""
-    return value if not isinstance(value, (np.integer, np.floating)) else value.item()
