@@ -187,3 +187,61 @@ def test_proxies_are_checkpointed_restored_and_not_exported(tiny_folder, tmp_pat
     embedder_weights = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items()
                         if k.startswith("embedder.")}
     assert set(exported.state_dict()) == set(embedder_weights)
+
+
+class _SnapshotBackbone(pl.Callback):
+    """The backbone's weights and BatchNorm statistics at the start and after each training epoch."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def _take(self, pl_module):
+        return {k: v.detach().clone() for k, v in pl_module.embedder.backbone.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.snapshots.append(self._take(pl_module))
+        self.head = {k: v.detach().clone() for k, v in pl_module.embedder.head.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.snapshots.append(self._take(pl_module))
+        if trainer.current_epoch == 0:
+            self.head_changed = any(not torch.equal(v, pl_module.embedder.head.state_dict()[k])
+                                    for k, v in self.head.items())
+
+
+def _changed(before: dict, after: dict, keys=None) -> list[str]:
+    return [k for k in (before if keys is None else keys) if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze_stages", [0, 1])
+def test_warmup_freezes_backbone_then_unfreezes(freeze_stages, tiny_folder, tmp_path):
+    """train.warmup_epochs=1: epoch 0 trains only the head (and proxies), epoch 1 the backbone too,
+    except the stages model.freeze_stages keeps frozen."""
+    cfg = compose_config("train", _overrides(
+        tiny_folder, tmp_path, "loss=proxy_anchor", "train.warmup_epochs=1", f"model.freeze_stages={freeze_stages}",
+        "trainer.fast_dev_run=false", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "callbacks=none", "scheduler=none"))
+    embedder = factory.build_embedder_from_config(cfg)
+    catalog = factory.build_catalog(cfg.data)
+    module = factory.build_module(cfg, embedder, catalog)
+    snapshot = _SnapshotBackbone()
+    trainer = factory.build_trainer(cfg, callbacks=[snapshot])
+    trainer.fit(module, datamodule=factory.build_datamodule(cfg, catalog, embedder))
+    start, after_warmup, after_second = snapshot.snapshots
+    assert snapshot.head_changed, "the head must learn during the warm-up"
+    assert _changed(start, after_warmup) == [], "the backbone (weights and BN statistics) moved during warm-up"
+    changed = _changed(after_warmup, after_second)
+    assert any(k.endswith("weight") for k in changed), "the backbone did not learn after the warm-up"
+    backbone = embedder.backbone
+    frozen_keys = [f"body.{name}.{k}" for name, stage in backbone.module_stage.items()
+                   if stage in backbone.frozen_stages
+                   for k in backbone.body.get_submodule(name).state_dict(keep_vars=False) if "." not in k]
+    assert bool(frozen_keys) == (freeze_stages > 0)
+    assert _changed(start, after_second, frozen_keys) == [], "model.freeze_stages was not respected"
+    assert all(p.requires_grad for p in embedder.backbone.stage_parameters()[list(backbone.channels)[-1]])
+
+
+def test_no_warmup_no_callback(tiny_folder, tmp_path, embedder):
+    module = factory.build_module(compose_config("train", _overrides(tiny_folder, tmp_path)), embedder)
+    assert module.configure_callbacks() == []

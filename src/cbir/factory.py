@@ -122,6 +122,7 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         ks=tuple(cfg.metrics.ks),
         model_config=model_config(cfg),
         train_classes=train_classes,
+        warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, retrieval_metrics, unique_by_id
 from cbir.models.embedder import Embedder
+from cbir.training.warmup import BackboneWarmup
 
 MONITOR = "val/map_at_r"
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ class MetricLearningModule(pl.LightningModule):
         model_config: dict | None = None,
         loss_lr: float | None = None,
         train_classes: Sequence[int] | None = None,
+        warmup_epochs: int = 0,
     ) -> None:
         """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
         their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
-        ids, remapped to 0..C-1 before the loss (proxy losses index their proxies by label)."""
+        ids, remapped to 0..C-1 before the loss (proxy losses index their proxies by label).
+        ``warmup_epochs``: the backbone stays frozen for that many epochs (:class:`BackboneWarmup`)."""
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss
@@ -46,6 +49,7 @@ class MetricLearningModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         # not persistent: rebuilt from the data, so checkpoints stay loadable whatever the class ids
         self.register_buffer("label_map", contiguous_label_map(train_classes), persistent=False)
+        self.warmup_epochs = int(warmup_epochs)
         self.ks = tuple(ks)
         # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
         self.save_hyperparameters({"model_config": model_config or {}})
@@ -82,6 +86,9 @@ class MetricLearningModule(pl.LightningModule):
         elapsed = self._last_step_end - self._epoch_start
         if elapsed > 0 and self._epoch_images:
             self.log("train/images_per_second", self._epoch_images / elapsed, sync_dist=True, reduce_fx="sum")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [BackboneWarmup(self.warmup_epochs)] if self.warmup_epochs > 0 else []
 
     def training_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Batch labels as the loss sees them: 0..C-1 over the training classes when those are known."""
