@@ -1,0 +1,252 @@
+"""The HTTP service: FastAPI over one :class:`cbir.Searcher` (the same query path as the CLI).
+
+``create_app(searcher, ...)`` builds an app with no global state, so tests build one per fixture.
+
+    POST /search        multipart ``image`` (+ ``k``, ``preprocess``) → ranked hits with thumbnail URLs
+    GET  /images/{id}   thumbnail of an indexed image, by id only (no client path ever reaches the disk)
+    GET  /health        status, index size, model, embedding dimension (open even with an API key)
+    GET  /              the web page (open; it sends the key it is given)
+    GET  /openapi.json  the schema (FastAPI's default; /docs renders it)
+
+Every user mistake is a 4xx JSON ``{"error": "...", "detail": ...}``; uploads are size-limited while
+they are read (413), decoded by content (never by name or content type) and pixel-limited before
+decoding (decompression bombs).
+"""
+
+import enum
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cbir.errors import BadImageError, CbirError, ConfigError
+from cbir.search import DEFAULT_MAX_PIXELS, MAX_K, Hit, Searcher, read_query_image
+from cbir.serve.batching import QueryBatcher
+from cbir.serve.run import PATH_STYLES
+from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MULTIPART_SLACK_BYTES = 64 * 1024  # boundaries, headers and the small form fields around the image
+
+
+class ApiError(Exception):
+    """A user mistake answered with ``status`` and ``{"error": message, "detail": detail}``."""
+
+    def __init__(self, status: int, message: str, detail=None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+def error_response(status: int, message: str, detail=None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
+
+
+class UploadLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` while it is read, not after.
+
+    A declared Content-Length over the limit is refused before reading; a longer body than declared (or a
+    chunked one) is cut off at the limit and the app's answer replaced by the 413."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        message = (f"upload larger than the limit of {self.max_bytes:,} bytes: send a smaller image "
+                   "(resize or compress it)")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, message, {"limit_bytes": self.max_bytes,
+                                                       "content_length": int(declared)})(scope, receive, send)
+        state = {"read": 0, "over": False, "answered": False}
+
+        async def limited_receive():
+            if state["over"]:
+                return {"type": "http.disconnect"}
+            event = await receive()
+            if event["type"] == "http.request":
+                state["read"] += len(event.get("body", b""))
+                if state["read"] > self.max_bytes:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}  # the form parser stops here
+            return event
+
+        async def guarded_send(event):
+            if not state["over"]:
+                return await send(event)
+            if not state["answered"]:
+                state["answered"] = True
+                await error_response(413, message, {"limit_bytes": self.max_bytes})(scope, receive, send)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+def preprocess_choices() -> dict[str, object]:
+    """conf/preprocess option names → their specs (the same files ``search.py preprocess=NAME`` reads)."""
+    from cbir.entry import config_dir
+    from cbir.search_run import preprocess_spec
+
+    return {path.stem: preprocess_spec(path.stem)
+            for path in sorted((config_dir() / "preprocess").glob("*.yaml"))}
+
+
+def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optional[str]:
+    """What a client sees of an indexed image's path: relative to the collection root (default), the
+    file name only, or (when configured) the server's absolute path."""
+    if path is None or style == "absolute":
+        return path
+    if style == "relative" and root is not None:
+        try:
+            return Path(path).resolve().relative_to(root).as_posix()
+        except (ValueError, OSError):
+            pass
+    return Path(path).name if "/" in path or "\\" in path else path
+
+
+def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               thumbnail_size: int = 256, thumbnail_cache: int = 2048, batch_window_ms: float = 0.0,
+               max_batch: int = 16, default_k: int = 10, path_style: str = "relative",
+               title: str = "cbir image search") -> FastAPI:
+    """A FastAPI app that answers queries with ``searcher`` (loaded once, shared read-only).
+
+    ``batch_window_ms > 0`` embeds queries that arrive within that window together (up to
+    ``max_batch``); ``api_key`` protects /search and /images (header ``X-API-Key``)."""
+    if path_style not in PATH_STYLES:
+        raise ConfigError(f"serve.paths={path_style!r}: choose from {', '.join(PATH_STYLES)}")
+    choices = preprocess_choices()
+    Preprocess = enum.Enum("Preprocess", {name: name for name in choices}, type=str)  # noqa: N806
+    batcher = QueryBatcher(searcher, window_ms=batch_window_ms, max_batch=max_batch, preprocess_specs=choices)
+    thumbnails = Thumbnails(searcher, size=thumbnail_size, capacity=thumbnail_cache)
+    index_meta = getattr(searcher.index, "metadata", None) or {}
+    collection = index_meta.get("collection")
+    collection_root = Path(collection).resolve() if collection and Path(collection).is_dir() else None
+    info = searcher.info()
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await batcher.close()
+
+    app = FastAPI(title=title, version="1", lifespan=lifespan,
+                  description="Content-based image retrieval: upload a query image, get the most similar "
+                              "indexed images.")
+    app.state.searcher, app.state.batcher, app.state.thumbnails = searcher, batcher, thumbnails
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK_BYTES)
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="required when the service runs with an API key")
+
+    def require_key(given: Annotated[Optional[str], Depends(key_header)]) -> None:
+        if api_key and not (given and hmac.compare_digest(given.encode(), api_key.encode())):
+            raise ApiError(401, "missing or wrong API key: send it in the X-API-Key header "
+                                "(the web page: open it with ?key=...)")
+
+    # -- errors: always {"error", "detail"} ---------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request, exc: ApiError):
+        headers = {"WWW-Authenticate": "X-API-Key"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, exc.detail, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(_request, exc: RequestValidationError):
+        problems = [{"field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")),
+                     "where": (err.get("loc") or ["?"])[0], "problem": err.get("msg", "")}
+                    for err in exc.errors()]  # no "input": it may be the raw bytes of an upload
+        if any(p["field"] == "image" and "missing" in str(err.get("type")) for p, err in zip(problems, exc.errors())):
+            message = "no image: upload it as the multipart/form-data field 'image'"
+        else:
+            message = "; ".join(f"{p['field'] or p['where']}: {p['problem']}" for p in problems) or "invalid request"
+        return error_response(422, message, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no such page: {request.url.path}", 405: f"method {request.method} not allowed here"}.get(
+            exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, message, exc.detail, getattr(exc, "headers", None))
+
+    # -- routes ---------------------------------------------------------------------------------------
+    def hit_json(hit: Hit) -> dict:
+        return {"rank": hit.rank, "score": hit.score, "id": hit.id, "label": hit.label,
+                "path": display_path(hit.path, collection_root, path_style),
+                "thumbnail_url": str(app.url_path_for("thumbnail", image_id=str(hit.id)))}
+
+    @app.post("/search", dependencies=[Depends(require_key)],
+              summary="the top-k indexed images most similar to an uploaded image",
+              responses={401: {"description": "API key missing or wrong"},
+                         413: {"description": "upload or image too large"},
+                         422: {"description": "not an image, or k/preprocess invalid"}})
+    async def search(image: Annotated[UploadFile, File(description="the query image (any format Pillow decodes)")],
+                     k: Annotated[Optional[int], Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
+                     preprocess: Annotated[Optional[Preprocess], Form(
+                         description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
+                     k_query: Annotated[Optional[int], Query(alias="k", ge=1, le=MAX_K,
+                                                             description="k as a query parameter")] = None):
+        started = time.perf_counter()
+        data = await image.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise ApiError(413, f"image larger than the limit of {max_upload_bytes:,} bytes: send a smaller one",
+                           {"limit_bytes": max_upload_bytes})
+        name = Path(image.filename or "upload").name[:100]
+        try:
+            pixels = await anyio.to_thread.run_sync(
+                lambda: read_query_image(data, name=name, max_pixels=max_pixels))
+        except BadImageError as exc:
+            too_big = any(sign in str(exc) for sign in ("more than the limit", "DecompressionBomb"))
+            raise ApiError(413 if too_big else 422, str(exc), {"max_pixels": max_pixels} if too_big else None) \
+                from None
+        chosen_k = k if k is not None else (k_query if k_query is not None else default_k)
+        try:
+            hits = await batcher.search(pixels, chosen_k, preprocess.value if preprocess else None)
+        except CbirError as exc:
+            raise ApiError(422, str(exc)) from None
+        return {"query": {"name": name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])},
+                "k": chosen_k, "preprocess": preprocess.value if preprocess else None,
+                "took_ms": round((time.perf_counter() - started) * 1000, 2),
+                "results": [hit_json(hit) for hit in hits]}
+
+    @app.get("/images/{image_id}", name="thumbnail", dependencies=[Depends(require_key)],
+             summary="a thumbnail of an indexed image, by its id",
+             responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
+                        404: {"description": "no indexed image with this id"}},
+             response_class=Response)
+    async def thumbnail(image_id: str):
+        if not (image_id.isascii() and image_id.isdigit() and len(image_id) < 19):
+            raise ApiError(404, f"no indexed image with id {image_id!r}: ids are the whole numbers /search returns")
+        try:
+            data, media_type = await anyio.to_thread.run_sync(thumbnails.get, int(image_id))
+        except ThumbnailNotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/health", summary="service status, index size and model")
+    async def health():
+        return {"status": "ok", "index_size": len(searcher.index), "model": info.get("backbone"),
+                "embedding_dim": int(info["embedding_dim"]), "index_type": info.get("index_type") or index_meta.get("factory"),
+                "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices),
+                "api_key_required": bool(api_key), "max_upload_bytes": max_upload_bytes,
+                "micro_batching": {"window_ms": batch_window_ms if batcher.enabled else 0,
+                                   "max_batch": max_batch, "batches": batcher.batches,
+                                   "queries": batcher.batched_queries}}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+

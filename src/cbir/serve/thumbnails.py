@@ -1,0 +1,95 @@
+"""Thumbnails of indexed images, found by id only (the client never names a path), cached in memory.
+
+An id maps to what the index stored for it: a file path, or ``<dataset>:<array>/<row>`` for array-backed
+collections such as Fashion-MNIST, whose pixels come from the collection the index was built from.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cbir.errors import CbirError
+from cbir.search import Searcher
+
+
+class ThumbnailNotFound(CbirError):
+    """No indexed image with this id, or its pixels are gone."""
+
+
+class Thumbnails:
+    """``get(id)`` → (bytes, media type); an LRU of ``capacity`` encoded thumbnails."""
+
+    def __init__(self, searcher: Searcher, *, size: int = 256, capacity: int = 2048) -> None:
+        self.searcher, self.size, self.capacity = searcher, int(size), int(capacity)
+        self._cache: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._collection = None  # loaded on first need, for array-backed sources
+
+    def get(self, image_id: int) -> tuple[bytes, str]:
+        with self._lock:
+            if image_id in self._cache:
+                self._cache.move_to_end(image_id)
+                return self._cache[image_id]
+        entry = self._encode(self._pixels(image_id))
+        with self._lock:
+            self._cache[image_id] = entry
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return entry
+
+    def _pixels(self, image_id: int) -> Image.Image:
+        try:
+            source = self.searcher.image_path(image_id)
+        except CbirError:
+            raise ThumbnailNotFound(f"no indexed image with id {image_id}") from None
+        if source.is_file():
+            try:
+                with Image.open(source) as image:
+                    image.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
+                    image.load()
+                    return ImageOps.exif_transpose(image).copy()
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ThumbnailNotFound(f"indexed image {image_id} cannot be read any more ({exc})") from None
+        return Image.fromarray(self._array_pixels(image_id, str(source)))
+
+    def _array_pixels(self, image_id: int, source: str) -> np.ndarray:
+        name, _, ref = source.partition(":")
+        array, _, row = ref.rpartition("/")
+        spec = (getattr(self.searcher.index, "metadata", None) or {}).get("collection")
+        if not (name and array and row.isdigit() and spec):
+            raise ThumbnailNotFound(f"indexed image {image_id}: its file {Path(source).name} does not exist")
+        with self._lock:
+            if self._collection is None:
+                from cbir.index.collection import read_collection
+
+                try:
+                    self._collection = read_collection(spec)
+                except CbirError as exc:
+                    raise ThumbnailNotFound(f"indexed image {image_id}: collection {spec} unavailable "
+                                            f"({exc})") from None
+        arrays = self._collection.catalog.arrays
+        if array not in arrays or int(row) >= len(arrays[array]):
+            raise ThumbnailNotFound(f"indexed image {image_id}: {source} is not in collection {spec}")
+        pixels = np.asarray(arrays[array][int(row)])
+        return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+    def _encode(self, image: Image.Image) -> tuple[bytes, str]:
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
+        if max(image.size) < self.size // 2:  # tiny images (28 px): nearest-neighbour upscaling stays crisp
+            scale = max(1, self.size // (2 * max(image.size)))
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        out = io.BytesIO()
+        if image.mode in ("RGBA", "LA"):
+            image.save(out, "PNG", optimize=True)
+            return out.getvalue(), "image/png"
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue(), "image/jpeg"
+

@@ -1,0 +1,29 @@
+"""A tiny bundle + flat index over class-folder PNGs, shared by the service, browser and fuzz tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import compose_config, write_class_images
+
+from cbir.search import Searcher
+
+
+def build_tiny_search(root: Path) -> tuple[Searcher, Path]:
+    """(Searcher, collection folder): untrained resnet18 at 32 px, 16-d, 6 classes x 4 PNGs."""
+    from cbir.export.bundle import export_bundle, load_bundle
+    from cbir.factory import build_embedder_from_config, model_config
+    from cbir.index import build_collection_index
+
+    collection = root / "collection"
+    write_class_images(collection, num_classes=6, per_class=4, size=24)
+    cfg = compose_config("train", ["model=resnet18", "model.pretrained=none", "model.image_size=32",
+                                   "head=gem", "head.dim=16"])
+    embedder = build_embedder_from_config(cfg)
+    bundle_dir = export_bundle(embedder, root / "bundle", model_config=model_config(cfg), runtimes=[],
+                               query_preprocess={"steps": []})
+    bundle = load_bundle(bundle_dir)
+    build_collection_index(bundle.embedder, collection, bundle_dir / "index", kind="flat", num_workers=0,
+                           progress=False)
+    searcher = Searcher.open(bundle_dir)
+    return searcher, collection

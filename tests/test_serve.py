@@ -1,0 +1,284 @@
+"""The HTTP service: happy path, every bad input a clear 4xx JSON, API key, thumbnails, micro-batching, fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serve_fixtures import build_tiny_search
+
+from cbir.search import MAX_K
+from cbir.serve import create_app
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_search(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="module")
+def collection(tiny) -> Path:
+    return tiny[1]
+
+
+@pytest.fixture(scope="module")
+def client(searcher):
+    with TestClient(create_app(searcher)) as test_client:
+        yield test_client
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG signature and IHDR claiming width x height, with a token IDAT: 60-odd bytes that
+    would decode to 30 GB of pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def search(client, data: bytes, name: str = "q.png", field: str = "image", **form):
+    return client.post("/search", files={field: (name, data, "application/octet-stream")},
+                       data={key: str(value) for key, value in form.items()})
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"]
+    for word in words:
+        assert word.lower() in body["error"].lower(), body
+    return body
+
+
+# -- happy path -----------------------------------------------------------------------------------------
+
+def test_indexed_image_finds_itself_first(client, collection):
+    query = sorted(collection.rglob("*.png"))[9]
+    response = search(client, png_bytes(query), k=5)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query"]["width"] == body["query"]["height"] == 24
+    results = body["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
+    assert results[0]["path"] == query.relative_to(collection).as_posix()  # relative, no server path
+    assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["label"] == query.parent.name
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    assert not any(str(collection) in str(r["path"]) for r in results)
+    assert results[0]["thumbnail_url"] == f"/images/{results[0]['id']}"
+
+
+def test_content_decides_not_the_name_or_type(client, collection):
+    """A PNG named .txt and a JPEG named .png are both decoded by content and searched."""
+    query = sorted(collection.rglob("*.png"))[3]
+    jpeg = io.BytesIO()
+    Image.open(query).convert("RGB").save(jpeg, "JPEG", quality=98)
+    as_text = search(client, png_bytes(query), name="notes.txt", k=3)
+    assert as_text.status_code == 200, as_text.text
+    assert as_text.json()["results"][0]["path"] == query.relative_to(collection).as_posix()
+    as_png = search(client, jpeg.getvalue(), name="photo.png", k=3)
+    assert as_png.status_code == 200, as_png.text
+    lossless = io.BytesIO()
+    Image.open(io.BytesIO(jpeg.getvalue())).save(lossless, "PNG")  # the JPEG's own pixels, as a real PNG
+    reference = search(client, lossless.getvalue(), name="same.png", k=3).json()["results"]
+    assert [r["id"] for r in as_png.json()["results"]] == [r["id"] for r in reference]
+
+
+def test_k_as_query_parameter_and_default(client, collection):
+    query = png_bytes(sorted(collection.rglob("*.png"))[0])
+    response = client.post("/search?k=2", files={"image": ("q.png", query)})
+    assert response.status_code == 200 and len(response.json()["results"]) == 2
+    default = search(client, query)
+    assert len(default.json()["results"]) == 10
+
+
+def test_k_above_index_size_returns_every_image(client, collection):
+    response = search(client, png_bytes(sorted(collection.rglob("*.png"))[0]), k=MAX_K)
+    assert response.status_code == 200
+    assert len(response.json()["results"]) == len(list(collection.rglob("*.png")))
+
+
+def test_preprocess_choice(client, collection):
+    query = png_bytes(sorted(collection.rglob("*.png"))[0])
+    response = search(client, query, k=3, preprocess="clahe")
+    assert response.status_code == 200 and response.json()["preprocess"] == "clahe"
+    assert_error(search(client, query, preprocess="../../etc/passwd"), 422, "preprocess")
+
+
+# -- bad input: always a 4xx JSON ------------------------------------------------------------------------
+
+def test_not_an_image(client):
+    assert_error(search(client, b"GIF89a this is not really a gif" * 10), 422, "image")
+    assert_error(search(client, b"%PDF-1.4\n" + bytes(range(256)) * 4, name="q.jpg"), 422, "image")
+
+
+def test_truncated_png(client, collection):
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+    assert_error(search(client, data[: len(data) // 2]), 422)
+
+
+def test_zero_bytes(client):
+    assert_error(search(client, b""), 422, "empty")
+
+
+@pytest.mark.parametrize("side", [100_000, 8_000])  # past Pillow's own bomb guard / past only ours (40 Mpx)
+def test_huge_dimensions_refused_before_decoding(client, side):
+    body = assert_error(search(client, huge_png_header(side, side)), 413, "pixels")
+    assert body["detail"]["max_pixels"] > 0
+
+
+def test_wrong_field_name(client, collection):
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+    assert_error(search(client, data, field="file"), 422, "'image'")
+    assert_error(client.post("/search", data={"k": "3"}), 422, "image")
+    assert_error(client.post("/search", content=b'{"image": "x"}', headers={"content-type": "application/json"}),
+                 422, "image")
+
+
+@pytest.mark.parametrize("k", ["0", str(MAX_K + 1), "abc", "-3", "2.5"])
+def test_k_out_of_range(client, collection, k):
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+    assert_error(search(client, data, k=k), 422, "k")
+    assert_error(client.post(f"/search?k={k}", files={"image": ("q.png", data)}), 422, "k")
+
+
+def test_upload_limit_by_declared_length_and_while_reading(searcher):
+    with TestClient(create_app(searcher, max_upload_bytes=2_000)) as small:
+        big = bytes(200_000)
+        assert_error(search(small, big), 413, "limit")
+
+        def chunks():  # no Content-Length: the limit must trip while the body is read
+            for _ in range(50):
+                yield bytes(8_192)
+
+        response = small.post("/search", content=chunks(),
+                              headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert_error(response, 413, "limit")
+        assert small.get("/health").status_code == 200  # the service is fine afterwards
+
+
+def test_path_traversal_and_unknown_ids(client):
+    for url in ("/images/..%2F..%2Fetc%2Fpasswd", "/images/../../etc/passwd", "/images/%2Fetc%2Fpasswd",
+                "/images/-1", "/images/999999", "/images/1e3", "/images/0x1", "/images/99999999999999999999999"):
+        response = client.get(url)
+        assert response.status_code == 404, (url, response.status_code)
+        assert response.headers["content-type"].startswith("application/json")
+        assert "root:" not in response.text
+
+
+def test_unknown_route_and_method(client):
+    assert_error(client.get("/nope"), 404)
+    assert_error(client.get("/search"), 405)
+
+
+# -- thumbnails, health, page, schema ------------------------------------------------------------------
+
+def test_thumbnail_of_a_hit(client, collection, searcher):
+    response = search(client, png_bytes(sorted(collection.rglob("*.png"))[0]), k=1)
+    hit = response.json()["results"][0]
+    thumb = client.get(hit["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(thumb.content))
+    assert image.format == "JPEG" and max(image.size) >= 24
+    original = np.asarray(Image.open(searcher.image_path(hit["id"])).convert("RGB").resize(image.size, 0), float)
+    assert np.abs(np.asarray(image.convert("RGB"), float) - original).mean() < 40  # the same picture
+    again = client.get(hit["thumbnail_url"])
+    assert again.content == thumb.content
+
+
+def test_health(client, searcher):
+    body = client.get("/health").json()
+    assert body["status"] == "ok"
+    assert body["index_size"] == len(searcher.index) == 24
+    assert body["embedding_dim"] == 16 and body["model"] == "resnet18"
+    assert "none" in body["preprocess_options"]
+
+
+def test_page_and_schema(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<input" in page.text and 'name="viewport"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/search", "/images/{image_id}", "/health"} <= set(schema["paths"])
+    assert client.get("/static/../app.py").status_code == 404
+
+
+# -- API key --------------------------------------------------------------------------------------------
+
+def test_api_key(searcher, collection):
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+    with TestClient(create_app(searcher, api_key="s3cret")) as locked:
+        assert_error(search(locked, data), 401, "api key")
+        wrong = locked.post("/search", files={"image": ("q.png", data)}, headers={"X-API-Key": "nope"})
+        assert_error(wrong, 401)
+        good = locked.post("/search", files={"image": ("q.png", data)}, headers={"X-API-Key": "s3cret"})
+        assert good.status_code == 200
+        thumb_url = good.json()["results"][0]["thumbnail_url"]
+        assert_error(locked.get(thumb_url), 401)
+        assert locked.get(thumb_url, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert locked.get("/health").json()["api_key_required"] is True  # open, documented
+        assert locked.get("/").status_code == 200
+
+
+# -- micro-batching --------------------------------------------------------------------------------------
+
+def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collection):
+    files = sorted(collection.rglob("*.png"))[:12]
+    plain = TestClient(create_app(searcher))
+    expected = [[(r["id"], round(r["score"], 4)) for r in search(plain, png_bytes(f), k=4 + i % 3).json()["results"]]
+                for i, f in enumerate(files)]
+    app = create_app(searcher, batch_window_ms=1000, max_batch=8)  # generous: the CI machine may be busy
+
+    async def concurrent():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = await asyncio.gather(*[
+                http.post("/search", files={"image": (f.name, png_bytes(f))}, data={"k": str(4 + i % 3)})
+                for i, f in enumerate(files)])
+            health = (await http.get("/health")).json()
+            await app.state.batcher.close()
+            return responses, health
+
+    responses, health = asyncio.run(concurrent())
+    got = [[(r["id"], round(r["score"], 4)) for r in resp.json()["results"]] for resp in responses]
+    assert got == expected
+    batching = health["micro_batching"]
+    assert batching["queries"] == len(files)
+    assert batching["batches"] < len(files)  # several queries shared a forward pass
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+def test_serve_config(monkeypatch):
+    from cbir.errors import ConfigError
+    from cbir.serve.run import serve_config
+
+    monkeypatch.delenv("CBIR_API_KEY", raising=False)
+    cfg = serve_config(["bundle=b", "port=9001", "--batch_window_ms=2"])
+    assert (cfg.bundle, cfg.port, cfg.batch_window_ms, cfg.host, cfg.api_key) == ("b", 9001, 2, "127.0.0.1", None)
+    monkeypatch.setenv("CBIR_API_KEY", "from-env")
+    assert serve_config(["bundle=b"]).api_key == "from-env"
+    assert serve_config(["bundle=b", "api_key=given"]).api_key == "given"
+    for argv, words in ((["port=1"], "bundle=... is required"), (["bundle=b", "colour=red"], "unknown serve option"),
+                        (["bundle=b", "port=abc"], "port"), (["bundle=b", "paths=full"], "relative"),
+                        (["bundle"], "key=value")):
+        with pytest.raises(ConfigError, match=words):
+            serve_config(argv)
