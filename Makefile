@@ -7,7 +7,7 @@ CBIR := $(VENV)/bin/cbir
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data weights demo test test-fast clean
+.PHONY: venv data weights browser demo test test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -34,7 +34,14 @@ weights: venv
 demo: data weights
 	$(PY) train.py experiment=demo
 
-test: venv weights
+# The browser test (tests/test_browser.py) drives the system's Chromium; it is skipped when none is installed.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package chromium (for the browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+test: venv weights browser
 	$(PY) -m pytest
 
 test-fast: venv
