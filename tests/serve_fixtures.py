@@ -13,7 +13,7 @@ def build_tiny_search(root: Path) -> tuple[Searcher, Path]:
     """(Searcher, collection folder): untrained resnet18 at 32 px, 16-d, 6 classes x 4 PNGs."""
     from cbir.export.bundle import export_bundle, load_bundle
     from cbir.factory import build_embedder_from_config, model_config
-    from cbir.index import build_collection_index
+    from cbir.index import build_collection_index, load_index
 
     collection = root / "collection"
     write_class_images(collection, num_classes=6, per_class=4, size=24)
@@ -25,5 +25,5 @@ def build_tiny_search(root: Path) -> tuple[Searcher, Path]:
     bundle = load_bundle(bundle_dir)
     build_collection_index(bundle.embedder, collection, bundle_dir / "index", kind="flat", num_workers=0,
                            progress=False)
-    searcher = Searcher.open(bundle_dir)
+    searcher = Searcher(bundle, load_index(bundle_dir / "index"))  # the bundle is loaded once
     return searcher, collection

@@ -282,3 +282,97 @@ def test_serve_config(monkeypatch):
                         (["bundle"], "key=value")):
         with pytest.raises(ConfigError, match=words):
             serve_config(argv)
+
+
+# -- fuzzing the OpenAPI schema -----------------------------------------------------------------------------
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+FUZZ_LOG = Path(__file__).resolve().parent / "artifacts" / "fuzz_summary.json"
+
+
+@pytest.fixture(scope="module")
+def fuzz_calls():  # noqa: D401
+    """Every fuzzed request's (operation, status), written to tests/artifacts/fuzz_summary.json."""
+    calls: list[dict] = []
+    yield calls
+    if calls:
+        import collections
+        import json
+
+        summary = collections.Counter(f"{c['mode']}: {c['operation']} -> {c['status']}" for c in calls)
+        FUZZ_LOG.parent.mkdir(parents=True, exist_ok=True)
+        FUZZ_LOG.write_text(json.dumps({"requests": len(calls), "by_status": dict(sorted(summary.items())),
+                                        "examples": calls[:40]}, indent=2))
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzz_schema_finds_no_server_error(searcher, collection, fuzz_calls, mode):
+    """Schemathesis draws requests from the app's own OpenAPI schema and sends them through the ASGI app
+    in-process. ``positive``: valid by the schema (any k in range, every preprocess option, any id; the
+    image is schemathesis's random bytes, a real PNG/JPEG, or a real one truncated or with bytes
+    overwritten); ``negative``: invalid (k out of range or not a number, missing or wrongly typed fields,
+    unknown preprocess names, odd ids). Never a 5xx; every 4xx has the JSON error shape."""
+    from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+
+    real = [png_bytes(p) for p in sorted(collection.rglob("*.png"))[:4]]
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(real[0])).convert("RGB").save(jpeg, "JPEG")
+    real.append(jpeg.getvalue())
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(searcher, max_upload_bytes=256 * 1024))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /search", "GET /images/{image_id}",
+                                                                      "GET /health"}
+
+    @st.composite
+    def image_bytes(draw):
+        data = draw(st.sampled_from(real))
+        how = draw(st.sampled_from(["as is", "truncated", "overwritten"]))
+        if how == "truncated":
+            return data[:draw(st.integers(0, len(data) - 1))]
+        if how == "overwritten":
+            data = bytearray(data)
+            for _ in range(draw(st.integers(1, 8))):
+                data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        return bytes(data)
+
+    for operation in operations:
+        @given(case=operation.as_strategy(GenerationMode(mode)), data=st.data())
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def fuzz(case, data):
+            if mode == "positive" and isinstance(case.body, dict) and "image" in case.body \
+                    and data.draw(st.booleans()):
+                case.body["image"] = data.draw(image_bytes())
+                for key in ("k", "preprocess"):  # a null form field goes out as the text "None"
+                    if case.body.get(key) is None:
+                        case.body.pop(key, None)
+            response = case.call()
+            fuzz_calls.append({"mode": mode, "operation": f"{case.method} {case.path}",
+                               "status": response.status_code, "path_parameters": case.path_parameters,
+                               "query": case.query, "body": _describe_body(case.body), "error": _error_of(response)})
+            assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+            if 400 <= response.status_code < 500:
+                body = response.json()
+                assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and body["error"]
+
+        try:
+            fuzz()
+        except Unsatisfiable:  # nothing about it can be invalid (GET /health has no parameters)
+            assert mode == "negative" and operation.path == "/health"
+
+
+def _describe_body(body):
+    if isinstance(body, dict):
+        return {key: (f"<{len(value)} bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)[:60])
+                for key, value in body.items()}
+    return None if body is None or repr(body) == "NOT_SET" else repr(body)[:80]
+
+
+def _error_of(response):
+    try:
+        return response.json().get("error", "")[:120] if response.status_code >= 400 else None
+    except ValueError:
+        return response.text[:120]
