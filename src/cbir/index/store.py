@@ -30,6 +30,7 @@ from cbir.index.extract import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"
+TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
 
 
 class IndexFilesError(CbirError):
@@ -157,7 +158,7 @@ class CbirIndex:
         backend, engine = self.search_backend()
         if backend == "torch-cuda":
             vectors, ids = engine
-            scores, positions = torch_exact_search(vectors, queries, k, device="cuda")
+            scores, positions = torch_exact_search(vectors, queries, k, device=TORCH_DEVICE)
             found = ids[positions]
             if positions.shape[1] < k:
                 pad = k - positions.shape[1]
@@ -189,7 +190,7 @@ class CbirIndex:
             flat = faiss.downcast_index(self.index.index)
             vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
             ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-            return "torch-cuda", (torch.as_tensor(vectors.copy(), device="cuda"), ids)
+            return "torch-cuda", (torch.as_tensor(vectors.copy(), device=TORCH_DEVICE), ids)
         return "faiss-cpu", self.index
 
     def lookup(self, ids: Iterable[int]) -> list[dict | None]:
