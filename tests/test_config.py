@@ -70,10 +70,16 @@ def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
 
         root = write_unpacked(tmp_path / "emoji")
         return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=4"]
+    if option == "pairs":
+        from test_pairs import write_pair_csv
+
+        return [f"data.path={write_pair_csv(folder, tmp_path / 'pairs.csv')}", "data.batch_size=4"]
     raise AssertionError(f"add a fixture for data={option}")
 
 
 def _instantiate_all(cfg, tmp_path: Path) -> None:
+    if cfg.data.get("mode") == "pairs":
+        return _instantiate_pair_mode(cfg)
     catalog = factory.build_catalog(cfg.data)
     assert catalog.records
     embedder = factory.build_embedder_from_config(cfg) if cfg.model.pretrained == "none" else None
@@ -106,6 +112,20 @@ def _instantiate_all(cfg, tmp_path: Path) -> None:
     for logger in loggers:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()
+
+
+def _instantiate_pair_mode(cfg) -> None:
+    """data=pairs: pair batches, the Siamese module (it needs a pair loss), a trainer."""
+    cfg.loss = compose_config("train", ["loss=contrastive", "paths.output_dir=/tmp/x"]).loss
+    catalog = factory.build_catalog(cfg.data)
+    assert catalog.pairs
+    embedder = factory.build_embedder_from_config(cfg)
+    batch = next(iter(factory.build_datamodule(cfg, catalog, embedder).train_dataloader()))
+    assert batch["image_a"].shape == batch["image_b"].shape == (4, 3, embedder.input_size, embedder.input_size)
+    module = factory.build_module(cfg, embedder)
+    assert torch.isfinite(module.training_step(batch, 0))
+    trainer = factory.build_trainer(cfg, logger=False)
+    assert trainer.checkpoint_callback.monitor == "val/pair_roc_auc"
 
 
 def test_eval_config_composes():

@@ -13,10 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
+from cbir.data.pairs import PairCatalog, PairDataModule
 from cbir.errors import CheckpointError, ConfigError
 from cbir.evaluation.baselines import HANDCRAFTED, HandcraftedEmbedder, build_handcrafted_embedder
 from cbir.models.embedder import Embedder, build_embedder
-from cbir.training.module import MetricLearningModule
+from cbir.training.module import MetricLearningModule, PairModule
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,15 @@ def build_embedder_from_config(cfg: DictConfig) -> Embedder:
     return embedder_from_model_config(model_config(cfg), cfg.model.pretrained)
 
 
-def build_datamodule(cfg: DictConfig, catalog: Catalog, embedder: Embedder) -> RetrievalDataModule:
+def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
+                     embedder: Embedder) -> RetrievalDataModule | PairDataModule:
     data = cfg.data
     augment = instantiate(cfg.augment.transforms) if "augment" in cfg else []
+    if isinstance(catalog, PairCatalog):  # data=pairs (Siamese mode): shuffled pairs, no class sampler
+        return PairDataModule(catalog, image_size=embedder.input_size, mean=embedder.mean, std=embedder.std,
+                              augment=list(augment), batch_size=int(data.batch_size),
+                              eval_batch_size=data.get("eval_batch_size"), num_workers=data.get("num_workers"),
+                              train_split=data.get("train_split", "train"), eval_split=data.get("eval_split"))
     sampler = instantiate(cfg.sampler) if "sampler" in cfg else None
     return RetrievalDataModule(
         catalog,
@@ -92,14 +99,17 @@ LOSS_LR_MULTIPLIER = 100.0  # proxies/class weights learn 100x faster than the n
 
 
 def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = None) -> MetricLearningModule:
-    """The LightningModule for ``cfg``. Proxy/classifier losses get ``num_classes`` (the training
-    classes, read from ``catalog``, or from ``cfg.data`` when not given) and ``embedding_size`` (the
-    Embedder's) here; with ``loss.xbm=true`` the loss and its miner are wrapped in PML's
-    ``CrossBatchMemory``."""
+    """The LightningModule for ``cfg`` (a :class:`PairModule` for ``data=pairs``). Proxy/classifier
+    losses get ``num_classes`` (the training classes, read from ``catalog``, or from ``cfg.data`` when
+    not given) and ``embedding_size`` (the Embedder's) here; with ``loss.xbm=true`` the loss and its
+    miner are wrapped in PML's ``CrossBatchMemory``."""
     miner = _instantiate_optional(cfg.get("miner"))
     loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
     xbm = bool(loss_cfg.pop("xbm", False))
     xbm_memory_size = int(loss_cfg.pop("xbm_memory_size", 4096))
+    pair_mode = cfg.data.get("mode") == "pairs"
+    if pair_mode:
+        check_pair_loss(loss_cfg["_target_"].rsplit(".", 1)[-1], xbm)
     train_classes = None
     if "num_classes" in loss_cfg:
         if catalog is None:
@@ -111,8 +121,11 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
     loss = instantiate(loss_cfg)
     if xbm:
         loss, miner = cross_batch_memory(loss, miner, embedder.embedding_dim, xbm_memory_size), None
+    module_class = PairModule if pair_mode else MetricLearningModule
+    if pair_mode:
+        miner = None  # the pairs are given: nothing to mine
     optimizer, loss_lr = optimizer_factory(cfg.optimizer)
-    return MetricLearningModule(
+    return module_class(
         embedder,
         loss=loss,
         miner=miner,
@@ -124,6 +137,13 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         train_classes=train_classes,
         warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
     )
+
+
+def check_pair_loss(loss_name: str, xbm: bool) -> None:
+    """data=pairs needs a loss that scores each given pair on its own (see PairModule.SUPPORTED_LOSSES)."""
+    if loss_name not in PairModule.SUPPORTED_LOSSES or xbm:
+        raise ConfigError(f"data=pairs trains on explicit pairs; {loss_name}{' with loss.xbm=true' if xbm else ''} "
+                          "cannot use them. Use loss=contrastive or loss=multi_similarity, with loss.xbm=false")
 
 
 def _instantiate_optional(node):

@@ -200,3 +200,74 @@ def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: t
     ids = torch.arange(len(labels), device=labels.device)
     return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
                              query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks)
+
+
+PAIR_MONITOR = "val/pair_roc_auc"
+
+
+class PairModule(MetricLearningModule):
+    """Two-branch Siamese training on explicit pairs (``data=pairs``): one shared Embedder embeds both
+    images of each pair, and the loss gets the 2B embeddings of a batch with the pairs spelled out as
+    PML's ``indices_tuple`` ``(a1, p, a2, n)`` (no labels, no miner). Validation and test score the
+    held-out pairs by cosine similarity: ROC-AUC and the accuracy at the best threshold."""
+
+    SUPPORTED_LOSSES = ("ContrastiveLoss", "MultiSimilarityLoss")  # losses that score each pair on its own
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise RuntimeError("PairModule was built without a loss; it can only evaluate")
+        same = batch["same"]
+        embeddings = self.embedder(torch.cat([batch["image_a"], batch["image_b"]]))
+        loss = self.loss_fn(embeddings, None, pair_indices(same))
+        self._epoch_images += 2 * len(same)
+        self._last_step_end = time.perf_counter()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(same))
+        return loss
+
+    def _collect(self, batch: dict) -> None:
+        a, b = self.embedder(batch["image_a"]).float(), self.embedder(batch["image_b"]).float()
+        self._eval_outputs.append({"similarity": (a * b).sum(dim=1), "same": batch["same"], "index": batch["index"]})
+
+    def _log_retrieval(self, stage: str) -> None:
+        if not self._eval_outputs:
+            return
+        outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
+        self._eval_outputs.clear()
+        if self.trainer.sanity_checking:
+            return
+        gathered = {key: all_gather_concat(value) for key, value in outputs.items()}
+        _, similarity, same = unique_by_id(gathered["index"], gathered["similarity"], gathered["same"])
+        metrics = pair_verification_metrics(similarity, same)
+        self.last_eval_metrics = metrics
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("pair_roc_auc", "pair_accuracy"), sync_dist=False,
+                     rank_zero_only=False)
+
+
+def pair_indices(same: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PML's ``(a1, p, a2, n)`` for a batch embedded as ``cat([images_a, images_b])``: pair i joins rows
+    i and B+i, a positive pair where ``same[i]`` is 1, a negative one otherwise."""
+    rows = torch.arange(len(same), device=same.device)
+    positive = same.bool()
+    return rows[positive], rows[positive] + len(same), rows[~positive], rows[~positive] + len(same)
+
+
+def pair_verification_metrics(similarity: torch.Tensor, same: torch.Tensor) -> dict[str, float]:
+    """ROC-AUC of the similarity as a same/different score, the best accuracy any threshold gives, and
+    that threshold (cosine similarity); AUC is undefined (NaN) unless both kinds of pair are present."""
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    target = same.long()
+    positives, count = int(target.sum()), len(target)
+    metrics = {"num_pairs": float(count)}
+    if positives in (0, count):
+        warnings.warn("pair evaluation saw only one kind of pair; verification metrics skipped", stacklevel=2)
+        return metrics
+    similarity = similarity.float()
+    fpr, tpr, thresholds = binary_roc(similarity, target, thresholds=None)
+    accuracy = (tpr * positives + (1 - fpr) * (count - positives)) / count
+    best = int(torch.argmax(accuracy))
+    metrics.update({"pair_roc_auc": float(binary_auroc(similarity, target, thresholds=None)),
+                    "pair_accuracy": float(accuracy[best]),
+                    "pair_threshold": float(thresholds[best].clamp(-1.0, 1.0))})
+    return metrics
