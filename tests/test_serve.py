@@ -376,3 +376,47 @@ def _error_of(response):
         return response.json().get("error", "")[:120] if response.status_code >= 400 else None
     except ValueError:
         return response.text[:120]
+
+
+def test_display_path():
+    from cbir.serve.app import display_path
+
+    root = Path("/srv/photos")
+    assert display_path("/srv/photos/cats/a.jpg", root, "relative") == "cats/a.jpg"
+    assert display_path("/elsewhere/b.jpg", root, "relative") == "b.jpg"  # outside the root: name only
+    assert display_path("/srv/photos/cats/a.jpg", root, "name") == "a.jpg"
+    assert display_path("/srv/photos/cats/a.jpg", root, "absolute") == "/srv/photos/cats/a.jpg"
+    assert display_path("fashion_mnist:train/123", None, "relative") == "fashion_mnist:train/123"
+
+
+def test_thumbnails_of_array_backed_collections(monkeypatch):
+    """Fashion-MNIST-like indexes store ``<dataset>:<array>/<row>``: pixels come from the collection."""
+    from types import SimpleNamespace
+
+    import cbir.index.collection
+    from cbir.search import SearchError
+    from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
+
+    rows = np.stack([np.full((28, 28), 40 * i, np.uint8) for i in range(3)])
+    monkeypatch.setattr(cbir.index.collection, "read_collection",
+                        lambda spec: SimpleNamespace(catalog=SimpleNamespace(arrays={"test": rows})))
+
+    class FakeSearcher:
+        index = SimpleNamespace(metadata={"collection": "fmnist:test"})
+
+        def image_path(self, image_id):
+            if image_id > 3:
+                raise SearchError(f"no indexed image with id {image_id}")
+            return Path(f"fmnist:test/{image_id}")
+
+    thumbnails = Thumbnails(FakeSearcher(), size=64, capacity=2)
+    data, media_type = thumbnails.get(2)
+    image = Image.open(io.BytesIO(data))
+    assert media_type == "image/jpeg" and image.size == (56, 56)  # 28 px scaled up x2, crisp
+    assert abs(np.asarray(image.convert("L"), float).mean() - 80) < 3
+    with pytest.raises(ThumbnailNotFound, match="not in collection"):
+        thumbnails.get(3)  # row 3 of a 3-row array
+    with pytest.raises(ThumbnailNotFound, match="no indexed image"):
+        thumbnails.get(7)
+    thumbnails.get(0), thumbnails.get(1)
+    assert list(thumbnails._cache) == [0, 1]  # LRU holds `capacity` entries

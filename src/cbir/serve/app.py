@@ -110,6 +110,8 @@ def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optio
     file name only, or (when configured) the server's absolute path."""
     if path is None or style == "absolute":
         return path
+    if ":" in path.split("/")[0] and not Path(path).is_absolute():
+        return path  # a dataset reference (fashion_mnist:train/123), not a server path
     if style == "relative" and root is not None:
         try:
             return Path(path).resolve().relative_to(root).as_posix()

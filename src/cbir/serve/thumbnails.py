@@ -84,7 +84,7 @@ class Thumbnails:
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         image.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
         if max(image.size) < self.size // 2:  # tiny images (28 px): nearest-neighbour upscaling stays crisp
-            scale = max(1, self.size // (2 * max(image.size)))
+            scale = max(1, self.size // max(image.size))
             image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         out = io.BytesIO()
         if image.mode in ("RGBA", "LA"):
