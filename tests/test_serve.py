@@ -242,7 +242,7 @@ def test_api_key(searcher, collection):
 
 def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collection):
     files = sorted(collection.rglob("*.png"))[:12]
-    plain = TestClient(create_app(searcher))
+    plain = TestClient(create_app(searcher, max_batch=1))  # batching off: one forward pass per query
     expected = [[(r["id"], round(r["score"], 4)) for r in search(plain, png_bytes(f), k=4 + i % 3).json()["results"]]
                 for i, f in enumerate(files)]
     app = create_app(searcher, batch_window_ms=1000, max_batch=8)  # generous: the CI machine may be busy
@@ -260,6 +260,7 @@ def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collect
     responses, health = asyncio.run(concurrent())
     got = [[(r["id"], round(r["score"], 4)) for r in resp.json()["results"]] for resp in responses]
     assert got == expected
+    assert plain.get("/health").json()["micro_batching"]["batches"] == 0
     batching = health["micro_batching"]
     assert batching["queries"] == len(files)
     assert batching["batches"] < len(files)  # several queries shared a forward pass
@@ -279,7 +280,7 @@ def test_serve_config(monkeypatch):
     assert serve_config(["bundle=b", "api_key=given"]).api_key == "given"
     for argv, words in ((["port=1"], "bundle=... is required"), (["bundle=b", "colour=red"], "unknown serve option"),
                         (["bundle=b", "port=abc"], "port"), (["bundle=b", "paths=full"], "relative"),
-                        (["bundle"], "key=value")):
+                        (["bundle"], "key=value"), (["bundle=b", "max_batch=0"], "at least 1")):
         with pytest.raises(ConfigError, match=words):
             serve_config(argv)
 

@@ -127,8 +127,8 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
                title: str = "cbir image search") -> FastAPI:
     """A FastAPI app that answers queries with ``searcher`` (loaded once, shared read-only).
 
-    ``batch_window_ms > 0`` embeds queries that arrive within that window together (up to
-    ``max_batch``); ``api_key`` protects /search and /images (header ``X-API-Key``)."""
+    ``max_batch > 1`` embeds concurrent queries together (``batch_window_ms > 0`` also waits that long
+    for more; ``max_batch=1``: one forward pass per query); ``api_key`` protects /search and /images (header ``X-API-Key``)."""
     if path_style not in PATH_STYLES:
         raise ConfigError(f"serve.paths={path_style!r}: choose from {', '.join(PATH_STYLES)}")
     choices = preprocess_choices()
@@ -241,7 +241,7 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
                 "embedding_dim": int(info["embedding_dim"]), "index_type": info.get("index_type") or index_meta.get("factory"),
                 "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices),
                 "api_key_required": bool(api_key), "max_upload_bytes": max_upload_bytes,
-                "micro_batching": {"window_ms": batch_window_ms if batcher.enabled else 0,
+                "micro_batching": {"enabled": batcher.enabled, "window_ms": batch_window_ms,
                                    "max_batch": max_batch, "batches": batcher.batches,
                                    "queries": batcher.batched_queries}}
 

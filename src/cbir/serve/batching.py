@@ -1,8 +1,10 @@
-"""Micro-batching: queries that arrive within a few milliseconds of each other are embedded as one batch.
+"""Micro-batching: concurrent queries are embedded as one batch by a single inference worker.
 
-A batched forward pass costs less per image than separate ones (one Python/dispatch overhead, better
-matrix shapes), but a query may wait up to ``window_ms`` for company. ``window_ms=0`` turns batching off:
-each query then runs on its own in the thread pool. Inference never runs on the event loop.
+A batched forward pass costs less per image than separate ones (one dispatch overhead, better matrix
+shapes, no threads fighting over the cores). While the worker runs a batch, new queries queue up; the next
+batch takes all of them (up to ``max_batch``), so a lone query never waits. ``window_ms > 0`` additionally
+holds a batch open that long for company. ``max_batch=1`` turns batching off: each query then runs on its
+own in the thread pool. Inference never runs on the event loop (benchmarks/serve_load.py measures both).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class _Query:
 
 
 class QueryBatcher:
-    """Runs queries through one :class:`Searcher`, batching concurrent ones when ``window_ms > 0``."""
+    """Runs queries through one :class:`Searcher`, batching concurrent ones when ``max_batch > 1``."""
 
     def __init__(self, searcher: Searcher, *, window_ms: float = 0.0, max_batch: int = 16,
                  preprocess_specs: dict[str, object] | None = None) -> None:
@@ -44,7 +46,7 @@ class QueryBatcher:
 
     @property
     def enabled(self) -> bool:
-        return self.window_s > 0 and self.max_batch > 1
+        return self.max_batch > 1
 
     async def search(self, image: np.ndarray, k: int, preprocess: str | None = None) -> list[Hit]:
         """The top-``k`` hits of one decoded query image."""
@@ -76,6 +78,8 @@ class QueryBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():  # what queued meanwhile
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + self.window_s
             while len(batch) < self.max_batch:
                 remaining = deadline - loop.time()

@@ -18,7 +18,7 @@ from cbir.errors import ConfigError
 PATH_STYLES = ("relative", "name", "absolute")
 
 USAGE = """usage: python -m cbir.serve bundle=DIR [index=DIR] [host=127.0.0.1] [port=8000] [api_key=KEY]
-                          [k=10] [batch_window_ms=0] [max_upload_mb=10] [paths=relative|name|absolute] ...
+                          [k=10] [max_batch=16] [batch_window_ms=0] [max_upload_mb=10] [paths=relative|name|absolute] ...
        (every key of conf/serve.yaml; the API key may also come from $CBIR_API_KEY)"""
 
 
@@ -45,6 +45,8 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
     for key in ("port", "k", "max_pixels", "thumbnail_size", "thumbnail_cache", "max_batch", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a whole number >= 0")
+    if cfg.max_batch < 1:
+        raise ConfigError(f"max_batch={cfg.max_batch}: must be at least 1 (1 = no micro-batching)")
     for key in ("max_upload_mb", "batch_window_ms"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a number >= 0")
