@@ -3,9 +3,11 @@ hit by an httpx AsyncClient at several concurrencies, with micro-batching off an
 
 The bundle is demo-like: ImageNet MobileNetV2 (untrained head) at 64 px over ``--collection`` Fashion-MNIST
 test images written as PNGs (built once under ``--work`` and reused). Queries are other Fashion-MNIST
-images (train split) as PNG uploads, k=10. For each setting the server is started fresh, warmed up, then
-``--requests`` requests are sent at each concurrency. Prints a Markdown table (throughput, p50/p99
-latency, errors, mean micro-batch size) and writes JSON. Loopback only; bounded.
+images (train split) as PNG uploads, k=10. Each setting's server is started and warmed up, then
+``--requests`` requests are sent at each concurrency. All settings' servers run at once and are loaded
+in interleaved rounds, so the shared machine's changing load falls on each setting alike. Prints a
+Markdown table (throughput, p50/p99 latency, errors, mean micro-batch size) and writes JSON. Loopback
+only; bounded.
 
     python benchmarks/serve_load.py --requests 300 --concurrency 1 8 32 --settings off 0 5 \\
         --out benchmarks/results/serve_load.json
@@ -107,6 +109,7 @@ def start_server(bundle: Path, window_ms: float, max_batch: int, log_path: Path)
 
 
 async def load(url: str, uploads: list[bytes], requests: int, concurrency: int, k: int) -> dict:
+    """Send ``requests`` searches over ``concurrency`` connections; raw latencies, wall time, errors."""
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(requests))
@@ -128,10 +131,17 @@ async def load(url: str, uploads: list[bytes], requests: int, concurrency: int, 
         started = time.perf_counter()
         await asyncio.gather(*[worker(client) for _ in range(concurrency)])
         wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {"requests": requests, "concurrency": concurrency, "seconds": wall, "requests_per_second": requests / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "errors": len(errors), "error_examples": errors[:3]}
+    return {"latencies": latencies, "seconds": wall, "errors": errors}
+
+
+def summarise_cell(parts: list[dict], concurrency: int) -> dict:
+    ms = np.array([x for p in parts for x in p["latencies"]]) * 1000
+    seconds = sum(p["seconds"] for p in parts)
+    errors = [e for p in parts for e in p["errors"]]
+    return {"requests": len(ms), "concurrency": concurrency, "seconds": seconds,
+            "requests_per_second": len(ms) / seconds, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "errors": len(errors),
+            "error_examples": errors[:3]}
 
 
 def busy_processes() -> list[str]:
@@ -151,6 +161,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["off", "0", "5"],
                         help="micro-batching settings to compare: off, or a window in ms (0 = batch what queued)")
     parser.add_argument("--max-batch", type=int, default=16, help="largest micro-batch when batching is on")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--collection", type=int, default=3000, help="Fashion-MNIST test images indexed")
     parser.add_argument("--image-size", type=int, default=64)
@@ -165,23 +176,32 @@ def main() -> None:
     rows = []
     load_before = os.getloadavg()
     busy = busy_processes()
-    for setting in args.settings:
-        window, max_batch = (0.0, 1) if setting == "off" else (float(setting), args.max_batch)
-        process, url = start_server(bundle, window, max_batch, args.work / f"server_{setting}.log")
-        try:
-            asyncio.run(load(url, uploads, 20, 4, args.k))  # warm-up: threads, allocator, thumbnails untouched
-            for concurrency in args.concurrency:
-                before = httpx.get(f"{url}/health").json()["micro_batching"]
-                row = asyncio.run(load(url, uploads, args.requests, concurrency, args.k))
+    servers = {}
+    try:
+        for setting in args.settings:  # every setting's server runs at once: measured side by side
+            window, max_batch = (0.0, 1) if setting == "off" else (float(setting), args.max_batch)
+            process, url = start_server(bundle, window, max_batch, args.work / f"server_{setting}.log")
+            servers[setting] = (process, url, window, max_batch)
+            asyncio.run(load(url, uploads, 20, 4, args.k))  # warm-up
+        for concurrency in args.concurrency:
+            parts = {setting: [] for setting in servers}
+            before = {s: httpx.get(f"{u}/health").json()["micro_batching"] for s, (_, u, _, _) in servers.items()}
+            for _ in range(args.rounds):  # interleaved rounds: the shared machine's load hits every setting
+                for setting, (_, url, _, _) in servers.items():
+                    parts[setting].append(asyncio.run(load(url, uploads, args.requests // args.rounds,
+                                                           concurrency, args.k)))
+            for setting, (_, url, window, max_batch) in servers.items():
                 after = httpx.get(f"{url}/health").json()["micro_batching"]
-                batches = after["batches"] - before["batches"]
+                batches = after["batches"] - before[setting]["batches"]
+                row = summarise_cell(parts[setting], concurrency)
                 row.update(batching=setting != "off", window_ms=window, max_batch=max_batch,
                            loadavg_1min=os.getloadavg()[0],
-                           mean_batch=(after["queries"] - before["queries"]) / batches if batches else 1.0)
+                           mean_batch=(after["queries"] - before[setting]["queries"]) / batches if batches else 1.0)
                 rows.append(row)
                 print(f"batching {setting}, concurrency {concurrency}: {row['requests_per_second']:.1f} req/s, "
                       f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, errors {row['errors']}", flush=True)
-        finally:
+    finally:
+        for process, *_ in servers.values():
             process.terminate()
             process.wait(timeout=30)
 
