@@ -133,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--fmnist", nargs="*", default=[], metavar="LOSS:HEAD",
                         help="Fashion-MNIST recipes to train (1 epoch, 32 px) next to both baselines")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     parser.add_argument("--fresh", action="store_true", help="redo runs already in --out")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/losses_emoji.json")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training run")
@@ -183,6 +184,10 @@ def write(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table_only:  # rebuild the table from --out (e.g. after changing its layout)
+        runs = json.loads(args.out.read_text())["runs"]
+        print(emoji_table(runs) + ("\n\n" + fmnist_table(runs) if any(k.startswith("fmnist/") for k in runs) else ""))
+        return 0
     previous = {} if args.fresh or not args.out.is_file() else json.loads(args.out.read_text()).get("runs", {})
     runs: dict[str, dict] = {}
     load_start = os.getloadavg()
@@ -207,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     caption = (f"Emoji zero-shot test split (956 unseen classes, 4,152 images, all-vs-all; cross-vendor: base emoji, "
                f"Google ↔ Twitter), ImageNet MobileNetV2, {args.epochs} epochs per loss, batch 128 (M=4), 64 px, "
                f"seed {args.seed}, final weights; {os.cpu_count()} shared CPUs, load average "
-               f"{load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+               f"{load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+               + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""))
     text = f"{caption}\n\n{emoji_table(runs)}"
     if args.fmnist:
         text += ("\n\nFashion-MNIST, 10k test queries vs 60k train gallery, 32 px, 1 epoch:\n\n" + fmnist_table(runs))

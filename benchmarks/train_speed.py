@@ -106,6 +106,28 @@ def model_only_speed(size: int, m: int, channels_last: bool, bf16: bool, compile
     return {"images_per_second": batch / statistics.median(times[warmup:]), "first_step_seconds": first_step}
 
 
+def loader_only_speed(dataset: str, batches: int = 10) -> float:
+    """img/s of the training input pipeline alone in one process (no workers): sampler, cached pixels,
+    augmentation, resize, normalise, collate. Compare with the model's img/s to see which one limits."""
+    from hydra import compose, initialize_config_dir
+
+    from cbir import factory
+    from cbir.entry import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={dataset}", "model.pretrained=none",
+                                                      "data.num_workers=0", "paths.output_dir=/tmp"])
+    embedder = factory.build_embedder_from_config(cfg)
+    datamodule = factory.build_datamodule(cfg, factory.build_catalog(cfg.data), embedder)
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    next(loader)  # first batch: iterator set-up
+    started, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += len(next(loader)["label"])
+    return images / (time.perf_counter() - started)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -113,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=20, help="training batches per train.py run (default 20)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is reported")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (model only)")
+    parser.add_argument("--loader", action="store_true", help="also time the input pipeline alone (one core)")
     parser.add_argument("--no-train", action="store_true", help="only the in-process model-only timings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_speed_cpu.json")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every train.py run")
@@ -141,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.datasets:
             results[d]["compile+bf16+channels_last"] = {}
     runs = []
+    loader_speed = {d: loader_only_speed(d) for d in args.datasets} if args.loader else {}
+    for d, speed in loader_speed.items():
+        print(f"{d}: input pipeline alone {speed:.0f} img/s (one process, no workers)", flush=True)
     for round_ in range(args.repeats):
         for dataset in args.datasets:
             size, m = DATASETS[dataset]
@@ -165,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(f"\n{header}\n{text}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"header": header, "table": text, "results": results, "runs": runs,
+    if loader_speed:
+        text += "\n\nInput pipeline alone (one process, no workers): " + ", ".join(
+            f"{d} {v:.0f} img/s" for d, v in loader_speed.items())
+    payload = {"header": header, "table": text, "results": results, "runs": runs, "loader_only": loader_speed,
                "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
                            "load_average_start": load_before, "load_average_end": os.getloadavg()},
                "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - started}
