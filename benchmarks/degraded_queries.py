@@ -43,9 +43,10 @@ from cbir.preprocess import build_preprocessor, measure
 from cbir.preprocess.degrade import Degradation, standard_degradations
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONS = ["none", "nlm", "bilateral", "median", "clahe", "gamma", "unsharp", "denoise_enhance", "auto", "auto_nlm"]
-# options that are not a conf/preprocess file: variants measured to choose the defaults
-VARIANTS = {"auto_nlm": {"steps": [{"name": "auto", "denoiser": "nlm"}]}}
+OPTIONS = ["none", "nlm", "bilateral", "median", "clahe", "gamma", "unsharp", "denoise_enhance", "auto"]
+# options that are not a conf/preprocess file, e.g. {"auto_nlm": {"steps": [{"name": "auto", "denoiser": "nlm"}]}}:
+# variants to measure when choosing a default
+VARIANTS: dict[str, dict] = {}
 CLEAN = Degradation("clean", lambda image, seed=0: image)
 
 

@@ -100,10 +100,11 @@ def test_auto_leaves_a_clean_image_alone_and_fixes_noisy_dark_blurred_ones(photo
     out, applied = auto.apply(photo)
     assert applied == [] and np.array_equal(out, photo)
 
-    noisy = gaussian_noise(photo, 25, seed=3)
-    out, applied = auto.apply(noisy)
-    assert [a["step"] for a in applied] == ["bilateral"]
-    assert psnr(out, photo) > psnr(noisy, photo) + 1.0
+    for sigma, denoiser in ((12, "bilateral"), (40, "nlm")):  # moderate noise: cheap filter; heavy: NLM
+        noisy = gaussian_noise(photo, sigma, seed=3)
+        out, applied = auto.apply(noisy)
+        assert [a["step"] for a in applied] == [denoiser]
+        assert psnr(out, photo) > psnr(noisy, photo) + 1.0
 
     dark = low_light(photo, noise_sigma=0)
     out, applied = auto.apply(dark)
@@ -111,6 +112,9 @@ def test_auto_leaves_a_clean_image_alone_and_fixes_noisy_dark_blurred_ones(photo
 
     blurred = gaussian_blur(photo, 2.0)
     assert [a["step"] for a in auto.apply(blurred)[1]] == ["unsharp"]
+    flat = (photo.astype(np.float32) * 0.1 + 120).astype(np.uint8)  # CLAHE only when asked for
+    assert "clahe" not in [a["step"] for a in auto.apply(flat)[1]]
+    assert "clahe" in [a["step"] for a in build_preprocessor({"name": "auto", "contrast_threshold": 20}).apply(flat)[1]]
 
 
 def test_degradations_are_deterministic_given_a_seed(photo):
@@ -152,6 +156,7 @@ def test_build_from_names_dicts_and_lists():
     ({"steps": [], "mode": "x"}, "unknown key.*mode"),
     ({"name": "median", "ksize": 4}, "odd"),
     ({"name": "auto", "denoiser": "wiener"}, "denoiser must be one of nlm, bilateral, median"),
+    ({"name": "auto", "strong_denoiser": "tv"}, "strong_denoiser must be one of"),
     (42, "cannot build"),
 ])
 def test_build_errors_name_the_problem(spec, message):
