@@ -123,3 +123,22 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "search_page_error.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_real_server_refuses_an_oversized_upload_early(server):
+    """Through uvicorn (not the test client): a 12 MB body is answered 413 JSON, declared or streamed."""
+    url, _ = server
+    big = bytes(12 * 2**20)
+    response = httpx.post(f"{url}/search", files={"image": ("big.png", big)}, timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+    def chunks():  # a well-formed multipart start, then an endless file part: only the limit stops it
+        yield (b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(12 * 16):
+            yield bytes(64 * 1024)
+
+    streamed = httpx.post(f"{url}/search", content=chunks(), timeout=60,
+                          headers={"content-type": "multipart/form-data; boundary=x"})
+    assert streamed.status_code == 413 and "limit" in streamed.json()["error"]
+    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"

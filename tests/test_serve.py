@@ -166,6 +166,8 @@ def test_upload_limit_by_declared_length_and_while_reading(searcher):
         assert_error(search(small, big), 413, "limit")
 
         def chunks():  # no Content-Length: the limit must trip while the body is read
+            yield (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+                   b"Content-Type: application/octet-stream\r\n\r\n")
             for _ in range(50):
                 yield bytes(8_192)
 
