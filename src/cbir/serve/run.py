@@ -88,8 +88,8 @@ def run_server(cfg: DictConfig) -> None:
     server = uvicorn.Server(config)
 
     async def serve() -> None:
-        if cfg.workers_threads:
-            anyio.to_thread.current_default_thread_limiter().total_tokens = int(cfg.workers_threads)
+        if cfg.threads:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = int(cfg.threads)
         await server.serve()
 
     asyncio.run(serve())
