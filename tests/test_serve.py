@@ -306,8 +306,13 @@ def fuzz_calls():  # noqa: D401
 
         summary = collections.Counter(f"{c['mode']}: {c['operation']} -> {c['status']}" for c in calls)
         FUZZ_LOG.parent.mkdir(parents=True, exist_ok=True)
+        examples: dict[str, list] = collections.defaultdict(list)
+        for call in calls:  # a few of each kind of answer
+            key = f"{call['mode']}: {call['operation']} -> {call['status']}"
+            if len(examples[key]) < 4:
+                examples[key].append(call)
         FUZZ_LOG.write_text(json.dumps({"requests": len(calls), "by_status": dict(sorted(summary.items())),
-                                        "examples": calls[:40]}, indent=2))
+                                        "examples": dict(sorted(examples.items()))}, indent=2))
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
@@ -371,7 +376,7 @@ def _describe_body(body):
     if isinstance(body, dict):
         return {key: (f"<{len(value)} bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)[:60])
                 for key, value in body.items()}
-    return None if body is None or repr(body) == "NOT_SET" else repr(body)[:80]
+    return None if body is None or type(body).__name__ == "NotSet" else repr(body)[:80]
 
 
 def _error_of(response):
