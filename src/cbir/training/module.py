@@ -151,12 +151,12 @@ class MetricLearningModule(pl.LightningModule):
         self._collect(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_retrieval("val")
+        self._log_eval_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_retrieval("test")
+        self._log_eval_metrics("test")
 
-    def _log_retrieval(self, stage: str) -> None:
+    def _log_eval_metrics(self, stage: str) -> None:
         if not self._eval_outputs:
             return
         outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
@@ -228,7 +228,8 @@ class PairModule(MetricLearningModule):
         a, b = self.embedder(batch["image_a"]).float(), self.embedder(batch["image_b"]).float()
         self._eval_outputs.append({"similarity": (a * b).sum(dim=1), "same": batch["same"], "index": batch["index"]})
 
-    def _log_retrieval(self, stage: str) -> None:
+    def _log_eval_metrics(self, stage: str) -> None:
+        """Verification metrics of the held-out pairs, in place of retrieval metrics."""
         if not self._eval_outputs:
             return
         outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
