@@ -29,8 +29,14 @@ def test_groups_named_by_the_design_exist():
         assert (CONF / "logger" / f"{logger}.yaml").is_file()
 
 
+EXPORT_GROUPS = ("index", "preprocess")  # groups of conf/export.yaml, not of train.yaml
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
+    if group in EXPORT_GROUPS:
+        _check_export_option(group, option, tmp_path)
+        return
     overrides = tiny_train_overrides(tiny_folder, tmp_path)
     overrides = [o for o in overrides if not o.startswith(f"{group}=") and not o.startswith(f"{group}.")
                  or group == "data" and o.startswith("data.")]
@@ -43,6 +49,29 @@ def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
         overrides += [f"{group}={option}"]
     cfg = compose_config("train", overrides)
     _instantiate_all(cfg, tmp_path)
+
+
+def _check_export_option(group: str, option: str, tmp_path: Path) -> None:
+    """Index options are IndexOptions fields (+ extraction settings); preprocess options build."""
+    import dataclasses
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from cbir.index.builder import IndexOptions
+    from cbir.index.pipeline import build_collection_index
+    from cbir.preprocess import build_preprocessor
+
+    cfg = compose_config("export", [f"{group}={option}", f"out={tmp_path / 'bundle'}"])
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    if group == "preprocess":
+        assert build_preprocessor(node).describe() is not None
+        return
+    fields = {f.name for f in dataclasses.fields(IndexOptions)}
+    extraction = set(inspect.signature(build_collection_index).parameters)
+    unknown = set(node) - fields - extraction - {"collection", "out"}
+    assert not unknown, f"index={option}: keys neither index options nor extraction settings: {unknown}"
+    assert IndexOptions(**{k: v for k, v in node.items() if k in fields}).kind == node["kind"]
 
 
 def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
