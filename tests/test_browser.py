@@ -117,7 +117,7 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             bad = tmp_path / "notes.png"
             bad.write_text("not an image at all")
             page.set_input_files("#file-input", str(bad))
-            expect(page.locator("#error")).to_contain_text("not a readable image", timeout=30_000)
+            expect(page.locator("#error")).to_contain_text("not an image", timeout=30_000)
             expect(page.locator("#error")).to_contain_text("HTTP 422")
             expect(tiles).to_have_count(0)
             page.screenshot(path=str(ARTIFACTS / "search_page_error.png"), full_page=True)

@@ -34,6 +34,10 @@ class SearchError(CbirError):
     """A search cannot run: bundle and index disagree, or the request is malformed."""
 
 
+class ImageTooLargeError(BadImageError):
+    """A query image has more pixels than allowed (checked before decoding: decompression bombs)."""
+
+
 @dataclass(frozen=True)
 class Hit:
     rank: int
@@ -72,14 +76,16 @@ def read_query_image(source: str | Path | bytes, *, name: str | None = None,
             with Image.open(handle) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise BadImageError(f"query {label}: {width}x{height} pixels is more than the limit of "
+                    raise ImageTooLargeError(f"query {label}: {width}x{height} pixels is more than the limit of "
                                         f"{max_pixels:,} pixels")
                 image.load()
                 pixels = image_to_rgb(image)
     except BadImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"query {label}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"query {label}: not an image, or an unsupported image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"query {label}: too many pixels to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"query {label}: cannot decode image ({exc})") from None
     if pixels.size == 0:
@@ -216,8 +222,7 @@ class Searcher:
     def info(self) -> dict:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
                 "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
-                "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get(
-                    "factory_string"), "preprocess": self.preprocess_spec}
+                "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec}
 
 
 def _array_source(source: str) -> tuple[str, str, int] | None:

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.errors import BadImageError, CbirError, ConfigError
-from cbir.search import DEFAULT_MAX_PIXELS, MAX_K, Hit, Searcher, read_query_image
+from cbir.search import DEFAULT_MAX_PIXELS, MAX_K, Hit, ImageTooLargeError, Searcher, read_query_image
 from cbir.serve.batching import QueryBatcher
 from cbir.serve.run import PATH_STYLES
 from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
@@ -208,7 +208,7 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
             pixels = await anyio.to_thread.run_sync(
                 lambda: read_query_image(data, name=name, max_pixels=max_pixels))
         except BadImageError as exc:
-            too_big = any(sign in str(exc) for sign in ("more than the limit", "DecompressionBomb"))
+            too_big = isinstance(exc, ImageTooLargeError)
             raise ApiError(413 if too_big else 422, str(exc), {"max_pixels": max_pixels} if too_big else None) \
                 from None
         chosen_k = k if k is not None else (k_query if k_query is not None else default_k)
