@@ -31,8 +31,15 @@ data: venv
 weights: venv
 	$(CBIR) weights fetch mobilenet_v2 imgsim
 
+# Train → export (bundle + index of the 60k-image gallery) → search one test image and draw its results.
+DEMO_DIR ?= outputs/demo
 demo: data weights
-	$(PY) train.py experiment=demo
+	rm -rf $(DEMO_DIR)
+	$(PY) train.py experiment=demo hydra.run.dir=$(DEMO_DIR)/train
+	$(PY) export.py ckpt_path=$(DEMO_DIR)/train out=$(DEMO_DIR)/bundle index.collection=fashion_mnist:train hydra.run.dir=$(DEMO_DIR)/export
+	$(PY) search.py bundle=$(DEMO_DIR)/bundle query=fashion_mnist:test/0 k=10 grid=$(DEMO_DIR)/query_grid.png
+	@echo "result grid: $(DEMO_DIR)/query_grid.png"
+	@echo "search service: $(PY) -m cbir.serve bundle=$(DEMO_DIR)/bundle   then open http://127.0.0.1:8000/"
 
 # The browser test (tests/test_browser.py) drives the system's Chromium; it is skipped when none is installed.
 browser:
