@@ -15,8 +15,9 @@ from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
 from cbir.data.pairs import PairCatalog, PairDataModule
 from cbir.errors import CheckpointError, ConfigError
-from cbir.evaluation.baselines import HANDCRAFTED, HandcraftedEmbedder, build_handcrafted_embedder
-from cbir.models.embedder import Embedder, build_embedder
+from cbir.evaluation.baselines import HANDCRAFTED
+from cbir.models.embedder import Embedder
+from cbir.models.from_config import embedder_from_model_config  # noqa: F401 - re-exported
 from cbir.training.module import MetricLearningModule, PairModule
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,6 @@ def model_config(cfg: DictConfig) -> dict:
         "scales": [float(s) for s in scales] if scales else None,
         "scale_power": float(cfg.model.get("scale_power", 1.0)),
     }
-
-
-def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> Embedder | HandcraftedEmbedder:
-    if model_cfg["backbone"] == HANDCRAFTED:  # nothing pretrained: the descriptor is fixed
-        return build_handcrafted_embedder(model_cfg["image_size"], **(model_cfg.get("descriptor") or {}))
-    head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None
-    return build_embedder(model_cfg["backbone"], pretrained=pretrained, image_size=model_cfg["image_size"],
-                          head=head, freeze_stages=model_cfg.get("freeze_stages", 0),
-                          bn_frozen=model_cfg.get("bn_frozen", False), scales=model_cfg.get("scales"),
-                          scale_power=model_cfg.get("scale_power", 1.0))
 
 
 def build_embedder_from_config(cfg: DictConfig) -> Embedder:

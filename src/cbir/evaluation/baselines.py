@@ -27,8 +27,7 @@ from torch import nn
 
 from cbir.errors import ConfigError
 from cbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-
-HANDCRAFTED = "handcrafted"  # the model.backbone value that selects this baseline
+from cbir.models.from_config import HANDCRAFTED  # noqa: F401 - the model.backbone value that selects this baseline
 
 @dataclass(frozen=True)
 class DescriptorOptions:

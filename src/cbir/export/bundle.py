@@ -251,7 +251,7 @@ def load_bundle(path: str | Path) -> Bundle:
     model_config = _read_json(path / "model.json")
     preprocessing = Preprocessing.from_json(_read_json(path / "preprocessing.json"))
 
-    from cbir.factory import embedder_from_model_config
+    from cbir.models.from_config import embedder_from_model_config
 
     embedder = embedder_from_model_config(model_config, pretrained="none")
     try:
