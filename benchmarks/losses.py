@@ -185,7 +185,9 @@ def write(path: Path, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table_only:  # rebuild the table from --out (e.g. after changing its layout)
-        runs = json.loads(args.out.read_text())["runs"]
+        saved = json.loads(args.out.read_text())
+        runs = saved["runs"]
+        print(saved.get("caption", "") + "\n")
         print(emoji_table(runs) + ("\n\n" + fmnist_table(runs) if any(k.startswith("fmnist/") for k in runs) else ""))
         return 0
     previous = {} if args.fresh or not args.out.is_file() else json.loads(args.out.read_text()).get("runs", {})

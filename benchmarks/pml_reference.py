@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (smoke runs)")
     parser.add_argument("--pml-tester", action="store_true",
                         help="also score both with PML's GlobalEmbeddingSpaceTester + AccuracyCalculator")
+    parser.add_argument("--no-eval", action="store_true", help="speed only: skip the evaluation of both")
     parser.add_argument("--plain", action="store_true",
                         help="also run ours in fp32 without channels-last (our loop alone, no speed options)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pml_reference_emoji.json")
@@ -201,18 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             out = tmp / f"run{i}"
             out.mkdir()
             result = run(out)
-            result["metrics"] = evaluate_checkpoint(result.pop("ckpt"), out / "eval")
+            ckpt = result.pop("ckpt")
+            result["metrics"] = None if args.no_eval else evaluate_checkpoint(ckpt, out / "eval")
             rows[name] = result
-            print(f"{name}: MAP@R {100 * result['metrics']['map_at_r']:.2f}, "
-                  f"{result['train_images_per_second']:.0f} img/s", flush=True)
+            quality = f"MAP@R {100 * result['metrics']['map_at_r']:.2f}, " if result["metrics"] else ""
+            print(f"{name}: {quality}{result['train_images_per_second']:.0f} img/s", flush=True)
     theirs = rows["pytorch-metric-learning MetricLossOnly"]
     lines = ["| training loop | MAP@R | P@1 | R@8 | MAP@R (PML's AccuracyCalculator) | train img/s | img/s vs PML |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        m = row["metrics"]
+        m = row["metrics"] or {}
         ratio = row["train_images_per_second"] / theirs["train_images_per_second"]
         pml_map = f"{100 * row['pml_tester']['map_at_r']:.2f}" if row.get("pml_tester") else "–"
-        lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k, _ in METRICS)
+        lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" if k in m else "–" for k, _ in METRICS)
                      + f" | {pml_map} | {row['train_images_per_second']:.0f} | {ratio:.2f}× |")
     table = "\n".join(lines)
     header = (f"Emoji zero-shot test split (all-vs-all), ImageNet MobileNetV2 + GeM, triplet 0.1 + semi-hard, "
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = rows["ours: train.py (defaults)"]
     payload = {"header": header, "table": table, "runs": rows, "args": {k: str(v) for k, v in vars(args).items()},
                "ratio_ours_over_theirs": {
-                   "map_at_r": ours["metrics"]["map_at_r"] / theirs["metrics"]["map_at_r"],
+                   "map_at_r": ours["metrics"]["map_at_r"] / theirs["metrics"]["map_at_r"] if ours["metrics"] else None,
                    "train_images_per_second": ours["train_images_per_second"] / theirs["train_images_per_second"]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".tmp")
