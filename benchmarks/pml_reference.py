@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (smoke runs)")
     parser.add_argument("--pml-tester", action="store_true",
                         help="also score both with PML's GlobalEmbeddingSpaceTester + AccuracyCalculator")
+    parser.add_argument("--theirs-last", action="store_true", help="run PML's loop after ours instead of first")
     parser.add_argument("--no-eval", action="store_true", help="speed only: skip the evaluation of both")
     parser.add_argument("--plain", action="store_true",
                         help="also run ours in fp32 without channels-last (our loop alone, no speed options)")
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("ours: train.py, fp32, no channels-last",
                          lambda o: run_ours(args.epochs, args.seed, o, [*limit, "trainer.precision=32-true",
                                                                         "callbacks.channels_last=null"], args.pml_tester)))
+        if args.theirs_last:  # the other order, to see how much the load drifted between runs
+            runs = runs[1:] + runs[:1]
         for i, (name, run) in enumerate(runs):
             out = tmp / f"run{i}"
             out.mkdir()
