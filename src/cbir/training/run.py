@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
     if not fit:
         return _evaluate_as_is(cfg, embedder, datamodule, output_dir)
-    module = factory.build_module(cfg, embedder)
+    module = factory.build_module(cfg, embedder, catalog)  # the catalog sizes proxy losses
     trainer = factory.build_trainer(cfg)
 
     results: dict[str, dict[str, float]] = {}
