@@ -252,15 +252,33 @@ def tune_search(index: faiss.Index, plan: IndexPlan, probe: RecallProbe, target:
         recall = probe.recall(index)
         return {"params": {}, "recall": recall, "target_met": recall >= target, "curve": []}
     curve = []
-    for value in knob_values(plan):
+
+    def measure(value: int) -> float:
         set_search_param(index, knob, value)
         start = time.perf_counter()
         recall = probe.recall(index)
         qps = len(probe.queries) / max(time.perf_counter() - start, 1e-9)
         curve.append({knob: value, "recall": round(recall, 4), "qps": round(qps, 1)})
         log.info("index tuning: %s=%d recall@%d=%.4f (%.0f queries/s)", knob, value, probe.k, recall, qps)
+        return recall
+
+    below = None  # the largest value known to miss the target
+    for value in knob_values(plan):
+        recall = measure(value)
         if recall >= target:
+            # doubling overshoots: bisect between the last miss and this hit for the smallest (fastest)
+            # value that still meets the target
+            while below is not None and value - below > max(1, below // 8):
+                middle = (below + value) // 2
+                middle_recall = measure(middle)
+                if middle_recall >= target:
+                    value, recall = middle, middle_recall
+                else:
+                    below = middle
+            set_search_param(index, knob, value)
+            curve.sort(key=lambda c: c[knob])
             return {"params": {knob: value}, "recall": recall, "target_met": True, "curve": curve}
+        below = value
     best = max(curve, key=lambda c: (c["recall"], -c[knob]))
     set_search_param(index, knob, best[knob])
     log.warning("index: target recall@%d=%.3f not reached by %s (best %.4f at %s=%d); build with another "

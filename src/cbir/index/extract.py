@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +170,10 @@ def _extract_shards(model: nn.Module, collection: Collection, work: Path, shards
     loader = DataLoader(dataset, batch_sampler=[batch for _, batch in plan], num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.startswith("cuda"))
     runner = prepare_for_inference(model, device=device, channels_last=channels_last)
+    # in a log file (no terminal) a line every 30 s instead of one per batch
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=len(collection), initial=done_images, unit="img", desc="extracting", disable=not progress,
+               mininterval=0.1 if interactive else 30.0,
                dynamic_ncols=True)
     pending: dict[str, list] = {"embeddings": [], "indices": [], "skipped": []}
     try:
