@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -72,7 +71,6 @@ class _Probe(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.slow
 def test_fast_dev_run_bf16_channels_last_gives_finite_loss(tiny_folder, tmp_path):
     """trainer.precision=bf16-mixed + the channels_last callback (as conf/callbacks/default.yaml wires it)."""
     cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) + [
