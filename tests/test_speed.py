@@ -97,3 +97,18 @@ def test_callbacks_none_means_none(tmp_path, tiny_folder):
     assert factory.build_callbacks(cfg, has_logger=True) == []
     cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) + ["callbacks.channels_last=null"])
     assert not any(isinstance(c, ChannelsLast) for c in factory.build_callbacks(cfg, has_logger=True))
+
+
+def test_testing_before_training_keeps_weights_trainable(tiny_folder, tmp_path):
+    """evaluate_untrained=true converts the weights inside the test loop's inference mode first; training
+    must still be able to backpropagate through them."""
+    from cbir.training.run import train
+
+    cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) + [
+        "model=resnet18", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "evaluate_untrained=true",
+        "test_after_fit=false"])
+    assert train(cfg) is not None
+    import torch
+
+    ckpt = torch.load(next((tmp_path / "checkpoints").glob("last.ckpt")), weights_only=False)
+    assert ckpt["global_step"] == 2

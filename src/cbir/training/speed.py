@@ -36,7 +36,10 @@ class ChannelsLast(pl.Callback):
 
     @staticmethod
     def _convert(pl_module: pl.LightningModule) -> None:
-        pl_module.to(memory_format=torch.channels_last)
+        # test/predict hooks run under inference_mode: weights converted there would become inference
+        # tensors and a later fit (evaluate_untrained=true, then training) could not backpropagate
+        with torch.inference_mode(False), torch.no_grad():
+            pl_module.to(memory_format=torch.channels_last)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._convert(pl_module)
