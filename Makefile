@@ -48,11 +48,13 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
+# One OpenMP thread per test process: the tests use tiny tensors, where a second thread only spin-waits
+# (the whole suite ran in 6 min this way while a benchmark shared the 2 cores).
 test: venv weights browser
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
