@@ -128,3 +128,29 @@ def _cbir_cause(exc: BaseException) -> CbirError | None:
 def exit_with_error(exc: CbirError) -> None:
     print(f"error: {one_line(exc)}", file=sys.stderr)
     raise SystemExit(exc.exit_code)
+
+
+def key_value_config(config_name: str, argv: Sequence[str], command: str,
+                     aliases: dict[str, str] | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` with plain ``key=value`` arguments applied (``--key=value`` also works;
+    ``aliases`` maps flags such as ``--json`` to ``json=true``): for the entry points that are not Hydra apps
+    (search, serve), which must start fast and write no output folder. Unknown keys are a ConfigError."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(config_dir() / f"{config_name}.yaml")
+    known = list(base.keys())  # not `in base`: OmegaConf says a ??? (missing) key is not in it
+    items = []
+    for arg in argv:
+        arg = (aliases or {}).get(arg, arg)
+        arg = arg[2:] if arg.startswith("--") else arg
+        if "=" not in arg:
+            raise ConfigError(f"argument '{arg}': write key=value; keys: {', '.join(known)}")
+        items.append(arg)
+    try:
+        given = OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse arguments: {' '.join(str(exc).split())}") from None
+    unknown = [key for key in given.keys() if key not in known]
+    if unknown:
+        raise ConfigError(f"unknown {command} option '{unknown[0]}'; choose from: {', '.join(known)}")
+    return OmegaConf.merge(base, given)

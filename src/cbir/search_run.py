@@ -11,32 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cbir.entry import config_dir
+from cbir.entry import config_dir, key_value_config
 from cbir.errors import ConfigError
 from cbir.search import Searcher, expand_query_paths, format_hits, read_query_image, save_grid
 
 
 def search_config(argv: Sequence[str]) -> DictConfig:
     """conf/search.yaml with ``key=value`` arguments applied (``--json`` = ``json=true``)."""
-    base = OmegaConf.load(config_dir() / "search.yaml")
-    items = []
-    for arg in argv:
-        if arg == "--json":
-            arg = "json=true"
-        arg = arg[2:] if arg.startswith("--") else arg
-        if "=" not in arg:
-            raise ConfigError(f"argument '{arg}': write key=value; keys: {', '.join(base.keys())}")
-        items.append(arg)
-    try:
-        given = OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse arguments: {' '.join(str(exc).split())}") from None
-    unknown = [key for key in given.keys() if key not in base.keys()]
-    if unknown:
-        raise ConfigError(f"unknown search option '{unknown[0]}'; choose from: {', '.join(base.keys())}")
-    cfg = OmegaConf.merge(base, given)
+    cfg = key_value_config("search", argv, "search", aliases={"--json": "json=true"})
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}=... is required (python search.py bundle=DIR query=IMAGE)")

@@ -10,9 +10,8 @@ import os
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cbir.entry import config_dir
+from cbir.entry import key_value_config
 from cbir.errors import ConfigError
 
 PATH_STYLES = ("relative", "name", "absolute")
@@ -24,22 +23,7 @@ USAGE = """usage: python -m cbir.serve bundle=DIR [index=DIR] [host=127.0.0.1] [
 
 def serve_config(argv: Sequence[str]) -> DictConfig:
     """conf/serve.yaml with ``key=value`` arguments applied."""
-    base = OmegaConf.load(config_dir() / "serve.yaml")
-    items = []
-    for arg in argv:
-        arg = arg[2:] if arg.startswith("--") else arg
-        if "=" not in arg:
-            raise ConfigError(f"argument '{arg}': write key=value; keys: {', '.join(base.keys())}")
-        items.append(arg)
-    try:
-        given = OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse arguments: {' '.join(str(exc).split())}") from None
-    known = set(base.keys())  # not `in base`: OmegaConf says a ??? (missing) key is not in it
-    unknown = [key for key in given.keys() if key not in known]
-    if unknown:
-        raise ConfigError(f"unknown serve option '{unknown[0]}'; choose from: {', '.join(base.keys())}")
-    cfg = OmegaConf.merge(base, given)
+    cfg = key_value_config("serve", argv, "serve")
     if OmegaConf.is_missing(cfg, "bundle"):
         raise ConfigError("bundle=... is required (python -m cbir.serve bundle=DIR; make one with export.py)")
     for key in ("port", "k", "max_pixels", "thumbnail_size", "thumbnail_cache", "max_batch", "batch_size"):

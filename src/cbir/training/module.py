@@ -156,14 +156,21 @@ class MetricLearningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_metrics("test")
 
-    def _log_eval_metrics(self, stage: str) -> None:
+    def _gather_eval_outputs(self) -> dict[str, torch.Tensor] | None:
+        """This epoch's collected evaluation outputs, concatenated and gathered from every process
+        (None during the sanity check or when nothing was collected)."""
         if not self._eval_outputs:
-            return
+            return None
         outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
         self._eval_outputs.clear()
         if self.trainer.sanity_checking:
+            return None
+        return {key: all_gather_concat(value) for key, value in outputs.items()}
+
+    def _log_eval_metrics(self, stage: str) -> None:
+        gathered = self._gather_eval_outputs()
+        if gathered is None:
             return
-        gathered = {key: all_gather_concat(value) for key, value in outputs.items()}
         _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
                                                     gathered["label"], gathered["role"])
         metrics = evaluate_embeddings(embeddings, labels, roles, self.ks)
@@ -230,13 +237,9 @@ class PairModule(MetricLearningModule):
 
     def _log_eval_metrics(self, stage: str) -> None:
         """Verification metrics of the held-out pairs, in place of retrieval metrics."""
-        if not self._eval_outputs:
+        gathered = self._gather_eval_outputs()
+        if gathered is None:
             return
-        outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
-        self._eval_outputs.clear()
-        if self.trainer.sanity_checking:
-            return
-        gathered = {key: all_gather_concat(value) for key, value in outputs.items()}
         _, similarity, same = unique_by_id(gathered["index"], gathered["similarity"], gathered["same"])
         metrics = pair_verification_metrics(similarity, same)
         self.last_eval_metrics = metrics
