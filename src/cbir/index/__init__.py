@@ -6,6 +6,10 @@ The public names below load lazily, so ``cbir`` verbs that never touch an index 
 from __future__ import annotations
 
 import importlib
+import logging
+
+# faiss's loader logs every instruction set it tries (and the ModuleNotFoundErrors) at INFO
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 _EXPORTS = {
     "build_collection_index": "pipeline", "build_bundle_index": "pipeline", "add_to_index": "pipeline",
