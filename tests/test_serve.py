@@ -397,27 +397,21 @@ def test_display_path():
     assert display_path("fashion_mnist:train/123", None, "relative") == "fashion_mnist:train/123"
 
 
-def test_thumbnails_of_array_backed_collections(monkeypatch):
-    """Fashion-MNIST-like indexes store ``<dataset>:<array>/<row>``: pixels come from the collection."""
+def test_thumbnails_of_array_backed_collections():
+    """Fashion-MNIST-like indexes store ``<dataset>:<array>/<row>``: pixels come from the dataset, read by
+    the Searcher (the same path as search.py's result grids)."""
     from types import SimpleNamespace
 
-    import cbir.index.collection
-    from cbir.search import SearchError
+    from cbir.search import Searcher
     from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
 
     rows = np.stack([np.full((28, 28), 40 * i, np.uint8) for i in range(3)])
-    monkeypatch.setattr(cbir.index.collection, "read_collection",
-                        lambda spec: SimpleNamespace(catalog=SimpleNamespace(arrays={"test": rows})))
+    searcher = Searcher.__new__(Searcher)  # no bundle needed: only the index's id → source lookup is used
+    searcher.index = SimpleNamespace(lookup=lambda ids: [{"path": f"fmnist:test/{i}"} if i <= 3 else None
+                                                         for i in ids])
+    searcher._datasets = {"fmnist": SimpleNamespace(arrays={"test": rows})}
 
-    class FakeSearcher:
-        index = SimpleNamespace(metadata={"collection": "fmnist:test"})
-
-        def image_path(self, image_id):
-            if image_id > 3:
-                raise SearchError(f"no indexed image with id {image_id}")
-            return Path(f"fmnist:test/{image_id}")
-
-    thumbnails = Thumbnails(FakeSearcher(), size=64, capacity=2)
+    thumbnails = Thumbnails(searcher, size=64, capacity=2)
     data, media_type = thumbnails.get(2)
     image = Image.open(io.BytesIO(data))
     assert media_type == "image/jpeg" and image.size == (56, 56)  # 28 px scaled up x2, crisp

@@ -192,24 +192,25 @@ class Searcher:
     def image_path(self, image_id: int) -> Path:
         """The file of an indexed image; SearchError for an unknown id or an array-backed image."""
         source = self.image_source(image_id)
-        if _array_source(source) is not None:
+        if parse_array_source(source) is not None:
             raise SearchError(f"indexed image {image_id} is row {source} of a dataset array, not a file")
         return Path(source)
 
-    def load_indexed_image(self, image_id: int) -> np.ndarray:
-        """HxWx3 uint8 RGB pixels of an indexed image (for thumbnails and result grids)."""
-        return self.load_source(self.image_source(image_id))
-
     def load_source(self, source: str) -> np.ndarray:
+        """HxWx3 uint8 RGB pixels of an indexed image's source (for thumbnails and result grids): a file, or
+        a row of a dataset array; a row the dataset does not have is a SearchError."""
         from cbir.data.datamodule import load_image
 
-        array_ref = _array_source(source)
+        array_ref = parse_array_source(source)
         if array_ref is None:
             return load_image(None, source)
         dataset, array, row = array_ref
         from cbir.data.formats import ArrayRef
 
-        return load_image(self.dataset_catalog(dataset), ArrayRef(array, row))
+        catalog = self.dataset_catalog(dataset)
+        if array not in catalog.arrays or row >= len(catalog.arrays[array]):
+            raise SearchError(f"{source} is not in collection {dataset}")
+        return load_image(catalog, ArrayRef(array, row))
 
     def dataset_catalog(self, name: str):
         """The catalog of data config ``name`` (read once), for array-backed image sources."""
@@ -225,7 +226,7 @@ class Searcher:
                 "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec}
 
 
-def _array_source(source: str) -> tuple[str, str, int] | None:
+def parse_array_source(source: str) -> tuple[str, str, int] | None:
     """``fashion_mnist:train_images/12`` → ("fashion_mnist", "train_images", 12); None for a file path."""
     name, sep, rest = source.partition(":")
     if not sep or "/" not in rest or not name.isidentifier() or Path(source).exists():

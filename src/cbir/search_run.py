@@ -68,11 +68,11 @@ def run_search(cfg: DictConfig) -> list[dict]:
 def query_sources(queries: list[str]) -> list[Path | str]:
     """Query files (folders expanded), keeping ``<dataset>:<array>/<row>`` references (e.g.
     ``fashion_mnist:test/0``) as they are: the Searcher reads those from the dataset."""
-    from cbir.search import _array_source
+    from cbir.search import parse_array_source
 
     sources: list[Path | str] = []
     for query in queries:
-        if not Path(query).exists() and _array_source(query) is not None:
+        if not Path(query).exists() and parse_array_source(query) is not None:
             sources.append(query)
         else:
             sources += expand_query_paths([query])
@@ -82,9 +82,9 @@ def query_sources(queries: list[str]) -> list[Path | str]:
 def dataset_label(searcher: Searcher, source: str) -> str | None:
     """The class name of a dataset-array query (``fashion_mnist:test/0`` → ``Ankle boot``), if known."""
     from cbir.data.formats import ArrayRef
-    from cbir.search import _array_source
+    from cbir.search import parse_array_source
 
-    name, array, row = _array_source(source)
+    name, array, row = parse_array_source(source)
     catalog = searcher.dataset_catalog(name)
     wanted = ArrayRef(array, row)
     return next((catalog.class_names[r.label] for r in catalog.records if r.source == wanted), None)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -30,7 +30,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.errors import BadImageError, CbirError, ConfigError
-from cbir.search import DEFAULT_MAX_PIXELS, MAX_K, Hit, ImageTooLargeError, Searcher, read_query_image
+from cbir.search import (DEFAULT_MAX_PIXELS, MAX_K, Hit, ImageTooLargeError, Searcher, parse_array_source,
+                         read_query_image)
 from cbir.serve.batching import QueryBatcher
 from cbir.serve.run import PATH_STYLES
 from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
@@ -110,7 +111,7 @@ def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optio
     file name only, or (when configured) the server's absolute path."""
     if path is None or style == "absolute":
         return path
-    if ":" in path.split("/")[0] and not Path(path).is_absolute():
+    if parse_array_source(path) is not None:
         return path  # a dataset reference (fashion_mnist:train/123), not a server path
     if style == "relative" and root is not None:
         try:

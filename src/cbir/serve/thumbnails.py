@@ -11,7 +11,6 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from cbir.errors import CbirError
@@ -29,7 +28,6 @@ class Thumbnails:
         self.searcher, self.size, self.capacity = searcher, int(size), int(capacity)
         self._cache: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._lock = threading.Lock()
-        self._collection = None  # loaded on first need, for array-backed sources
 
     def get(self, image_id: int) -> tuple[bytes, str]:
         with self._lock:
@@ -45,10 +43,10 @@ class Thumbnails:
 
     def _pixels(self, image_id: int) -> Image.Image:
         try:
-            source = self.searcher.image_path(image_id)
+            source = self.searcher.image_source(image_id)
         except CbirError:
             raise ThumbnailNotFound(f"no indexed image with id {image_id}") from None
-        if source.is_file():
+        if Path(source).is_file():
             try:
                 with Image.open(source) as image:
                     image.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
@@ -56,28 +54,10 @@ class Thumbnails:
                     return ImageOps.exif_transpose(image).copy()
             except (OSError, SyntaxError, ValueError) as exc:
                 raise ThumbnailNotFound(f"indexed image {image_id} cannot be read any more ({exc})") from None
-        return Image.fromarray(self._array_pixels(image_id, str(source)))
-
-    def _array_pixels(self, image_id: int, source: str) -> np.ndarray:
-        name, _, ref = source.partition(":")
-        array, _, row = ref.rpartition("/")
-        spec = (getattr(self.searcher.index, "metadata", None) or {}).get("collection")
-        if not (name and array and row.isdigit() and spec):
-            raise ThumbnailNotFound(f"indexed image {image_id}: its file {Path(source).name} does not exist")
-        with self._lock:
-            if self._collection is None:
-                from cbir.index.collection import read_collection
-
-                try:
-                    self._collection = read_collection(spec)
-                except CbirError as exc:
-                    raise ThumbnailNotFound(f"indexed image {image_id}: collection {spec} unavailable "
-                                            f"({exc})") from None
-        arrays = self._collection.catalog.arrays
-        if array not in arrays or int(row) >= len(arrays[array]):
-            raise ThumbnailNotFound(f"indexed image {image_id}: {source} is not in collection {spec}")
-        pixels = np.asarray(arrays[array][int(row)])
-        return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+        try:  # a row of a dataset array (or a file that is gone): the Searcher reads it or says why not
+            return Image.fromarray(self.searcher.load_source(source))
+        except CbirError as exc:
+            raise ThumbnailNotFound(f"indexed image {image_id}: {exc}") from None
 
     def _encode(self, image: Image.Image) -> tuple[bytes, str]:
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
