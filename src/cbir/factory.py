@@ -15,9 +15,8 @@ from cbir.data.datamodule import EvalSpec, RetrievalDataModule
 from cbir.data.formats import Catalog
 from cbir.data.pairs import PairCatalog, PairDataModule
 from cbir.errors import CheckpointError, ConfigError
-from cbir.evaluation.baselines import HANDCRAFTED
 from cbir.models.embedder import Embedder
-from cbir.models.from_config import embedder_from_model_config  # noqa: F401 - re-exported
+from cbir.models.from_config import HANDCRAFTED, embedder_from_model_config  # noqa: F401 - re-exported
 from cbir.training.module import MetricLearningModule, PairModule
 
 log = logging.getLogger(__name__)

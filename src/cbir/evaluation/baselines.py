@@ -27,7 +27,6 @@ from torch import nn
 
 from cbir.errors import ConfigError
 from cbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from cbir.models.from_config import HANDCRAFTED  # noqa: F401 - the model.backbone value that selects this baseline
 
 @dataclass(frozen=True)
 class DescriptorOptions:
