@@ -156,28 +156,28 @@ class MetricLearningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval_metrics("test")
 
-    def _gather_eval_outputs(self) -> dict[str, torch.Tensor] | None:
-        """This epoch's collected evaluation outputs, concatenated and gathered from every process
-        (None during the sanity check or when nothing was collected)."""
+    PROGRESS_METRICS = ("precision_at_1", "map_at_r")  # shown in the progress bar
+
+    def _log_eval_metrics(self, stage: str) -> None:
+        """Concatenate this epoch's evaluation outputs, gather them from every process, score them
+        (:meth:`_score`) and log the metrics under ``stage/``."""
         if not self._eval_outputs:
-            return None
+            return
         outputs = {key: torch.cat([o[key] for o in self._eval_outputs]) for key in self._eval_outputs[0]}
         self._eval_outputs.clear()
         if self.trainer.sanity_checking:
-            return None
-        return {key: all_gather_concat(value) for key, value in outputs.items()}
-
-    def _log_eval_metrics(self, stage: str) -> None:
-        gathered = self._gather_eval_outputs()
-        if gathered is None:
             return
-        _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
-                                                    gathered["label"], gathered["role"])
-        metrics = evaluate_embeddings(embeddings, labels, roles, self.ks)
+        metrics = self._score({key: all_gather_concat(value) for key, value in outputs.items()})
         self.last_eval_metrics = metrics
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("precision_at_1", "map_at_r"), sync_dist=False,
+            self.log(f"{stage}/{name}", value, prog_bar=name in self.PROGRESS_METRICS, sync_dist=False,
                      rank_zero_only=False)
+
+    def _score(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Retrieval metrics of the gathered embeddings (items padded in by DDP counted once)."""
+        _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
+                                                    gathered["label"], gathered["role"])
+        return evaluate_embeddings(embeddings, labels, roles, self.ks)
 
 
 def contiguous_label_map(train_classes: Sequence[int] | None) -> torch.Tensor | None:
@@ -235,17 +235,12 @@ class PairModule(MetricLearningModule):
         a, b = self.embedder(batch["image_a"]).float(), self.embedder(batch["image_b"]).float()
         self._eval_outputs.append({"similarity": (a * b).sum(dim=1), "same": batch["same"], "index": batch["index"]})
 
-    def _log_eval_metrics(self, stage: str) -> None:
+    PROGRESS_METRICS = ("pair_roc_auc", "pair_accuracy")
+
+    def _score(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
         """Verification metrics of the held-out pairs, in place of retrieval metrics."""
-        gathered = self._gather_eval_outputs()
-        if gathered is None:
-            return
         _, similarity, same = unique_by_id(gathered["index"], gathered["similarity"], gathered["same"])
-        metrics = pair_verification_metrics(similarity, same)
-        self.last_eval_metrics = metrics
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("pair_roc_auc", "pair_accuracy"), sync_dist=False,
-                     rank_zero_only=False)
+        return pair_verification_metrics(similarity, same)
 
 
 def pair_indices(same: torch.Tensor) -> tuple[torch.Tensor, ...]:
