@@ -75,7 +75,6 @@ def load_model(args: argparse.Namespace):
 
 
 def run_index_command(args: argparse.Namespace) -> None:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: not news
     from cbir.index import add_to_index, build_bundle_index, build_collection_index, load_index
 
     if args.action == "build":
