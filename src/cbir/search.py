@@ -283,14 +283,28 @@ def format_hits(query: str, hits: Sequence[Hit]) -> str:
     return "\n".join(lines)
 
 
+GRID_PAD, GRID_CAPTION, GRID_BORDER = 6, 16, 4  # pixels around tiles, under tiles (text), of a tile's border
+GRID_QUERY, GRID_CORRECT, GRID_WRONG = "#3366cc", "#22aa44", "#cc3333"  # border colours
+
+
 def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path, *, query_label: str | None = None,
               thumb: int = 160, columns: int = 5, load=None) -> Path:
-    """A PNG of the query (left) and its hits with rank and score; when labels are known, a green
-    border marks a hit with the query's label and a red border one without. ``load(hit.path)`` gives a
-    hit's pixels (default: open the file; :meth:`Searcher.load_source` also reads dataset arrays)."""
+    """A PNG of :func:`render_grid`."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    render_grid(query_image, hits, query_label=query_label, thumb=thumb, columns=columns, load=load).save(out_path)
+    return out_path
+
+
+def render_grid(query_image: np.ndarray, hits: Sequence[Hit], *, query_label: str | None = None,
+                thumb: int = 160, columns: int = 5, load=None) -> Image.Image:
+    """The query (left) and its hits with rank and score; when labels are known, a green border marks a
+    hit with the query's label and a red border one without. ``load(hit.path)`` gives a hit's pixels
+    (default: open the file; :meth:`Searcher.load_source` also reads dataset arrays). Training's
+    retrieval examples (:mod:`cbir.training.visuals`) stack one such grid per query."""
     from PIL import ImageDraw, ImageOps
 
-    caption, pad, border = 16, 6, 4
+    caption, pad, border = GRID_CAPTION, GRID_PAD, GRID_BORDER
     rows = max(1, math.ceil(len(hits) / columns))
     width = pad + (thumb + pad) * (columns + 1)
     height = pad + rows * (thumb + caption + pad)
@@ -304,7 +318,7 @@ def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path
         canvas.paste(tile, (x + border, y + border))
         draw.text((x, y + thumb + 2), text[:28], fill="black")
 
-    paste(Image.fromarray(query_image), pad, pad, "query" + (f" ({query_label})" if query_label else ""), "#3366cc")
+    paste(Image.fromarray(query_image), pad, pad, "query" + (f" ({query_label})" if query_label else ""), GRID_QUERY)
     for n, hit in enumerate(hits):
         x = pad + (thumb + pad) * (1 + n % columns)
         y = pad + (thumb + caption + pad) * (n // columns)
@@ -320,9 +334,6 @@ def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path
             picture = Image.new("RGB", (thumb, thumb), "#dddddd")
         colour = None
         if query_label is not None and hit.label is not None:
-            colour = "#22aa44" if hit.label == query_label else "#cc3333"
+            colour = GRID_CORRECT if hit.label == query_label else GRID_WRONG
         paste(picture, x, y, f"#{hit.rank} {hit.score:.3f}", colour)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_path)
-    return out_path
+    return canvas
