@@ -57,6 +57,8 @@ class MetricLearningModule(pl.LightningModule):
         self._epoch_start = self._last_step_end = 0.0
         self._epoch_images = 0
         self.last_eval_metrics: dict[str, float] = {}
+        # the last evaluation's gathered outputs (DDP padding included), read by cbir.training.visuals
+        self.last_eval_outputs: dict[str, torch.Tensor] = {}
         self.bad_images: set[str] = set()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -167,7 +169,8 @@ class MetricLearningModule(pl.LightningModule):
         self._eval_outputs.clear()
         if self.trainer.sanity_checking:
             return
-        metrics = self._score({key: all_gather_concat(value) for key, value in outputs.items()})
+        self.last_eval_outputs = {key: all_gather_concat(value) for key, value in outputs.items()}
+        metrics = self._score(self.last_eval_outputs)
         self.last_eval_metrics = metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name in self.PROGRESS_METRICS, sync_dist=False,
