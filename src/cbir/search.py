@@ -316,7 +316,7 @@ def render_grid(query_image: np.ndarray, hits: Sequence[Hit], *, query_label: st
         if colour:
             draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=colour)
         canvas.paste(tile, (x + border, y + border))
-        draw.text((x, y + thumb + 2), text[:28], fill="black")
+        draw.text((x, y + thumb + 2), text[:max(6, min(28, thumb // 6))], fill="black")  # ~6 px a character
 
     paste(Image.fromarray(query_image), pad, pad, "query" + (f" ({query_label})" if query_label else ""), GRID_QUERY)
     for n, hit in enumerate(hits):
