@@ -43,8 +43,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         results.append(dict(module.last_eval_metrics))
     metrics = average_metrics(results)
     protocol = " and ".join(spec.describe() for spec in specs) + (", averaged" if len(specs) > 1 else "")
-    print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
-    write_json(Path(cfg.paths.output_dir) / "eval.json", {"model": name, "protocol": protocol, "metrics": metrics})
+    if trainer.is_global_zero:  # under DDP (trainer=ddp) every rank has the same gathered metrics: one writes
+        print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
+        write_json(Path(cfg.paths.output_dir) / "eval.json", {"model": name, "protocol": protocol, "metrics": metrics})
     return metrics
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, retrieval_metrics, unique_by_id
 from cbir.models.embedder import Embedder
+from cbir.training.distributed import TrainingLoss, world_size
 from cbir.training.warmup import BackboneWarmup
 
 MONITOR = "val/map_at_r"
@@ -60,6 +61,7 @@ class MetricLearningModule(pl.LightningModule):
         # the last evaluation's gathered outputs (DDP padding included), read by cbir.training.visuals
         self.last_eval_outputs: dict[str, torch.Tensor] = {}
         self.bad_images: set[str] = set()
+        self._step_loss: TrainingLoss | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -76,12 +78,20 @@ class MetricLearningModule(pl.LightningModule):
             return None  # every image of the batch was unreadable (data.on_bad_image=skip)
         embeddings = self.embedder(batch["image"])
         labels = self.training_labels(batch["label"])
-        pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = self.loss_fn(embeddings, labels, pairs_or_triplets)
+        loss, value = self._training_loss()(embeddings, labels)
         self._epoch_images += len(labels)
         self._last_step_end = time.perf_counter()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log("train/loss", value, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels),
+                 sync_dist=True)
         return loss
+
+    def _training_loss(self) -> TrainingLoss:
+        """Loss and miner for this run's world size (under DDP: over the global batch, see
+        :mod:`cbir.training.distributed`), built once per world size."""
+        world = world_size()
+        if self._step_loss is None or self._step_loss.world != world:
+            self._step_loss = TrainingLoss(self.loss_fn, self.miner, world)
+        return self._step_loss
 
     def on_train_epoch_end(self) -> None:
         # up to the last training step: validation runs before this hook and must not count

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cbir import factory
+from cbir import factory, tracking
 from cbir.errors import CheckpointError, ConfigError
 from cbir.evaluation.report import format_table, write_json
 from cbir.training.module import MONITOR, MetricLearningModule
@@ -16,8 +17,9 @@ from cbir.training.module import MONITOR, MetricLearningModule
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Train per ``cfg``; returns the best validation MAP@R (the value sweepers optimise).
+def train(cfg: DictConfig) -> float:
+    """Train per ``cfg``; returns the best validation MAP@R (the monitored metric: the value sweepers
+    optimise), NaN when validation produced no finite score (the Optuna sweeper records a failed trial).
 
     With ``train.fit=false`` nothing is trained: the model as it comes (pretrained backbone, or the
     hand-crafted descriptor) is evaluated on ``data.test`` and its MAP@R returned — the baseline row."""
@@ -38,7 +40,19 @@ def train(cfg: DictConfig) -> float | None:
         return _evaluate_as_is(cfg, embedder, datamodule, output_dir)
     module = factory.build_module(cfg, embedder, catalog)  # the catalog sizes proxy losses
     trainer = factory.build_trainer(cfg)
+    try:
+        if trainer.is_global_zero:  # the resolved config into W&B, its run id into the run folder
+            tracking.start_runs(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), output_dir)
+        best_score = _fit_and_test(cfg, trainer, module, datamodule, output_dir)
+    except BaseException:
+        tracking.finish_runs(trainer.loggers, failed=True)  # a multirun's next job must not log into this run
+        raise
+    tracking.finish_runs(trainer.loggers, {f"{_monitor(trainer)}_best": best_score})
+    return _objective(best_score, _monitor(trainer))
 
+
+def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, output_dir: Path) -> float | None:
+    """Fit (resuming from ``ckpt_path``), test the best checkpoint, write results.json; the best score."""
     results: dict[str, dict[str, float]] = {}
     if cfg.get("evaluate_untrained"):
         trainer.test(module, datamodule=datamodule, verbose=False)
@@ -51,7 +65,7 @@ def train(cfg: DictConfig) -> float | None:
         best = _best_checkpoint(trainer)
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         results[f"trained ({'best' if best == 'best' else 'last'} checkpoint)"] = dict(module.last_eval_metrics)
-    if results:
+    if results and trainer.is_global_zero:  # under DDP every rank has the same results: one writes
         table = format_table(results)
         print("\nRetrieval on " + _describe_protocol(cfg) + ":\n" + table + "\n")
         write_json(output_dir / "results.json", {"protocol": _describe_protocol(cfg), "results": results,
@@ -83,6 +97,20 @@ def _resume_path(cfg: DictConfig) -> str | None:
     if path != "last" and not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
     return path
+
+
+def _monitor(trainer: pl.Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    return getattr(callback, "monitor", None) or MONITOR
+
+
+def _objective(best_score: float | None, monitor: str) -> float:
+    """The score as a plain float for sweepers; NaN, with a warning, when there is none to report."""
+    if best_score is None or not math.isfinite(best_score):
+        log.warning("no finite %s to report (got %s): returning NaN, which an Optuna sweep records as a "
+                    "failed trial", monitor, best_score)
+        return float("nan")
+    return float(best_score)
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:

@@ -41,6 +41,11 @@ class ChannelsLast(pl.Callback):
         with torch.inference_mode(False), torch.no_grad():
             pl_module.to(memory_format=torch.channels_last)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before the strategy wraps the module: DDP lays out its gradient buckets with the strides the
+        # parameters have then, and parameters converted later cost a copy per step (and a warning)
+        self._convert(pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._convert(pl_module)
 

@@ -1,0 +1,66 @@
+"""The training loss under DDP: mined and scored over the global batch, not each rank's share.
+
+Under DDP every process embeds its own M-per-class batch. Left alone, a pair/triplet loss would only
+see pairs inside that share, and a cross-batch memory (``loss.xbm=true``) would fill with one rank's
+embeddings, so each rank's memory would differ. pytorch-metric-learning's ``DistributedLossWrapper`` and
+``DistributedMinerWrapper`` all-gather every rank's embeddings and labels (the local part keeps its
+gradient), mine and score the whole global batch, and scale the loss by the world size so that DDP's
+gradient averaging yields the gradient of the global-batch loss: the same gradient as one process with
+a batch ``world_size`` times larger. Around ``CrossBatchMemory`` every rank enqueues the global batch, so
+all ranks' memories hold the same embeddings.
+
+Losses with their own parameters (proxies, class weights: ProxyAnchor, ArcFace, NormalizedSoftmax...)
+are left per rank: the wrapper's world-size scaling would also multiply their proxies' gradient, which
+every rank computes from the whole gathered batch. They live in the LightningModule, so DDP all-reduces
+their gradients like the network's and the proxies stay identical on every rank; for the per-sample
+losses (ArcFace, NormalizedSoftmax, ProxyNCA, SoftTriple) the averaged gradient equals the global
+batch's exactly, ProxyAnchor's per-proxy pooling runs over each rank's share.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Evaluation metrics are computed from outputs gathered from every rank, so every rank logs the same
+# value: Lightning's advice to average them with sync_dist=True does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gathers_global_batch(loss: nn.Module | None) -> bool:
+    """Whether :class:`TrainingLoss` scores ``loss`` over the global batch under DDP (see the module doc)."""
+    from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
+
+    if isinstance(loss, CrossBatchMemory):
+        return True
+    return isinstance(loss, BaseMetricLossFunction) and not any(p.requires_grad for p in loss.parameters())
+
+
+class TrainingLoss:
+    """``loss(embeddings, labels, miner(embeddings, labels))`` of one training step; under DDP over the
+    global batch where :func:`gathers_global_batch` says so. Not an ``nn.Module`` on purpose: the loss
+    and miner stay registered where they are, so checkpoints look the same with and without DDP."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None, world: int = 1) -> None:
+        self.world = world
+        self.scale = 1
+        if world > 1 and gathers_global_batch(loss):
+            from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+            loss = DistributedLossWrapper(loss)
+            miner = DistributedMinerWrapper(miner) if miner is not None else None
+            self.scale = world  # DistributedLossWrapper returns world x the global-batch loss
+        self.loss, self.miner = loss, miner
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, its value to log: the global-batch loss when gathered)."""
+        pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, pairs_or_triplets)
+        return loss, loss.detach() / self.scale
