@@ -172,7 +172,40 @@ def optimizer_factory(optimizer_cfg: DictConfig):
 
 def build_loggers(cfg: DictConfig) -> list:
     logger_cfg = cfg.get("logger") or {}
-    return [instantiate(c) for c in logger_cfg.values() if c and "_target_" in c]
+    return [instantiate(c, **(wandb_run_identity(cfg, c) if c._target_ == WANDB_TARGET else {}))
+            for c in logger_cfg.values() if c and "_target_" in c]
+
+
+WANDB_TARGET = "cbir.tracking.wandb_logger"
+
+
+def wandb_run_identity(cfg: DictConfig, wandb_cfg: DictConfig) -> dict:
+    """The W&B run's name, group and id (``cbir.tracking.run_identity``): null config values are filled
+    from the Hydra job that runs this config and from the run folder of ``ckpt_path``."""
+    from cbir import tracking
+
+    output_dir = cfg.paths.output_dir
+    return tracking.run_identity(hydra_job(output_dir), name=wandb_cfg.get("name"), group=wandb_cfg.get("group"),
+                                 run_id=wandb_cfg.get("id"), resume=wandb_cfg.get("resume", "allow"),
+                                 ckpt_path=cfg.get("ckpt_path"), run_dir=output_dir)
+
+
+def hydra_job(output_dir: str | Path):
+    """The Hydra job writing to ``output_dir`` as a plain ``cbir.tracking.JobInfo``; None outside Hydra
+    (compose API, notebooks) or when the Hydra job left behind in this process wrote somewhere else."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from cbir.tracking import JobInfo
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() != Path(output_dir).resolve():
+        return None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return JobInfo(list(hydra_cfg.overrides.task), int(hydra_cfg.job.num), str(hydra_cfg.sweep.dir))
+    return JobInfo(list(hydra_cfg.overrides.task))
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:

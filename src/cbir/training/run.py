@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float:
     except BaseException:
         tracking.finish_runs(trainer.loggers, failed=True)  # a multirun's next job must not log into this run
         raise
-    tracking.finish_runs(trainer.loggers, {f"{_monitor(trainer)}_best": best_score})
+    tracking.finish_runs(trainer.loggers, {tracking.best_metric_name(_monitor(trainer)): best_score})
     return _objective(best_score, _monitor(trainer))
 
 
