@@ -5,7 +5,9 @@ Embeddings are L2-normalised, so inner product is cosine similarity and every in
 
 - ``flat`` (exact) below ``flat_max`` vectors: a brute-force scan is then a few milliseconds a query;
 - ``ivf`` (IVF-Flat) up to ``pq_min`` vectors, while the raw vectors fit ``memory_budget_gb``;
-- ``ivfpq`` (OPQ rotation + IVF + product quantisation) beyond: 16x smaller codes for millions.
+- ``ivfpq`` (OPQ rotation + IVF + product quantisation) beyond: 16x smaller codes for millions;
+- ``ondisk`` (IVF with its inverted lists in a file, :mod:`cbir.index.ondisk`) when even the IVF-PQ codes
+  would exceed ``memory_budget_gb`` (only where the index is built from shards on disk).
 
 ``hnsw`` is available when forced (fast, high recall, but slow to build on few cores, memory-hungry, no
 GPU version and no removal in place). IVF uses about ``lists_per_sqrt``·√N lists (a power of two, FAISS's
@@ -30,9 +32,9 @@ from cbir.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk")
 GPU_KINDS = frozenset({"flat", "ivf", "ivfpq"})  # the GPU cloner has no HNSW (and no CPU fallback)
-SEARCH_KNOB = {"hnsw": "efSearch", "ivf": "nprobe", "ivfpq": "nprobe"}
+SEARCH_KNOB = {"hnsw": "efSearch", "ivf": "nprobe", "ivfpq": "nprobe", "ondisk": "nprobe"}
 MIN_POINTS_PER_LIST = 39  # FAISS: fewer training points per centroid than this gives poor k-means
 
 
@@ -56,6 +58,9 @@ class IndexOptions:
     query_sample: int = 1000
     seed: int = 0
     use_gpu: bool | None = None  # None: when faiss has GPUs
+    gpu_shard: bool = True  # several GPUs: split the index between them (False: a full copy on each)
+    ondisk_codec: str = "Flat"  # what the on-disk IVF lists store: Flat (exact vectors), SQ8, PQ64x8, ...
+    ondisk_block_vectors: int = 262_144  # vectors added per on-disk build step (its RAM: this x dim x 4 B)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -74,11 +79,16 @@ class IndexPlan:
     params: dict = field(default_factory=dict)
 
 
-def choose_kind(n: int, dim: int, options: IndexOptions) -> tuple[str, str]:
-    """The index kind for ``n`` vectors of ``dim`` dimensions, and why."""
+def choose_kind(n: int, dim: int, options: IndexOptions, ondisk: bool = True) -> tuple[str, str]:
+    """The index kind for ``n`` vectors of ``dim`` dimensions, and why (``ondisk=False``: the vectors are
+    in memory anyway, so ``auto`` stops at ivfpq)."""
     if options.kind != "auto":
         return options.kind, f"forced: kind={options.kind}"
     gigabytes = n * dim * 4 / 2**30
+    pq_gigabytes = n * (pq_shape(dim, n, options)[0] + 8) / 2**30  # IVF-PQ codes + 8-byte ids
+    if ondisk and pq_gigabytes > options.memory_budget_gb:
+        return "ondisk", (f"auto: even IVF-PQ codes of {n} vectors ({pq_gigabytes:.1f} GB) exceed "
+                          f"memory_budget_gb={options.memory_budget_gb}: inverted lists on disk")
     if n < options.flat_max:
         return "flat", f"auto: {n} < flat_max={options.flat_max} vectors, exact search is fast enough"
     if n >= options.pq_min or gigabytes > options.memory_budget_gb:
@@ -106,11 +116,11 @@ def pq_shape(dim: int, train_size: int, options: IndexOptions) -> tuple[int, int
     return m, nbits
 
 
-def plan_index(n: int, dim: int, options: IndexOptions) -> IndexPlan:
+def plan_index(n: int, dim: int, options: IndexOptions, ondisk: bool = True) -> IndexPlan:
     """The factory string and training-sample size for ``n`` vectors."""
     if n < 1:
         raise ConfigError("cannot build an index over an empty collection")
-    kind, reason = choose_kind(n, dim, options)
+    kind, reason = choose_kind(n, dim, options, ondisk)
     if kind == "flat":
         return IndexPlan(kind, "IDMap2,Flat", reason)
     if kind == "hnsw":
@@ -120,6 +130,8 @@ def plan_index(n: int, dim: int, options: IndexOptions) -> IndexPlan:
     train_size = min(n, max(MIN_POINTS_PER_LIST, options.train_points_per_list) * nlist)
     if kind == "ivf":
         return IndexPlan(kind, f"IVF{nlist},Flat", reason, nlist, train_size)
+    if kind == "ondisk":
+        return IndexPlan(kind, f"IVF{nlist},{options.ondisk_codec}", reason, nlist, train_size)
     m, nbits = pq_shape(dim, train_size, options)
     prefix = f"OPQ{m}," if options.opq else ""
     return IndexPlan(kind, f"{prefix}IVF{nlist},PQ{m}x{nbits}", reason, nlist, train_size)
@@ -241,7 +253,10 @@ def set_search_param(index: faiss.Index, name: str, value: int) -> None:
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:
-    return type(faiss.downcast_index(index)).__name__.startswith("Gpu")
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)) and index.count() > 0:
+        return _is_gpu_index(index.at(0))  # several GPUs: GPU indexes under a CPU shards/replicas wrapper
+    return type(index).__name__.startswith("Gpu")
 
 
 def tune_search(index: faiss.Index, plan: IndexPlan, probe: RecallProbe, target: float) -> dict:
@@ -295,7 +310,10 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray, options: IndexOptions |
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     n, dim = embeddings.shape
-    plan = plan_index(n, dim, options)
+    plan = plan_index(n, dim, options, ondisk=False)
+    if plan.kind == "ondisk":
+        raise ConfigError("index.kind=ondisk is built from embedding shards into a folder: use "
+                          "build_collection_index / `cbir index build --kind ondisk` (or cbir.index.ondisk)")
     log.info("index: %s (%s)", plan.factory, plan.reason)
     start = time.perf_counter()
     index = create_index(plan, dim)

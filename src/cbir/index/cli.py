@@ -1,6 +1,7 @@
 """``cbir index build|add|remove|info``: the index verbs of the ``cbir`` console script.
 
     cbir index build  --bundle DIR | --ckpt FILE  --collection SPEC --out DIR [--kind auto] [--target-recall 0.95]
+                      [--processes N]          (or: torchrun --nproc_per_node N -m cbir.cli index build ...)
     cbir index add    --index DIR  --bundle DIR | --ckpt FILE  --collection SPEC
     cbir index remove --index DIR  [--id N ...] [--path P ...]
     cbir index info   --index DIR [--json]
@@ -28,7 +29,8 @@ def add_index_parser(verbs: argparse._SubParsersAction) -> None:
     _model_arguments(build)
     build.add_argument("--collection", required=True, help="image folder, CSV (path[,label]) or data:split")
     build.add_argument("--out", required=True, help="index folder to write")
-    build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
+    build.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk"],
+                       help="ondisk: IVF lists in a file beside the index, for collections beyond RAM")
     build.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact search to reach")
     _extraction_arguments(build)
     build.add_argument("--no-resume", action="store_true", help="discard shards of an earlier, killed run")
@@ -60,6 +62,8 @@ def _extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster, not bit-identical)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="extraction ranks to spawn (one per GPU on CUDA; CPU threads are split between them)")
 
 
 def load_model(args: argparse.Namespace):
@@ -80,18 +84,20 @@ def run_index_command(args: argparse.Namespace) -> None:
     if args.action == "build":
         embedder, bundle = load_model(args)
         options = dict(kind=args.kind, target_recall=args.target_recall, batch_size=args.batch_size,
-                       num_workers=args.num_workers, device=args.device, bf16=args.bf16, resume=not args.no_resume)
+                       num_workers=args.num_workers, device=args.device, bf16=args.bf16, resume=not args.no_resume,
+                       processes=args.processes)
         if bundle is not None:
             index = build_bundle_index(bundle, args.collection, args.out, **options)
         else:
             index = build_collection_index(embedder, args.collection, args.out, **options)
-        print(f"index {args.out}: {index.describe()}")
+        if index is not None:  # None on the torchrun ranks other than 0 (they only extract)
+            print(f"index {args.out}: {index.describe()}")
     elif args.action == "add":
         index = load_index(args.index)
         embedder, _ = load_model(args)
         ids, extraction = add_to_index(index, embedder, args.collection, index.path / "embeddings",
                                        batch_size=args.batch_size, num_workers=args.num_workers,
-                                       device=args.device, bf16=args.bf16)
+                                       device=args.device, bf16=args.bf16, processes=args.processes)
         index.save(index.path)
         print(f"index {args.index}: added {len(ids)} images ({len(extraction.skipped)} unreadable, skipped); "
               f"{len(index)} in all")

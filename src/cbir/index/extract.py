@@ -7,6 +7,9 @@ shard as done. A killed run, started again with the same model and collection, s
 and gives the same embeddings as an uninterrupted run. ``manifest.json`` holds a fingerprint of the model
 and the collection so a work folder is never resumed with something else. Unreadable images are skipped,
 logged and listed in ``skipped.json``, never silently dropped.
+
+With ``processes > 1`` (or under ``torchrun``) the shards are shared out between ranks
+(:mod:`cbir.index.distributed`); the shard files, and so the result, are the same.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ class Extraction:
     """Embeddings of the readable images (row i belongs to catalog record ``indices[i]``), and the
     images that were skipped (``{"index", "path", "reason"}``)."""
 
-    embeddings: np.ndarray
+    embeddings: np.ndarray | None  # None when extracted with load_embeddings=False (read shard_files)
     indices: np.ndarray
     skipped: list[dict] = field(default_factory=list)
+    shard_files: list[Path] = field(default_factory=list)  # the .npy shards, in collection order
 
 
 def default_device() -> str:
@@ -107,15 +111,42 @@ def _collate(items: list[dict]) -> dict:
 def extract_collection(model: nn.Module, collection: Collection, work_dir: str | os.PathLike, *,
                        batch_size: int = 64, num_workers: int = 2, shard_size: int = 4096,
                        device: str | None = None, channels_last: bool = True, bf16: bool = False,
-                       resume: bool = True, progress: bool = True) -> Extraction:
+                       resume: bool = True, progress: bool = True, processes: int = 1,
+                       load_embeddings: bool = True) -> Extraction | None:
     """Embed every image of ``collection`` into shards under ``work_dir`` (resuming finished shards when
-    ``resume``) and return all embeddings. Images are preprocessed with the model's own
-    :func:`eval_transform`; inference goes through :mod:`cbir.models.inference`."""
+    ``resume``) and return all embeddings (only the shard files with ``load_embeddings=False``, for
+    collections beyond RAM). Images are preprocessed with the model's own :func:`eval_transform`;
+    inference goes through :mod:`cbir.models.inference`. ``processes > 1`` spawns that many ranks, and
+    under ``torchrun`` every rank takes part; then only rank 0 returns the extraction (others None)."""
     if batch_size < 1 or shard_size < 1:
         raise ConfigError(f"index extraction: batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1")
+    from cbir.index.distributed import extract_distributed, launched_rank
+
+    if processes != 1 or launched_rank() is not None:
+        return extract_distributed(model, collection, work_dir, processes=processes, batch_size=batch_size,
+                                   num_workers=num_workers, shard_size=shard_size, device=device,
+                                   channels_last=channels_last, bf16=bf16, resume=resume, progress=progress,
+                                   load_embeddings=load_embeddings)
     work = Path(work_dir)
     device = device or default_device()
-    manifest = {
+    manifest = extraction_manifest(model, collection, shard_size=shard_size, batch_size=batch_size, bf16=bf16)
+    _prepare_work_dir(work, manifest, resume)
+    num_shards = -(-len(collection) // shard_size)
+    todo = unfinished_shards(work, num_shards)
+    done_images = sum(min(shard_size, len(collection) - s * shard_size) for s in range(num_shards) if s not in todo)
+    if todo:
+        if done_images:
+            log.info("extraction: resuming, %d of %d shards already done", num_shards - len(todo), num_shards)
+        _extract_shards(model, collection, work, todo, batch_size=batch_size, num_workers=num_workers,
+                        shard_size=shard_size, device=device, channels_last=channels_last, bf16=bf16,
+                        progress=progress, done_images=done_images)
+    return _gather(work, collection, num_shards, load_embeddings)
+
+
+def extraction_manifest(model: nn.Module, collection: Collection, *, shard_size: int, batch_size: int,
+                        bf16: bool) -> dict:
+    """What a work folder's shards depend on (checked before resuming)."""
+    return {
         "model": model_fingerprint(model),
         "collection": collection_fingerprint(collection),
         "count": len(collection),
@@ -124,17 +155,11 @@ def extract_collection(model: nn.Module, collection: Collection, work_dir: str |
         "bf16": bool(bf16),
         "embedding_dim": int(model.embedding_dim),
     }
-    _prepare_work_dir(work, manifest, resume)
-    num_shards = -(-len(collection) // shard_size)
-    todo = [s for s in range(num_shards) if not (work / f"shard_{s:05d}.json").is_file()]
-    done_images = sum(min(shard_size, len(collection) - s * shard_size) for s in range(num_shards) if s not in todo)
-    if todo:
-        if done_images:
-            log.info("extraction: resuming, %d of %d shards already done", num_shards - len(todo), num_shards)
-        _extract_shards(model, collection, work, todo, batch_size=batch_size, num_workers=num_workers,
-                        shard_size=shard_size, device=device, channels_last=channels_last, bf16=bf16,
-                        progress=progress, done_images=done_images)
-    return _gather(work, collection, num_shards)
+
+
+def unfinished_shards(work: Path, num_shards: int) -> list[int]:
+    """Shards without their JSON (the file written last), i.e. still to extract."""
+    return [s for s in range(num_shards) if not (work / f"shard_{s:05d}.json").is_file()]
 
 
 def _prepare_work_dir(work: Path, manifest: dict, resume: bool) -> None:
@@ -159,7 +184,8 @@ def _prepare_work_dir(work: Path, manifest: dict, resume: bool) -> None:
 
 def _extract_shards(model: nn.Module, collection: Collection, work: Path, shards: list[int], *,
                     batch_size: int, num_workers: int, shard_size: int, device: str, channels_last: bool,
-                    bf16: bool, progress: bool, done_images: int) -> None:
+                    bf16: bool, progress: bool, done_images: int, total: int | None = None,
+                    desc: str = "extracting") -> None:
     transform = eval_transform(model.input_size, model.mean, model.std)
     dataset = RecordDataset(collection.catalog, collection.indices, transform, on_bad_image="skip")
     plan = []  # (shard, batch of dataset positions); batches never cross a shard boundary
@@ -172,7 +198,8 @@ def _extract_shards(model: nn.Module, collection: Collection, work: Path, shards
     runner = prepare_for_inference(model, device=device, channels_last=channels_last)
     # in a log file (no terminal) a line every 30 s instead of one per batch
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=len(collection), initial=done_images, unit="img", desc="extracting", disable=not progress,
+    bar = tqdm(total=len(collection) if total is None else total, initial=done_images, unit="img", desc=desc,
+               disable=not progress,
                mininterval=0.1 if interactive else 30.0,
                dynamic_ncols=True)
     pending: dict[str, list] = {"embeddings": [], "indices": [], "skipped": []}
@@ -201,20 +228,22 @@ def _write_shard(work: Path, shard: int, pending: dict, dim: int) -> None:
     atomic_write_json(work / f"shard_{shard:05d}.json", {"indices": indices, "skipped": pending["skipped"]})
 
 
-def _gather(work: Path, collection: Collection, num_shards: int) -> Extraction:
-    embeddings, indices, skipped = [], [], []
+def _gather(work: Path, collection: Collection, num_shards: int, load_embeddings: bool = True) -> Extraction:
+    embeddings, indices, skipped, files = [], [], [], []
     for shard in range(num_shards):
         meta = json.loads((work / f"shard_{shard:05d}.json").read_text())
-        array = np.load(work / f"shard_{shard:05d}.npy")
+        files.append(work / f"shard_{shard:05d}.npy")
+        array = np.load(files[-1], mmap_mode=None if load_embeddings else "r")
         if len(array) != len(meta["indices"]):
             raise ExtractionMismatchError(f"extraction folder {work}: shard {shard} is inconsistent; delete "
                                           f"shard_{shard:05d}.* and run again")
-        embeddings.append(array)
+        if load_embeddings:
+            embeddings.append(array)
         indices.extend(meta["indices"])
         skipped.extend(meta["skipped"])
     atomic_write_json(work / SKIPPED, skipped)
     if skipped:
         log.warning("extraction: %d of %d images could not be read and were skipped (listed in %s)",
                     len(skipped), len(collection), work / SKIPPED)
-    return Extraction(np.concatenate(embeddings).astype(np.float32, copy=False),
-                      np.asarray(indices, dtype=np.int64), skipped)
+    gathered = np.concatenate(embeddings).astype(np.float32, copy=False) if load_embeddings else None
+    return Extraction(gathered, np.asarray(indices, dtype=np.int64), skipped, files)

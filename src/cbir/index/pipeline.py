@@ -1,7 +1,10 @@
 """Collection → embeddings → FAISS index + id store, saved in one folder.
 
 :func:`build_collection_index` is the one call ``export.py``, ``cbir index build`` and tests use;
-:func:`add_to_index` extracts only the images an index does not hold yet.
+:func:`add_to_index` extracts only the images an index does not hold yet. With ``processes=N`` (or under
+``torchrun``) extraction is shared between ranks (:mod:`cbir.index.distributed`) and rank 0 builds the
+index; ``kind=ondisk`` (or ``auto`` past the memory budget) builds from the shards on disk without
+loading them all (:mod:`cbir.index.ondisk`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from cbir.errors import DataError
-from cbir.index.builder import IndexOptions
+from cbir.errors import ConfigError, DataError
+from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.collection import Collection, read_collection
 from cbir.index.extract import Extraction, extract_collection, model_fingerprint
 from cbir.index.store import CbirIndex, DimensionMismatchError
@@ -29,22 +32,32 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                            batch_size: int = 64, num_workers: int = 2, shard_size: int = 4096,
                            device: str | None = None, channels_last: bool = True, bf16: bool = False,
                            resume: bool = True, progress: bool = True, extra_info: dict | None = None,
-                           **index_options) -> CbirIndex:
+                           processes: int = 1, **index_options) -> CbirIndex | None:
     """Embed every image of ``collection`` (resumable shards under ``out_dir/embeddings``), build the
-    index ``kind`` chooses, and save it in ``out_dir``. ``index_options`` are :class:`IndexOptions` fields."""
+    index ``kind`` chooses, and save it in ``out_dir``. ``index_options`` are :class:`IndexOptions` fields.
+    Under ``torchrun`` the ranks other than 0 only extract and return None."""
     options = IndexOptions(kind=kind, target_recall=target_recall, **index_options)
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
     out = Path(out_dir)
+    ondisk = choose_kind(len(collection), int(embedder.embedding_dim), options)[0] == "ondisk"
     extraction = extract_collection(embedder, collection, out / EXTRACT_DIR, batch_size=batch_size,
                                     num_workers=num_workers, shard_size=shard_size, device=device,
-                                    channels_last=channels_last, bf16=bf16, resume=resume, progress=progress)
+                                    channels_last=channels_last, bf16=bf16, resume=resume, progress=progress,
+                                    processes=processes, load_embeddings=not ondisk)
+    if extraction is None:  # a rank other than 0: its shards are written, rank 0 builds the index
+        return None
     if len(extraction.indices) == 0:
         raise DataError(f"collection {collection.spec}: none of its {len(collection)} images could be read "
                         f"(see {out / EXTRACT_DIR / 'skipped.json'})")
     paths = [collection.source(int(i)) for i in extraction.indices]
     labels = [collection.label(int(i)) for i in extraction.indices]
-    index = CbirIndex.build(extraction.embeddings, paths, labels, options=options)
+    if ondisk:
+        from cbir.index.ondisk import build_ondisk_cbir_index
+
+        index = build_ondisk_cbir_index(extraction.shard_files, paths, labels, out, options, progress=progress)
+    else:
+        index = CbirIndex.build(extraction.embeddings, paths, labels, options=options)
     index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
                       **(extra_info or {}))
     index.save(out)
@@ -64,9 +77,14 @@ def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_d
 def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.PathLike | Collection,
                  work_dir: str | os.PathLike, *, batch_size: int = 64, num_workers: int = 2,
                  device: str | None = None, channels_last: bool = True, bf16: bool = False,
-                 progress: bool = True) -> tuple[np.ndarray, Extraction]:
+                 progress: bool = True, processes: int = 1) -> tuple[np.ndarray, Extraction]:
     """Embed and add the images of ``collection`` that ``index`` does not hold yet (by path); returns the
-    new ids and the extraction (with its skipped images)."""
+    new ids and the extraction (with its skipped images). ``processes > 1`` spawns extraction ranks."""
+    from cbir.index.distributed import launched_rank
+
+    if launched_rank() is not None:
+        raise ConfigError("adding to an index runs in one process (it rewrites the index): start it without "
+                          "torchrun, with --processes N to share the extraction")
     if index.info.get("model") not in (None, model_fingerprint(embedder)):
         log.warning("index: adding with a different model than the one that built the index")
     if int(embedder.embedding_dim) != index.embedding_dim:
@@ -83,7 +101,7 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     key = hashlib.sha256("\n".join(fresh.source(int(i)) for i in new).encode()).hexdigest()[:12]
     extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", batch_size=batch_size,
                                     num_workers=num_workers, device=device, channels_last=channels_last,
-                                    bf16=bf16, progress=progress)
+                                    bf16=bf16, progress=progress, processes=processes)
     ids = index.add(extraction.embeddings, [fresh.source(int(i)) for i in extraction.indices],
                     [fresh.label(int(i)) for i in extraction.indices])
     return ids, extraction

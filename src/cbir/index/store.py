@@ -5,7 +5,9 @@ A saved index is a folder with three files, each written atomically (temp + rena
 - ``index.faiss``: the FAISS index (always a CPU index), whose ids are the store's ids;
 - ``ids.jsonl``: one line per image, ``{"id", "path", "label", "meta"}``;
 - ``index.json``: kind, factory string, search parameters, measured recall, dimension, count (written
-  last; :meth:`CbirIndex.load` checks the three agree).
+  last; :meth:`CbirIndex.load` checks the three agree);
+- ``lists.ivfdata`` for ``kind=ondisk`` only: the inverted lists, memory-mapped read-only when loaded
+  (:mod:`cbir.index.ondisk`); such an index is rebuilt, not edited.
 
 Ids are stable: they are assigned once (``next_id`` grows) and survive ``add`` and ``remove``.
 """
@@ -176,13 +178,13 @@ class CbirIndex:
 
     def _choose_backend(self) -> tuple[str, object]:
         if self.kind in GPU_KINDS and gpu_available():
+            from cbir.index.gpu import clone_to_gpus
+
             try:
-                resources = faiss.StandardGpuResources()
-                gpu_index = faiss.index_cpu_to_gpu(resources, 0, self.index)
-                gpu_index.referenced_resources = resources  # keep the GPU memory pool alive
+                backend, gpu_index = clone_to_gpus(self.index, shard=self.info.get("options", {}).get("gpu_shard", True))
                 for name, value in self.info.get("search_params", {}).items():
                     set_search_param(gpu_index, name, value)
-                return "faiss-gpu", gpu_index
+                return backend, gpu_index
             except (RuntimeError, AttributeError) as exc:  # the cloner has no CPU fallback of its own
                 log.warning("index: cannot copy %s to the GPU (%s); searching on the CPU",
                             self.info.get("factory"), exc)
@@ -202,6 +204,7 @@ class CbirIndex:
             metadata: Sequence[dict | None] | None = None) -> np.ndarray:
         """Add images to the trained index; returns their new ids. (IVF lists keep their centroids: after
         adding far more than the index was built with, rebuild it.)"""
+        self._check_writable("add images to")
         embeddings = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
         if embeddings.shape[1] != self.embedding_dim:
             raise DimensionMismatchError(f"new embeddings have {embeddings.shape[1]} dimensions, the index "
@@ -215,6 +218,7 @@ class CbirIndex:
 
     def remove(self, ids: Iterable[int]) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed."""
+        self._check_writable("remove images from")
         ids = np.asarray([i for i in ids if int(i) in self.store.rows], dtype=np.int64)
         if len(ids) == 0:
             return 0
@@ -243,6 +247,13 @@ class CbirIndex:
         self.index = fresh
         return removed
 
+    def _check_writable(self, action: str) -> None:
+        if self.kind == "ondisk":
+            from cbir.index.ondisk import ReadOnlyIndexError
+
+            raise ReadOnlyIndexError(f"cannot {action} the on-disk index {self.path or ''} in place: build it "
+                                     "again (`cbir index build --kind ondisk`; finished extraction shards are reused)")
+
     def _changed(self) -> None:
         self._search_backend = None
         self.info["ntotal"] = int(self.index.ntotal)
@@ -254,6 +265,10 @@ class CbirIndex:
         self.info["ntotal"] = int(self.index.ntotal)
         self.info["dim"] = self.embedding_dim
         self.info["next_id"] = int(self.store.next_id)
+        if self.kind == "ondisk":
+            from cbir.index.ondisk import place_lists_beside
+
+            place_lists_beside(self.index, folder)
         tmp = folder / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, folder / INDEX_FILE)
@@ -273,7 +288,12 @@ class CbirIndex:
                                   "or its build did not finish; build it again")
         try:
             info = json.loads((folder / INFO_FILE).read_text())
-            index = faiss.read_index(str(folder / INDEX_FILE))
+            if info.get("kind") == "ondisk":
+                from cbir.index.ondisk import read_ondisk_index
+
+                index = read_ondisk_index(folder / INDEX_FILE)
+            else:
+                index = faiss.read_index(str(folder / INDEX_FILE))
         except (ValueError, RuntimeError) as exc:
             raise IndexFilesError(f"index folder {folder}: cannot read it ({' '.join(str(exc).split())[:200]}); "
                                   "build it again") from None
