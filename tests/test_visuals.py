@@ -118,6 +118,12 @@ def test_map_falls_back_without_umap(monkeypatch):
         project_2d(x, "mds")
 
 
+def test_same_class_neighbour_rate():
+    coords = np.array([[0, 0], [0, 1], [10, 0], [10, 1], [5, 50]], dtype=float)
+    assert visuals.same_class_neighbour_rate(coords, np.array([0, 0, 1, 1, 2])) == pytest.approx(4 / 5)
+    assert visuals.same_class_neighbour_rate(coords, np.array([0, 1, 0, 1, 2]), chunk=2) == 0.0
+
+
 @pytest.mark.slow
 def test_map_uses_umap_when_installed():
     pytest.importorskip("umap")
@@ -194,6 +200,9 @@ def test_csv_run_writes_images_and_the_run_folder_layout(tiny_folder, tmp_path):
     # the map: every validation image, coloured by class
     mapping = json.loads((out / "images" / "embedding_map.json").read_text())
     assert mapping["method"] == "pca" and mapping["num_points"] == 12 and mapping["epoch"] == 1
+    xy = np.array([[p["x"], p["y"]] for p in mapping["points"]])
+    assert mapping["same_class_neighbour_rate"] == pytest.approx(
+        visuals.same_class_neighbour_rate(xy, np.array([p["label"] for p in mapping["points"]])))
     canvas = Image.open(out / "images" / "embedding_map.png").convert("RGB")
     classes = sorted({p["label"] for p in mapping["points"]})
     on_own_colour = sum(canvas.getpixel((p["px"], p["py"])) == visuals.class_colour(classes.index(p["label"]))
@@ -206,6 +215,7 @@ def test_tensorboard_receives_the_images(tiny_folder, tmp_path):
 
     out = tmp_path / "run"
     _run(tiny_folder, out, ["logger=tensorboard", "trainer.max_epochs=1", "test_after_fit=false"])
+    assert (out / "tensorboard").is_dir() and not (out / "csv").exists()  # one folder per logger
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert {"val/retrieval_examples", "val/embedding_map"} <= set(events.Tags()["images"])
@@ -226,7 +236,8 @@ def test_wandb_offline_run_holds_the_images(tiny_folder, tmp_path, monkeypatch):
         _run(tiny_folder, out, ["logger=wandb", "trainer.max_epochs=1", "test_after_fit=false"])
     finally:
         wandb.finish()
-    media = [p for p in out.rglob("media/images/**/*.png")]
+    assert (out / "wandb").is_dir() and not (out / "csv").exists()
+    media = list((out / "wandb").rglob("media/images/**/*.png"))
     names = {p.parent.name + "/" + p.name.split("_")[0] for p in media}
     assert any("retrieval" in str(p) for p in media) and any("embedding" in str(p) for p in media), names
     retrieval = next(p for p in media if "retrieval" in str(p))

@@ -173,6 +173,21 @@ def _pca(x: np.ndarray) -> np.ndarray:
     return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
 
 
+def same_class_neighbour_rate(coords: np.ndarray, labels: np.ndarray, chunk: int = 1024) -> float:
+    """How often a point's nearest other point on the map has its class: how well the 2-D picture keeps
+    the classes together (compare it with P@1 in the full embedding space)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) < 2:
+        return float("nan")
+    same = 0
+    for start in range(0, len(coords), chunk):
+        block = coords[start:start + chunk]
+        distance = ((block[:, None, :] - coords[None, :, :]) ** 2).sum(axis=2)
+        distance[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf
+        same += int((labels[distance.argmin(axis=1)] == labels[start:start + chunk]).sum())
+    return same / len(coords)
+
+
 def _importable(module: str) -> bool:
     try:
         __import__(module)
@@ -386,8 +401,10 @@ class EmbeddingMap(_Visual):
         coords, method = project_2d(eval_set.embeddings[rows].numpy(), self.method, self.seed)
         labels = eval_set.labels[rows]
         mixed_roles = not eval_set.all_vs_all
+        neighbours = same_class_neighbour_rate(coords, labels)
         title = (f"{method.upper()} of {len(rows)}/{len(eval_set.indices)} validation embeddings, "
-                 f"{len(set(labels.tolist()))} classes, epoch {self.epoch}"
+                 f"{len(set(labels.tolist()))} classes, epoch {self.epoch}; nearest dot same class: "
+                 f"{100 * neighbours:.0f}%"
                  + (" (circles: queries, squares: gallery only)" if mixed_roles else ""))
         image, pixels = render_embedding_map(coords, labels, catalog.class_names, title,
                                              eval_set.is_query[rows] if mixed_roles else None)
@@ -395,6 +412,7 @@ class EmbeddingMap(_Visual):
         write_json(path.with_suffix(".json"), {
             "method": method, "requested": self.method, "epoch": self.epoch,
             "num_points": int(len(rows)), "num_items": int(len(eval_set.indices)),
+            "num_classes": len(set(labels.tolist())), "same_class_neighbour_rate": neighbours,
             "points": [{"index": int(eval_set.indices[r]), "label": int(eval_set.labels[r]),
                         "x": float(xy[0]), "y": float(xy[1]), "px": int(p[0]), "py": int(p[1])}
                        for r, xy, p in zip(rows, coords, pixels)]})
