@@ -215,3 +215,13 @@ def test_optuna_search_with_wandb_one_finished_run_per_trial(tiny_folder, tmp_pa
     for run, trial, score in zip((first, second), trials, scores):
         assert run["config"]["optimizer"]["lr"] == pytest.approx(OmegaConf.load(trial / "config.yaml").optimizer.lr)
         assert run["summary"][tracking.best_metric_name(MONITOR)] == pytest.approx(score)
+
+
+def test_train_objective_is_a_float_or_nan_for_optuna():
+    """What train() hands a sweeper: a plain float; NaN when validation gave no finite score, which
+    hydra-optuna-sweeper records as a failed trial (the search goes on) instead of crashing on None."""
+    from cbir.training.run import _objective
+
+    assert type(_objective(0.25, MONITOR)) is float and _objective(0.25, MONITOR) == 0.25
+    assert math.isnan(_objective(None, MONITOR)) and math.isnan(_objective(float("nan"), MONITOR))
+    assert math.isnan(_objective(float("inf"), MONITOR))
