@@ -113,6 +113,23 @@ def test_spawned_extraction_resumes_and_reports_rank_errors(model, images, tmp_p
                            processes=2)
 
 
+def test_rank_protocol_in_a_one_rank_gloo_group(model, images, tmp_path):
+    """The collective steps (rank 0 prepares and lists shards, all report, rank 0 gathers) in-process."""
+    collection = read_collection(images)
+    options = dict(batch_size=4, num_workers=0, shard_size=3, channels_last=True, bf16=False, progress=False)
+    reference = extract_collection(model, collection, tmp_path / "one", resume=True, **options)
+    me = distributed.Rank(0, 1, 0)
+    got = distributed.run_rank(me, model, collection, tmp_path / "ranked", device="cpu", gather=True,
+                               init_method=f"file://{tmp_path / 'store1'}", resume=True, **options)
+    np.testing.assert_allclose(got.embeddings, reference.embeddings, atol=1e-5)
+    assert got.indices.tolist() == reference.indices.tolist() and len(got.shard_files) == 7
+    other = build_embedder("resnet18", pretrained="none", image_size=16)
+    with pytest.raises(ExtractionMismatchError):  # rank 0's error, raised after telling the other ranks
+        distributed.run_rank(me, other, collection, tmp_path / "ranked", device="cpu", gather=True,
+                             init_method=f"file://{tmp_path / 'store2'}", resume=True, **options)
+    assert not torch.distributed.is_initialized()  # the group it created is gone
+
+
 def test_bad_process_requests_are_config_errors(model, images, tmp_path, monkeypatch):
     collection = read_collection(images)
     common = dict(batch_size=4, num_workers=0, shard_size=3, progress=False)
