@@ -266,6 +266,10 @@ def test_ondisk_cbir_index_saves_loads_moves_and_refuses_edits(shard_vectors, tm
         loaded.add(shard_vectors[:1], ["new.png"])
     with pytest.raises(ReadOnlyIndexError):
         loaded.remove([0])
+    from cbir.index.pipeline import add_to_index
+
+    with pytest.raises(ReadOnlyIndexError):  # refused before any extraction
+        add_to_index(loaded, None, "no-such-collection", tmp_path / "work")
     loaded.save(tmp_path / "copy")  # saving elsewhere takes the lists file along
     assert load_index(tmp_path / "copy").search(shard_vectors[:20], 5)[1].tolist() == ids.tolist()
     (tmp_path / "copy" / "lists.ivfdata").unlink()
