@@ -288,6 +288,7 @@ def test_auto_goes_ondisk_only_past_the_budget_and_only_from_shards(shard_vector
         builder.build_index(shard_vectors, np.arange(len(shard_vectors)), IndexOptions(kind="ondisk"))
 
 
+@pytest.mark.slow  # exports a bundle and runs search.py in a fresh interpreter: 12-22 s here
 def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_path):
     from cbir.export.bundle import export_bundle
     from cbir.factory import build_embedder_from_config, model_config
