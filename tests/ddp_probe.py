@@ -40,3 +40,14 @@ class RankProbe(pl.Callback):
         torch.save({"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches,
                     "losses": self.losses, "start_state": self.start_state, "end_state": self._state(pl_module)},
                    self.out / f"rank{trainer.global_rank}.pt")
+
+
+class CrashAt(pl.Callback):
+    """Simulates a crash: raises before training step ``step`` (a global step count) begins."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash before step {self.step}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,7 +280,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             log.info("train epoch plan: %d batches, %d/%d images visited, %d repeats, %d left over",
                      stats.num_batches, stats.images_visited, stats.images_total, stats.repeated_slots,
                      stats.leftover_images)
-        return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        loader_class = ResumableDataLoader if hasattr(sampler, "resume_at") else DataLoader
+        return loader_class(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def eval_dataloader(self, spec: EvalSpec) -> DataLoader:
         dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.on_bad_image, cache=self.cache)
@@ -293,6 +294,63 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.test_spec)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, whose position in the epoch travels in checkpoints.
+
+    Lightning stores the ``state_dict()`` of a training loader that has one in every checkpoint, and when
+    it resumes from a checkpoint saved mid-epoch (``callbacks.step_checkpoint``, a crash handler) hands it
+    back before iterating; the batch sampler (:meth:`MPerClassBatchSampler.resume_at`) then starts after
+    the batches already trained on. The position counts batches handed to the training loop, not the
+    ones worker processes have prefetched. Iteration starts lazily, at the first batch: Lightning creates
+    the iterator before it sets a resumed run's epoch on the sampler, and workers would otherwise
+    prefetch the wrong epoch's batches.
+    """
+
+    _batches_yielded = 0
+    _resume_state: dict | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        return _CountingIterator(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.batch_sampler.epoch), "batches_yielded": int(self._batches_yielded)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_state = dict(state)
+
+    def _start(self) -> Iterator[dict]:
+        """The underlying iterator, resumed part-way if a saved state is for the epoch being started."""
+        state, self._resume_state = self._resume_state, None
+        start = 0
+        if state is not None and int(state["epoch"]) == int(self.batch_sampler.epoch):
+            start = int(state["batches_yielded"])
+            log.info("resuming epoch %d at batch %d of %d", state["epoch"], start, len(self))
+        self.batch_sampler.resume_at(start)
+        self._batches_yielded = start
+        return super().__iter__()
+
+
+class _CountingIterator:
+    """Iterates a :class:`ResumableDataLoader`, starting it at the first ``next`` and counting batches."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator[dict] | None = None
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self.iterator is None:
+            self.iterator = self.loader._start()
+        batch = next(self.iterator)
+        self.loader._batches_yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def _distributed() -> bool:

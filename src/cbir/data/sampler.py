@@ -15,6 +15,10 @@ visits every image nor has a fixed length, and under DDP every rank draws its ow
 3. under DDP every rank computes the same plan and takes every ``world_size``-th batch, so ranks get
    disjoint batches and the same number of steps.
 
+Because the plan is a function of ``(seed, epoch)``, resuming at an epoch boundary replays the same
+batches as an uninterrupted run; :meth:`MPerClassBatchSampler.resume_at` starts the next iteration part-way
+through an epoch (:class:`cbir.data.datamodule.ResumableDataLoader` calls it from a mid-epoch checkpoint).
+
 Every image is visited once per epoch, except the few in the leftover groups, which are reported in
 ``last_plan_stats``.
 """
@@ -79,6 +83,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             log.warning("sampler: %d of %d classes have fewer than m=%d images; their images are repeated",
                         small, len(classes), m)
         self._plan_cache: tuple[int, list[list[int]], EpochPlanStats] | None = None
+        self._resume_batch = 0
 
     # -- distributed context -------------------------------------------------------------------------
     @property
@@ -152,8 +157,17 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             raise DataError(f"sampler: the epoch has {len(batches)} batches, fewer than {replicas} ranks")
         return batches[self.rank : per_rank * replicas : replicas]
 
+    def resume_at(self, batch: int) -> None:
+        """Start the next iteration at this rank's ``batch``-th batch of the current epoch (the ones
+        before it were trained on before an interruption); later iterations start at 0 again.
+        ``len()`` stays the whole epoch's, as Lightning counts the skipped batches as done."""
+        if batch < 0:
+            raise ValueError(f"sampler: cannot resume at batch {batch}")
+        self._resume_batch = int(batch)
+
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._rank_batches()
+        start, self._resume_batch = self._resume_batch, 0
+        yield from self._rank_batches()[start:]
 
     def __len__(self) -> int:
         return len(self.plan()[0]) // self.num_replicas
