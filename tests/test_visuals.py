@@ -167,22 +167,26 @@ def test_csv_run_writes_images_and_the_run_folder_layout(tiny_folder, tmp_path):
     assert (out / "config.yaml").is_file() and (out / "results.json").is_file()
     assert (out / "csv" / "metrics.csv").is_file()
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt"
+    assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt", \
+        f"checkpoints/ holds {checkpoints}: expected best-epochNNN.ckpt and last.ckpt only"
     assert checkpoints[0] in ("best-epoch000.ckpt", "best-epoch001.ckpt")
     assert not (out / "tensorboard").exists() and not (out / "wandb").exists()
     images = sorted(p.name for p in (out / "images").glob("*.png"))
     assert images == ["embedding_map.png", "retrieval_epoch000.png", "retrieval_epoch001.png"]
 
     # geometry: one row per query, the query then k hits
-    picture = Image.open(out / "images" / "retrieval_epoch001.png").convert("RGB")
-    assert picture.size == (GRID_PAD + (THUMB + GRID_PAD) * (K + 1), NUM_QUERIES * (2 * GRID_PAD + THUMB + GRID_CAPTION))
-    record = json.loads((out / "images" / "retrieval_epoch001.json").read_text())
-    queries = [r["query"] for r in record["rows"]]
-    first = json.loads((out / "images" / "retrieval_epoch000.json").read_text())
+    first, second = (json.loads((out / "images" / f"retrieval_epoch00{e}.json").read_text()) for e in (0, 1))
+    queries = [r["query"] for r in second["rows"]]
     assert [r["query"] for r in first["rows"]] == queries  # the same queries every epoch
-    assert len(queries) == NUM_QUERIES and len({r["label"] for r in record["rows"]}) == NUM_QUERIES
+    assert len(queries) == NUM_QUERIES and len({r["label"] for r in second["rows"]}) == NUM_QUERIES
+    # last.ckpt holds the weights of the last epoch that improved (Lightning 2.6 refreshes "last" only
+    # with a top-k save): compare with that epoch's picture
+    epoch = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    record = (first, second)[epoch]
+    picture = Image.open(out / "images" / f"retrieval_epoch{epoch:03d}.png").convert("RGB")
+    assert picture.size == (GRID_PAD + (THUMB + GRID_PAD) * (K + 1), NUM_QUERIES * (2 * GRID_PAD + THUMB + GRID_CAPTION))
 
-    # the hits and their borders, against embeddings computed here from the last checkpoint
+    # the hits and their borders, against embeddings computed here from that checkpoint
     catalog, expected = _independent_top_k(cfg, out / "checkpoints" / "last.ckpt", queries, K)
     colours = {ImageColor.getrgb(GRID_CORRECT): True, ImageColor.getrgb(GRID_WRONG): False}
     seen = set()
@@ -208,6 +212,24 @@ def test_csv_run_writes_images_and_the_run_folder_layout(tiny_folder, tmp_path):
     on_own_colour = sum(canvas.getpixel((p["px"], p["py"])) == visuals.class_colour(classes.index(p["label"]))
                         for p in mapping["points"])
     assert on_own_colour >= 10  # (a later dot may cover an earlier one)
+
+
+def test_query_vs_gallery_protocol_draws_gallery_hits_only(tiny_folder, tmp_path):
+    """Queries from the held-out classes against a gallery of the training classes: every hit comes from
+    the gallery and none can be right, so every hit border is red."""
+    out = tmp_path / "run"
+    cfg = _run(tiny_folder, out, ["logger=csv", "trainer.max_epochs=1", "test_after_fit=false",
+                                  "+data.val.gallery=train"])
+    catalog = factory.build_catalog(cfg.data)
+    record = json.loads((out / "images" / "retrieval_epoch000.json").read_text())
+    assert record["protocol"] == "query-vs-gallery"
+    picture = Image.open(out / "images" / "retrieval_epoch000.png").convert("RGB")
+    for r, row in enumerate(record["rows"]):
+        assert catalog.records[row["query"]].split == "test" and len(row["hits"]) == K
+        assert all(catalog.records[h].split == "train" for h in row["hits"])
+        assert all(_tile_colour(picture, r, c) == ImageColor.getrgb(GRID_WRONG) for c in range(1, K + 1))
+    mapping = json.loads((out / "images" / "embedding_map.json").read_text())
+    assert mapping["num_points"] == 24  # 12 queries + 12 gallery images
 
 
 def test_tensorboard_receives_the_images(tiny_folder, tmp_path):
