@@ -99,3 +99,17 @@ def test_lightning_advances_the_epoch():
     _set_sampler_epoch(loader, 3)
     assert sampler.epoch == 3
     assert [b[0].tolist() for b in loader] != first
+
+
+def test_resume_at_starts_one_iteration_part_way_through_the_epoch():
+    labels = np.repeat(np.arange(12), 6)
+    for replicas in (1, 2):
+        sampler = MPerClassBatchSampler(labels, m=2, batch_size=6, seed=4, num_replicas=replicas, rank=replicas - 1)
+        sampler.set_epoch(3)
+        whole = list(sampler)
+        sampler.resume_at(2)
+        assert list(sampler) == whole[2:]  # this rank's batches after the first two of the same plan
+        assert len(sampler) == len(whole)  # the epoch's length is unchanged: the skipped batches count as done
+        assert list(sampler) == whole  # only the next iteration is shortened
+    with pytest.raises(ValueError):
+        sampler.resume_at(-1)
