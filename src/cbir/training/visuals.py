@@ -88,7 +88,8 @@ def choose_queries(eval_set: EvalSet, num_queries: int) -> np.ndarray:
     if not classes:
         return np.zeros(0, dtype=np.int64)
     spread = np.unique(np.linspace(0, len(classes) - 1, min(num_queries, len(classes))).round().astype(int))
-    order = [classes[i] for i in spread] + [c for i, c in enumerate(classes) if i not in set(spread)]
+    picked = set(spread.tolist())
+    order = [classes[i] for i in spread] + [c for i, c in enumerate(classes) if i not in picked]
     chosen: list[int] = []
     depth = 0
     while len(chosen) < num_queries and depth < max(len(v) for v in by_class.values()):
