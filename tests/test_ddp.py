@@ -61,9 +61,9 @@ def data_overrides(root: Path) -> list[str]:
             "data.eval_batch_size=8", "data.num_workers=0", "model=resnet18", "model.pretrained=none", "head.dim=16"]
 
 
-def train_ddp(root: Path, out: Path, extra: list[str]) -> dict[int, dict]:
+def train_ddp(root: Path, out: Path, extra: list[str], epochs: int = 1) -> dict[int, dict]:
     launch("train.py", data_overrides(root) + [
-        "trainer=ddp_cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "trainer=ddp_cpu", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "logger=csv",
         "+callbacks.probe._target_=ddp_probe.RankProbe", f"+callbacks.probe.out={out / 'probe'}",
         f"hydra.run.dir={out}", *extra])
@@ -152,12 +152,15 @@ def test_ddp_cross_batch_memory_holds_every_ranks_embeddings(odd_data, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["proxy_anchor", "arcface"])
-def test_ddp_proxies_stay_identical_across_ranks(odd_data, tmp_path, loss):
+@pytest.mark.parametrize("loss,warmup", [("proxy_anchor", 0), ("arcface", 1)])
+def test_ddp_proxies_stay_identical_across_ranks(odd_data, tmp_path, loss, warmup):
     """Proxy/classifier weights live in the LightningModule: DDP all-reduces their gradients, so after
-    training steps both ranks hold the same, updated proxies."""
+    training steps both ranks hold the same, updated proxies. With a backbone warm-up (frozen backbone
+    in epoch 0, after DDP wrapped the model) training goes on into epoch 1."""
     ranks = train_ddp(odd_data, tmp_path / "run", [f"loss={loss}", "test_after_fit=false",
-                                                   "trainer.limit_val_batches=0"])
+                                                   "trainer.limit_val_batches=0", f"train.warmup_epochs={warmup}"],
+                      epochs=1 + warmup)
+    assert {epoch for epoch, _, _ in ranks[0]["batches"]} == set(range(1 + warmup))
     proxies = [k for k in ranks[0]["end_state"] if k.startswith("loss_fn.")]
     assert proxies
     for key in proxies:

@@ -226,6 +226,10 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     callbacks = overrides.pop("callbacks", None)
     if callbacks is None:
         callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    if cfg.trainer.get("strategy") == "ddp" and int((cfg.get("train") or {}).get("warmup_epochs", 0)) > 0:
+        # the warm-up freezes the backbone after DDP has wrapped the model: DDP must expect parameters
+        # without gradients (it otherwise stops at the second step)
+        overrides.setdefault("strategy", "ddp_find_unused_parameters_true")
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
 
 
