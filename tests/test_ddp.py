@@ -184,12 +184,16 @@ def _rank_gradient(rank: int, world: int, port: int, embeddings: torch.Tensor, l
     try:
         share = len(labels) // world
         local = embeddings[rank * share:(rank + 1) * share].clone().requires_grad_(True)
-        loss, value = TrainingLoss(*_triplet_loss_and_miner(), world=world)(local, labels[rank * share:(rank + 1) * share])
+        step_loss = TrainingLoss(*_triplet_loss_and_miner(), world=world)
+        loss, value = step_loss(local, labels[rank * share:(rank + 1) * share])
         loss.backward()
         grads = [torch.zeros_like(local.grad) for _ in range(world)]
         dist.all_gather(grads, local.grad / world)  # what DDP's gradient averaging does to the weights
+        # rank 1 dropped two images (data.on_bad_image=skip): no gather of unequal batches, each rank's own loss
+        end = (rank + 1) * share - 2 * rank
+        _, uneven = step_loss(embeddings[rank * share:end], labels[rank * share:end])
         if rank == 0:
-            torch.save((float(value), torch.cat(grads)), out)
+            torch.save((float(value), torch.cat(grads), float(uneven)), out)
     finally:
         dist.destroy_process_group()
 
@@ -210,7 +214,7 @@ def test_global_batch_loss_matches_one_process_on_the_whole_batch(tmp_path):
     for p in processes:
         p.join(timeout=120)
         assert p.exitcode == 0
-    value, grad = torch.load(out)
+    value, grad, uneven = torch.load(out)
 
     whole = embeddings.clone().requires_grad_(True)
     loss, expected_value = TrainingLoss(*_triplet_loss_and_miner())(whole, labels)
@@ -221,6 +225,7 @@ def test_global_batch_loss_matches_one_process_on_the_whole_batch(tmp_path):
     local = embeddings[:6].clone().requires_grad_(True)
     _, local_value = TrainingLoss(*_triplet_loss_and_miner())(local, labels[:6])
     assert float(local_value) != pytest.approx(float(expected_value), rel=1e-3)
+    assert uneven == pytest.approx(float(local_value), rel=1e-6)
 
 
 def test_which_losses_gather_the_global_batch():

@@ -19,11 +19,14 @@ batch's exactly, ProxyAnchor's per-proxy pooling runs over each rank's share.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Evaluation metrics are computed from outputs gathered from every rank, so every rank logs the same
 # value: Lightning's advice to average them with sync_dist=True does not apply.
@@ -50,17 +53,30 @@ class TrainingLoss:
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None, world: int = 1) -> None:
         self.world = world
-        self.scale = 1
+        self.local_loss, self.local_miner = loss, miner
+        self.loss, self.miner, self.scale = loss, miner, 1
         if world > 1 and gathers_global_batch(loss):
             from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 
-            loss = DistributedLossWrapper(loss)
-            miner = DistributedMinerWrapper(miner) if miner is not None else None
+            self.loss = DistributedLossWrapper(loss)
+            self.miner = DistributedMinerWrapper(miner) if miner is not None else None
             self.scale = world  # DistributedLossWrapper returns world x the global-batch loss
-        self.loss, self.miner = loss, miner
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, its value to log: the global-batch loss when gathered)."""
-        pairs_or_triplets = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = self.loss(embeddings, labels, pairs_or_triplets)
-        return loss, loss.detach() / self.scale
+        loss_fn, miner, scale = self.loss, self.miner, self.scale
+        if scale > 1 and not same_size_on_every_rank(len(labels), embeddings.device):
+            # a rank dropped unreadable images (data.on_bad_image=skip): the gather needs equal batches,
+            # so this step's loss is each rank's own
+            log.warning("ranks have batches of different sizes (skipped images): this step's loss is per rank")
+            loss_fn, miner, scale = self.local_loss, self.local_miner, 1
+        pairs_or_triplets = miner(embeddings, labels) if miner is not None else None
+        loss = loss_fn(embeddings, labels, pairs_or_triplets)
+        return loss, loss.detach() / scale
+
+
+def same_size_on_every_rank(size: int, device: torch.device) -> bool:
+    """Whether every rank's batch has ``size`` items (one small all-reduce)."""
+    extremes = torch.tensor([size, -size], device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return int(extremes[0]) == -int(extremes[1])
