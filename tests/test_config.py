@@ -15,7 +15,8 @@ from cbir.entry import config_dir
 from conftest import compose_config, tiny_train_overrides
 
 CONF = config_dir()
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+NOT_CONFIG_GROUPS = ("sweep",)  # W&B sweep definitions, validated by tests/test_sweeps.py
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_CONFIG_GROUPS)
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 
 
