@@ -58,7 +58,8 @@ def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
         return PairDataModule(catalog, image_size=embedder.input_size, mean=embedder.mean, std=embedder.std,
                               augment=list(augment), batch_size=int(data.batch_size),
                               eval_batch_size=data.get("eval_batch_size"), num_workers=data.get("num_workers"),
-                              train_split=data.get("train_split", "train"), eval_split=data.get("eval_split"))
+                              train_split=data.get("train_split", "train"), eval_split=data.get("eval_split"),
+                              seed=cfg.get("seed"))
     sampler = instantiate(cfg.sampler) if "sampler" in cfg else None
     return RetrievalDataModule(
         catalog,
@@ -76,6 +77,7 @@ def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
         on_bad_image=data.get("on_bad_image", "fail"),
         cache_images=data.get("cache_images", "auto"),
         cache_max_mb=float(data.get("cache_max_mb", 2048)),
+        seed=cfg.get("seed"),
     )
 
 

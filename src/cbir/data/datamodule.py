@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cbir.data.formats import ArrayRef, Catalog
 from cbir.data.sampler import MPerClassBatchSampler
-from cbir.data.transforms import eval_transform, train_transform
+from cbir.data.transforms import eval_transform, seed_transform_in_worker, train_transform
 from cbir.errors import BadImageError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -221,10 +221,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         on_bad_image: str = "fail",
         cache_images: bool | str = "auto",
         cache_max_mb: float = 2048.0,
+        seed: int | None = None,
     ) -> None:
+        """``seed``: the augmentations' random state (albumentations ignores the global seed)."""
         super().__init__()
         self.catalog = catalog
-        self.train_tf = train_transform(augment, image_size, mean, std)
+        self.train_tf = train_transform(augment, image_size, mean, std, seed=seed)
         self.eval_tf = eval_transform(image_size, mean, std)
         self.batch_size = batch_size
         self.batch_sampler_factory = batch_sampler or MPerClassBatchSampler
@@ -281,7 +283,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                      stats.num_batches, stats.images_visited, stats.images_total, stats.repeated_slots,
                      stats.leftover_images)
         loader_class = ResumableDataLoader if hasattr(sampler, "resume_at") else DataLoader
-        return loader_class(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        return loader_class(dataset, batch_sampler=sampler, worker_init_fn=seed_transform_in_worker,
+                            **self._loader_kwargs())
 
     def eval_dataloader(self, spec: EvalSpec) -> DataLoader:
         dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.on_bad_image, cache=self.cache)

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from cbir.data.datamodule import load_image
-from cbir.data.transforms import eval_transform, train_transform
+from cbir.data.transforms import eval_transform, seed_transform_in_worker, train_transform
 from cbir.errors import DataError
 
 PAIR_COLUMNS = "path_a,path_b,same[,split]"
@@ -129,10 +129,11 @@ class PairDataModule(pl.LightningDataModule):
 
     def __init__(self, catalog: PairCatalog, *, image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: Sequence = (), batch_size: int = 32, eval_batch_size: int | None = None,
-                 num_workers: int | None = None, train_split: str = "train", eval_split: str | None = None) -> None:
+                 num_workers: int | None = None, train_split: str = "train", eval_split: str | None = None,
+                 seed: int | None = None) -> None:
         super().__init__()
         self.catalog = catalog
-        self.train_tf = train_transform(augment, image_size, mean, std)
+        self.train_tf = train_transform(augment, image_size, mean, std, seed=seed)
         self.eval_tf = eval_transform(image_size, mean, std)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -142,7 +143,8 @@ class PairDataModule(pl.LightningDataModule):
 
     def _loader(self, indices: np.ndarray, transform: Callable, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(PairDataset(self.catalog, indices, transform), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          worker_init_fn=seed_transform_in_worker)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_indices, self.train_tf, self.batch_size, shuffle=True)
