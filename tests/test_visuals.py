@@ -132,6 +132,17 @@ def test_map_uses_umap_when_installed():
     assert method == "umap" and coords.shape == (60, 2) and np.isfinite(coords).all()
 
 
+def test_map_keeps_torchs_thread_count():
+    """UMAP's numba start-up would raise torch's thread count in this process (later runs then differ)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        project_2d(np.random.default_rng(0).normal(size=(60, 8)), "auto")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- a real training run ------------------------------------------------------------------------------
 
 def _independent_top_k(cfg, checkpoint: Path, queries: list[int], k: int):

@@ -147,6 +147,7 @@ def project_2d(embeddings: np.ndarray, method: str = "auto", seed: int = 0) -> t
     if method == "auto":
         method = "umap" if _importable("umap") else ("tsne" if len(x) <= TSNE_MAX_POINTS and
                                                      _importable("sklearn.manifold") else "pca")
+    threads = torch.get_num_threads()  # UMAP's numba start-up changes torch's thread count in this process
     try:
         if method == "umap":
             import umap
@@ -162,6 +163,8 @@ def project_2d(embeddings: np.ndarray, method: str = "auto", seed: int = 0) -> t
             return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x), "tsne"
     except Exception as exc:  # noqa: BLE001 - an optional library: fall back rather than lose the map
         warnings.warn(f"embedding map: {method} failed ({type(exc).__name__}: {exc}); using PCA", stacklevel=2)
+    finally:
+        torch.set_num_threads(threads)
     return _pca(x), "pca"
 
 
