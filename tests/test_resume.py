@@ -81,7 +81,7 @@ def test_resume_mid_epoch_skips_the_batches_already_trained(data, tmp_path, unin
     with the same weights."""
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(data, crashed, ["trainer.max_epochs=2", "callbacks.step_checkpoint.every_n_train_steps=5",
+        run(data, crashed, ["trainer.max_epochs=2", "callbacks.last_checkpoint.every_n_train_steps=5",
                             "+callbacks.crash._target_=ddp_probe.CrashAt", "+callbacks.crash.step=7"])
     checkpoint = crashed / "checkpoints" / "last.ckpt"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -94,6 +94,18 @@ def test_resume_mid_epoch_skips_the_batches_already_trained(data, tmp_path, unin
     assert_close_states(resumed["end_state"], uninterrupted["end_state"])
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_last_checkpoint_is_the_newest_epoch_even_without_a_new_best(data, tmp_path):
+    """Lightning's ModelCheckpoint(save_last=True) refreshes last.ckpt only when it also saved a best
+    checkpoint; here the best checkpoint is only considered at epoch 1 of 3, and last.ckpt must still
+    hold epoch 2's end, so ckpt_path=last never resumes from an older epoch."""
+    run(data, tmp_path, ["trainer.max_epochs=3", "+callbacks.model_checkpoint.every_n_epochs=2"])
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * STEPS_PER_EPOCH)
+    best = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert [p.name for p in best] == ["best-epoch001.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
 
 
 # -- the resumable training loader on its own -----------------------------------------------------------

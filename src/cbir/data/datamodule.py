@@ -303,7 +303,7 @@ class ResumableDataLoader(DataLoader):
     """The training DataLoader, whose position in the epoch travels in checkpoints.
 
     Lightning stores the ``state_dict()`` of a training loader that has one in every checkpoint, and when
-    it resumes from a checkpoint saved mid-epoch (``callbacks.step_checkpoint``, a crash handler) hands it
+    it resumes from a checkpoint saved mid-epoch (``callbacks.last_checkpoint``, a crash handler) hands it
     back before iterating; the batch sampler (:meth:`MPerClassBatchSampler.resume_at`) then starts after
     the batches already trained on. The position counts batches handed to the training loop, not the
     ones worker processes have prefetched. Iteration starts lazily, at the first batch: Lightning creates

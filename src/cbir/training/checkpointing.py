@@ -1,22 +1,31 @@
-"""Mid-epoch checkpoints, so that a crash in a long epoch loses minutes, not the epoch."""
+"""``last.ckpt``: the checkpoint ``ckpt_path=last`` resumes from, always the newest training state."""
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """Refreshes ``last.ckpt`` in ``dirpath`` every ``every_n_train_steps`` training steps; 0 turns it off
-    entirely (a plain ``ModelCheckpoint`` would still write ``last.ckpt`` when training ends).
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` in ``dirpath`` after every validation (epoch end) and, with
+    ``every_n_train_steps=N``, every N training steps, so a crash in a long epoch loses minutes, not the
+    epoch.
 
-    The checkpoint holds the training DataLoader's position, so resuming from it (``ckpt_path=...``)
-    continues the epoch at the next batch (:class:`cbir.data.datamodule.ResumableDataLoader`). It shares
-    ``last.ckpt`` with the epoch-end ``ModelCheckpoint`` (which must not version its name either), so
-    ``ckpt_path=last`` resumes from whichever was written last."""
+    Not ``ModelCheckpoint(save_last=True)``: since Lightning 2.x that refreshes ``last.ckpt`` only in
+    epochs that also saved a new best checkpoint, so after an epoch that did not improve,
+    ``ckpt_path=last`` would resume from an older epoch. The checkpoint holds the training DataLoader's
+    position, so resuming from a mid-epoch one continues the epoch at the next batch
+    (:class:`cbir.data.datamodule.ResumableDataLoader`)."""
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0) -> None:
         every_n_train_steps = int(every_n_train_steps or 0)
         if every_n_train_steps < 0:
             raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0,
-                         save_last=every_n_train_steps > 0, enable_version_counter=False)
+                         save_last=True, enable_version_counter=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
