@@ -190,8 +190,7 @@ def test_csv_run_writes_images_and_the_run_folder_layout(tiny_folder, tmp_path):
     queries = [r["query"] for r in second["rows"]]
     assert [r["query"] for r in first["rows"]] == queries  # the same queries every epoch
     assert len(queries) == NUM_QUERIES and len({r["label"] for r in second["rows"]}) == NUM_QUERIES
-    # last.ckpt holds the weights of the last epoch that improved (Lightning 2.6 refreshes "last" only
-    # with a top-k save): compare with that epoch's picture
+    # last.ckpt holds the last epoch's weights (callbacks.last_checkpoint): compare with that epoch's picture
     epoch = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
     record = (first, second)[epoch]
     picture = Image.open(out / "images" / f"retrieval_epoch{epoch:03d}.png").convert("RGB")
