@@ -6,7 +6,8 @@ ImageNet MobileNetV2 + GeM head at 64 px, batch 64, channels-last, through
 ``--repeats`` rounds. This machine has 2 cores, so the comparison is at equal CPU:
 
 - ``1 process``: 2 torch threads, 2 DataLoader workers;
-- ``2 processes``: two spawned gloo ranks (``processes=2``), 1 torch thread and 1 DataLoader worker each.
+- ``2 processes``: two spawned gloo ranks (``processes=2``), 1 torch thread each, each rank decoding its
+  own images (no DataLoader worker: a worker per rank measured slower, 5 busy processes on 2 cores).
 
 The 2-process wall time includes spawning the ranks (a fresh interpreter each, importing torch, receiving
 the model); ``startup`` is that fixed cost alone, timed on a 2-image collection, and "excluding start-up"
@@ -52,6 +53,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 K = 10
 
 
+def mapped_file_rss_mb(suffix: str) -> float:
+    """Resident pages of this process's mappings of files whose path ends with ``suffix`` (smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping header line
+                inside = line.rstrip().endswith(suffix)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
 def memory_status() -> dict:
     """RssAnon / RssFile / VmRSS of this process in MB (Linux)."""
     out = {}
@@ -87,7 +101,7 @@ def bench_extraction(args: argparse.Namespace, work: Path) -> dict:
         extract_collection(model, data, folder, num_workers=2, processes=1, **common)
 
     def two_processes(folder: Path, data=collection) -> None:
-        extract_collection(model, data, folder, num_workers=1, processes=2, **common)
+        extract_collection(model, data, folder, num_workers=0, processes=2, **common)
 
     one_process(work / "warm", tiny)  # oneDNN kernels, allocator
     variants = {"1 process x 2 threads": one_process, "2 processes x 1 thread": two_processes,
@@ -214,15 +228,18 @@ def search_child(folder: Path, nprobes: list[int], threads: int) -> None:
 
     faiss.omp_set_num_threads(threads)
     queries, exact = np.load(folder.parent / "queries.npy"), np.load(folder.parent / "exact.npy")
-    report = {"after_imports": memory_status()}
+    def status() -> dict:
+        return {**memory_status(), "lists_file_resident": mapped_file_rss_mb("lists.ivfdata")}
+
+    report = {"after_imports": status()}
     index = read_ondisk_index(folder / "index.faiss")
-    report["after_load"] = memory_status()
+    report["after_load"] = status()
     ivf, lists = faiss.extract_index_ivf(index), ondisk_lists(index)
     ivf.nprobe = nprobes[0]
     _, probed = ivf.quantizer.search(queries[:10], nprobes[0])
     probed_bytes = sum(lists.list_size(int(i)) * (lists.code_size + 8) for i in np.unique(probed))
     index.search(queries[:10], K)
-    report["after_10_queries"] = {**memory_status(), "nprobe": nprobes[0],
+    report["after_10_queries"] = {**status(), "nprobe": nprobes[0],
                                   "probed_lists_mb": round(probed_bytes / 2**20, 2)}
     rows = []
     for nprobe in nprobes:
@@ -233,7 +250,7 @@ def search_child(folder: Path, nprobes: list[int], threads: int) -> None:
             _, found = index.search(queries, K)
             runs.append(len(queries) / (time.perf_counter() - start))
         rows.append({"nprobe": nprobe, "qps": round(max(runs), 1), "qps_first_pass": round(runs[0], 1),
-                     "recall_at_10": round(recall_at_k(found, exact, K), 4), "memory": memory_status()})
+                     "recall_at_10": round(recall_at_k(found, exact, K), 4), "memory": status()})
     report["nprobe"] = rows
     print(json.dumps(report))
 
@@ -259,11 +276,12 @@ def tables(result: dict) -> str:
                   f"| {o['build_peak_rss_growth_mb']} | {o['lists_file_mb']} | {o['index_file_mb']} |",
                   "\nSearch process (separate), resident memory in MB (RssAnon = its own memory, RssFile = mapped "
                   "pages of the lists file):",
-                  "| moment | RssAnon | RssFile | VmRSS | growth since imports (anon / file) |", "|---|---|---|---|---|"]
+                  "| moment | RssAnon | RssFile | of which lists.ivfdata | VmRSS | growth since imports (anon / file) |",
+                  "|---|---|---|---|---|---|"]
         base = s["after_imports"]
 
         def line(label: str, m: dict) -> str:
-            return (f"| {label} | {m['RssAnon']} | {m['RssFile']} | {m['VmRSS']} "
+            return (f"| {label} | {m['RssAnon']} | {m['RssFile']} | {m['lists_file_resident']} | {m['VmRSS']} "
                     f"| +{m['RssAnon'] - base['RssAnon']:.1f} / +{m['RssFile'] - base['RssFile']:.1f} |")
 
         for key in ("after_imports", "after_load", "after_10_queries"):
@@ -303,6 +321,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cbir-scale-", dir=args.cache))
     result = {"benchmark": "scale", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": list(os.getloadavg())}
+    if args.out.is_file():  # a part not rerun keeps its earlier result, marked as such
+        earlier = json.loads(args.out.read_text())
+        for part, key in (("extract", "extraction"), ("ondisk", "ondisk")):
+            if part not in args.parts and key in earlier:
+                result[key] = {**earlier[key], "from_earlier_run": {
+                    "started": earlier.get("started"), "load_average_at_start": earlier.get("load_average_at_start"),
+                    "load_average_at_end": earlier.get("load_average_at_end")}}
     try:
         if "extract" in args.parts:
             result["extraction"] = bench_extraction(args, work)
