@@ -74,3 +74,23 @@ def tiny_train_overrides(data_root: Path, output_dir: Path) -> list[str]:
         "head.dim=16", "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", f"paths.output_dir={output_dir}",
     ]
+
+
+def clustered(n: int, dim: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``centres`` random centres: data an IVF index can partition."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim))
+    x = means[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Tiny indexes: OpenMP threads only spin-wait on a shared machine (6x slower wall time measured).
+    Index test modules use it with ``pytestmark = pytest.mark.usefixtures("one_faiss_thread")``."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

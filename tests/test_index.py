@@ -16,21 +16,9 @@ from cbir.index.builder import (IndexOptions, RecallProbe, choose_kind, drop_sel
                                 recall_at_k, torch_exact_search)
 from cbir.index.store import CbirIndex, DimensionMismatchError, IndexFilesError, load_index
 
+from conftest import clustered
 
-def clustered(n: int, dim: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    means = rng.standard_normal((centres, dim))
-    x = means[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny indexes: OpenMP threads only spin-wait on a shared machine (6x slower wall time measured)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

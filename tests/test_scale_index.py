@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, clustered, compose_config, write_class_images
 
 from cbir.errors import ConfigError
 from cbir.index import builder, distributed, load_index, ondisk, read_collection, store
@@ -28,7 +28,8 @@ from cbir.index.ondisk import ReadOnlyIndexError, VectorShards, build_ondisk_cbi
 from cbir.index.pipeline import build_collection_index
 from cbir.index.store import IndexFilesError
 from cbir.models.embedder import build_embedder
-from tests.conftest import write_class_images
+
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +43,6 @@ def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scale") / "images"
     write_class_images(root, num_classes=4, per_class=5, size=24)
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
-def clustered(n: int, dim: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    means = rng.standard_normal((centres, dim))
-    x = means[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def write_shards(folder: Path, vectors: np.ndarray, sizes: list[int]) -> list[Path]:
