@@ -3,6 +3,8 @@ optimiser group, survive a resume and stay out of the exported model; cross-batc
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,26 @@ def test_cross_batch_memory_wraps_loss_and_miner(loss, tiny_folder, tmp_path, em
     for step in range(2):
         assert torch.isfinite(module.training_step(batch, step))
     assert module.loss_fn.queue_idx == 2 * len(batch["label"])  # both batches are in the memory
+
+
+def test_cross_batch_memory_queue_position_travels_in_checkpoints(tiny_folder, tmp_path, embedder, batch):
+    """The memory rows are buffers; the write position and the wrapped-round flag must come back too,
+    or a resumed run ignores the restored rows until the queue wraps again."""
+    cfg = compose_config("train", _overrides(tiny_folder, tmp_path, "loss=triplet", "loss.xbm=true",
+                                             "loss.xbm_memory_size=64"))
+    module = factory.build_module(cfg, embedder)
+    steps = 64 // len(batch["label"]) + 1  # wraps round once
+    for step in range(steps):
+        module.training_step(batch, step)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+
+    restored = factory.build_module(cfg, copy.deepcopy(embedder))
+    restored.load_state_dict(checkpoint["state_dict"])
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.loss_fn.has_been_filled and module.loss_fn.has_been_filled
+    assert restored.loss_fn.queue_idx == module.loss_fn.queue_idx == (steps * len(batch["label"])) % 64
+    assert torch.equal(restored.loss_fn.embedding_memory, module.loss_fn.embedding_memory)
 
 
 def test_fast_dev_run_with_cross_batch_memory(tiny_folder, tmp_path):

@@ -102,6 +102,29 @@ class MetricLearningModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [BackboneWarmup(self.warmup_epochs)] if self.warmup_epochs > 0 else []
 
+    # -- checkpoint extras ---------------------------------------------------------------------------
+    QUEUE_STATE_KEY = "cross_batch_memory_queues"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Cross-batch memory's rows are buffers (in the state dict), but its write position and
+        whether it has wrapped round are plain attributes: without them a resumed run would ignore the
+        restored rows until the queue wrapped again."""
+        queues = {name: {"queue_idx": int(m.queue_idx), "has_been_filled": bool(m.has_been_filled)}
+                  for name, m in self._cross_batch_memories()}
+        if queues:
+            checkpoint[self.QUEUE_STATE_KEY] = queues
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.QUEUE_STATE_KEY, {})
+        for name, memory in self._cross_batch_memories():
+            if name in saved:
+                memory.queue_idx = int(saved[name]["queue_idx"])
+                memory.has_been_filled = bool(saved[name]["has_been_filled"])
+
+    def _cross_batch_memories(self) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in self.named_modules()
+                if hasattr(m, "queue_idx") and hasattr(m, "has_been_filled") and hasattr(m, "embedding_memory")]
+
     def training_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Batch labels as the loss sees them: 0..C-1 over the training classes when those are known."""
         if self.label_map is None:
