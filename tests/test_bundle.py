@@ -95,6 +95,19 @@ def test_export_entry_point_writes_a_bundle(tiny_checkpoint, tmp_path):
     assert "checkpoint" in bundle.manifest["source"]
 
 
+def test_export_refuses_to_run_under_a_launcher(tmp_path, monkeypatch):
+    """Every torchrun rank would write the same bundle folder: a clear error naming the alternative."""
+    from cbir.errors import ConfigError
+    from cbir.export.run import export
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = compose_config("export", ["model=resnet18", "model.pretrained=none", f"out={tmp_path / 'bundle'}"])
+    with pytest.raises(ConfigError, match="index.processes=2"):
+        export(cfg)
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_export_refuses_a_nonempty_folder_and_leaves_no_staging(tmp_path):
     embedder, model_cfg = _embedder()
     (tmp_path / "b").mkdir()

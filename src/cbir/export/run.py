@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cbir import factory
+from cbir.errors import ConfigError
 from cbir.export.bundle import export_bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 def export(cfg: DictConfig) -> Path:
     """Write the bundle to ``cfg.out``; with ``cfg.index.collection`` also build its index."""
+    _refuse_launched_ranks()
     if cfg.get("ckpt_path"):
         ckpt = factory.resolve_checkpoint(cfg.ckpt_path)  # a run folder → its best checkpoint
         embedder, model_config = factory.load_checkpoint_model(ckpt)
@@ -41,6 +43,18 @@ def export(cfg: DictConfig) -> Path:
         index = build_bundle_index(bundle, index_cfg.collection, index_cfg.out, **options)
         print(f"index: {len(index)} images → {index_cfg.out}")
     return out
+
+
+def _refuse_launched_ranks() -> None:
+    """Under ``torchrun`` every rank would write the same bundle folder at once: export runs as one
+    process and spawns its own extraction ranks (``index.processes=N``)."""
+    from cbir.index.distributed import launched_rank
+
+    launched = launched_rank()
+    if launched is not None:
+        raise ConfigError(f"export.py runs as one process, not under a launcher (this is rank {launched.rank} of "
+                          f"{launched.world}); share the index extraction with index.processes={launched.world}, "
+                          f"or build the index with `torchrun ... -m cbir.cli index build`")
 
 
 def describe_bundle(bundle) -> str:
