@@ -108,6 +108,15 @@ def test_last_checkpoint_is_the_newest_epoch_even_without_a_new_best(data, tmp_p
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
 
 
+def test_last_checkpoint_is_written_each_epoch_without_validation(data, tmp_path):
+    """No validation (limit_val_batches=0): a crash as epoch 1 begins still finds epoch 0's last.ckpt."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(data, tmp_path, ["trainer.max_epochs=2", "trainer.limit_val_batches=0", "callbacks.model_checkpoint=null",
+                             "+callbacks.crash._target_=ddp_probe.CrashAt", f"+callbacks.crash.step={STEPS_PER_EPOCH}"])
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == STEPS_PER_EPOCH
+
+
 # -- the resumable training loader on its own -----------------------------------------------------------
 
 

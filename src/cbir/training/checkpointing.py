@@ -8,7 +8,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Writes ``last.ckpt`` in ``dirpath`` after every validation (epoch end) and, with
+    """Writes ``last.ckpt`` in ``dirpath`` at the end of every epoch (or every validation) and, with
     ``every_n_train_steps=N``, every N training steps, so a crash in a long epoch loses minutes, not the
     epoch.
 
@@ -25,7 +25,20 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0,
                          save_last=True, enable_version_counter=False)
 
+    # when ModelCheckpoint saves an epoch's checkpoint: at the training epoch's end (validation has run by
+    # then; also the only moment when there is no validation), or at each validation end when validation
+    # runs several times per epoch or every few epochs
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_newest(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_newest(trainer)
+
+    def _save_newest(self, trainer: pl.Trainer) -> None:
+        """Always, unlike ModelCheckpoint's own check, which also skips a step a step checkpoint just saved:
+        the epoch-end state (epoch finished, validation metrics) is the newer one."""
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING:
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
