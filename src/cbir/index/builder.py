@@ -139,7 +139,9 @@ def plan_index(n: int, dim: int, options: IndexOptions, ondisk: bool = True) -> 
 
 def gpu_available() -> bool:
     """faiss built with GPU support and a GPU visible to it."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    from cbir.index.gpu import gpu_count
+
+    return gpu_count() > 0
 
 
 def use_gpu_for(kind: str, options: IndexOptions | None = None) -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 from cbir.errors import CbirError, ConfigError
 from cbir.index.collection import Collection
 from cbir.index.extract import (Extraction, _extract_shards, _gather, _prepare_work_dir, default_device,
-                                extraction_manifest, unfinished_shards)
+                                extraction_manifest, images_in_shards, shard_count, unfinished_shards)
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,14 @@ def run_rank(me: Rank, model: nn.Module, collection: Collection, work: Path, *, 
         dist.init_process_group("gloo", init_method=init_method, rank=me.rank, world_size=me.world)
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     try:
-        num_shards = -(-len(collection) // shard_size)
+        num_shards = shard_count(len(collection), shard_size)
         todo = _agree_on_shards(me, model, collection, work, shard_size=shard_size, batch_size=batch_size,
                                 bf16=bf16, resume=resume, num_shards=num_shards, group=group)
         mine = todo[me.rank::me.world]
         failure, error = None, None
         try:
             if mine:
-                images = sum(min(shard_size, len(collection) - s * shard_size) for s in mine)
+                images = images_in_shards(mine, len(collection), shard_size)
                 _extract_shards(model, collection, work, mine, batch_size=batch_size, num_workers=num_workers,
                                 shard_size=shard_size, device=device, channels_last=channels_last, bf16=bf16,
                                 progress=progress and me.rank == 0, done_images=0, total=images,
@@ -199,7 +199,7 @@ def spawn_extraction(model: nn.Module, collection: Collection, work: Path, *, pr
                                          "to resume") from None
     finally:
         shutil.rmtree(rendezvous, ignore_errors=True)
-    num_shards = -(-len(collection) // options["shard_size"])
+    num_shards = shard_count(len(collection), options["shard_size"])
     return _gather(work, collection, num_shards, load_embeddings)
 
 

@@ -131,9 +131,9 @@ def extract_collection(model: nn.Module, collection: Collection, work_dir: str |
     device = device or default_device()
     manifest = extraction_manifest(model, collection, shard_size=shard_size, batch_size=batch_size, bf16=bf16)
     _prepare_work_dir(work, manifest, resume)
-    num_shards = -(-len(collection) // shard_size)
+    num_shards = shard_count(len(collection), shard_size)
     todo = unfinished_shards(work, num_shards)
-    done_images = sum(min(shard_size, len(collection) - s * shard_size) for s in range(num_shards) if s not in todo)
+    done_images = images_in_shards([s for s in range(num_shards) if s not in todo], len(collection), shard_size)
     if todo:
         if done_images:
             log.info("extraction: resuming, %d of %d shards already done", num_shards - len(todo), num_shards)
@@ -155,6 +155,16 @@ def extraction_manifest(model: nn.Module, collection: Collection, *, shard_size:
         "bf16": bool(bf16),
         "embedding_dim": int(model.embedding_dim),
     }
+
+
+def shard_count(images: int, shard_size: int) -> int:
+    """Shards of ``shard_size`` images (the last one shorter) a collection of ``images`` is cut into."""
+    return -(-images // shard_size)
+
+
+def images_in_shards(shards: list[int], images: int, shard_size: int) -> int:
+    """How many of the collection's ``images`` fall in ``shards``."""
+    return sum(min(shard_size, images - s * shard_size) for s in shards)
 
 
 def unfinished_shards(work: Path, num_shards: int) -> list[int]:

@@ -15,6 +15,7 @@ import faiss
 
 
 def gpu_count() -> int:
+    """GPUs faiss can use: 0 for a faiss built without GPU support."""
     return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
 
 
@@ -31,4 +32,3 @@ def clone_to_gpus(index: faiss.Index, shard: bool = True) -> tuple[str, faiss.In
     gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
     gpu_index.referenced_resources = resources  # keep the GPU memory pool alive
     return "faiss-gpu", gpu_index
-

@@ -111,29 +111,25 @@ class VectorShards:
 
     def blocks(self, block_vectors: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vectors, ids) of consecutive blocks of about ``block_vectors`` rows (whole shards, at least one)."""
-        vectors, ids, size = [], [], 0
-        for path, shard_ids in zip(self.files, self.ids):
-            vectors.append(np.load(path, mmap_mode="r"))
-            ids.append(shard_ids)
-            size += len(shard_ids)
-            if size >= block_vectors:
-                yield np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32), np.concatenate(ids)
-                vectors, ids, size = [], [], 0
-        if vectors:
-            yield np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32), np.concatenate(ids)
+        for group in self._block_groups(block_vectors):
+            vectors = np.concatenate([np.load(self.files[shard], mmap_mode="r") for shard in group])
+            yield np.ascontiguousarray(vectors, dtype=np.float32), np.concatenate([self.ids[s] for s in group])
 
     def block_count(self, block_vectors: int) -> int:
-        return sum(1 for _ in self._block_bounds(block_vectors))
+        return sum(1 for _ in self._block_groups(block_vectors))
 
-    def _block_bounds(self, block_vectors: int) -> Iterator[int]:
-        size = 0
-        for length in self.lengths:
+    def _block_groups(self, block_vectors: int) -> Iterator[list[int]]:
+        """The shard numbers of each block: shards are taken in order until the block holds
+        ``block_vectors`` rows."""
+        group, size = [], 0
+        for shard, length in enumerate(self.lengths):
+            group.append(shard)
             size += int(length)
             if size >= block_vectors:
-                yield size
-                size = 0
-        if size:
-            yield size
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by inner product over all shards, one block at a time (scores, global positions)."""
