@@ -12,7 +12,6 @@ failure to draw warns instead of stopping training.
 from __future__ import annotations
 
 import colorsys
-import json
 import logging
 import os
 import tempfile
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY, load_record
 from cbir.evaluation.metrics import unique_by_id
+from cbir.evaluation.report import write_json
 from cbir.search import Hit, render_grid
 
 log = logging.getLogger(__name__)
@@ -273,10 +273,6 @@ def write_atomic(path: Path, write: Callable) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, lambda out: out.write(json.dumps(data, indent=1).encode()))
 
 
 class _Visual(pl.Callback):
