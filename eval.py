@@ -1,7 +1,6 @@
-"""Evaluate retrieval: ``python eval.py ckpt_path=outputs/.../checkpoints/best.ckpt``. See conf/eval.yaml."""
+"""Evaluate retrieval: ``python eval.py ckpt_path=outputs/.../checkpoints/best.ckpt``. See cbir/conf/eval.yaml."""
 
-from cbir.entry import run_hydra
-from cbir.evaluation.run import evaluate
+from cbir.commands.eval import main
 
 if __name__ == "__main__":
-    run_hydra("eval", evaluate)
+    main()

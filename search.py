@@ -1,9 +1,9 @@
 """Find the images most similar to a query: ``python search.py bundle=bundle/ query=photo.jpg k=10``.
-See conf/search.yaml (plain ``key=value`` arguments; ``--json`` also works)."""
+See cbir/conf/search.yaml (``key=value`` arguments; ``--json`` also works)."""
 
 import sys
 
-from cbir.cli import search_main
+from cbir.commands.search import main
 
 if __name__ == "__main__":
-    sys.exit(search_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,6 @@
-"""Train an embedding model: ``python train.py model=resnet34 loss=triplet``. See conf/train.yaml."""
+"""Train an embedding model: ``python train.py model=resnet34 loss=triplet``. See cbir/conf/train.yaml."""
 
-from cbir.entry import run_hydra
-from cbir.training.run import train
+from cbir.commands.train import main
 
 if __name__ == "__main__":
-    run_hydra("train", train)
+    main()

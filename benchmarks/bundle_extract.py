@@ -15,7 +15,6 @@ emoji test split: 4,152 PNG files), three ways, interleaved over ``--repeats`` r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,13 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cbir.data.datamodule import load_image  # noqa: E402
+from cbir.data.images import load_image  # noqa: E402
 from cbir.evaluation.report import write_json  # noqa: E402
 from cbir.export.bundle import export_bundle, load_bundle  # noqa: E402
 from cbir.index.collection import read_collection  # noqa: E402

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 import multiprocessing
@@ -34,11 +33,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cbir.data.datamodule import load_record
-from cbir.data.emoji import read_emoji
+from cbir.configs import config_dir
+from cbir.data.images import load_record
+from cbir.data.readers.emoji import read_emoji
 from cbir.data.transforms import eval_transform
 from cbir.evaluation.metrics import retrieval_metrics
-from cbir.factory import load_embedder_checkpoint
+from cbir.evaluation.report import write_json
+from cbir.models.checkpoint import load_embedder_checkpoint
 from cbir.models.embedder import Embedder, build_embedder
 from cbir.models.inference import embed, prepare_for_inference
 from cbir.preprocess import build_preprocessor, measure
@@ -53,12 +54,12 @@ CLEAN = Degradation("clean", lambda image, seed=0: image)
 
 
 def load_option(name: str):
-    """The preprocessor of ``conf/preprocess/<name>.yaml`` (the same file Hydra composes), or a variant."""
+    """The preprocessor of ``cbir/conf/preprocess/<name>.yaml`` (the same file Hydra composes), or a variant."""
     import yaml
 
     if name in VARIANTS:
         return build_preprocessor(VARIANTS[name])
-    return build_preprocessor(yaml.safe_load((ROOT / "conf" / "preprocess" / f"{name}.yaml").read_text()))
+    return build_preprocessor(yaml.safe_load((config_dir() / "preprocess" / f"{name}.yaml").read_text()))
 
 
 def _init_worker() -> None:
@@ -150,13 +151,6 @@ def auto_table(steps: dict, degradations: list[str], count: int) -> str:
 
 def _percent(n: int, count: int) -> str:
     return f"{100 * n / count:.0f}%" if 100 * n >= count else f"{n} of {count}"
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,9 @@ are random (speed does not depend on them), so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from cbir.evaluation.report import write_json
 from cbir.models.embedder import build_embedder
 from cbir.models.inference import embed, prepare_for_inference
 
@@ -154,13 +152,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(format_table(rows))
     if args.out:
-        write_json_atomic(args.out, {
+        write_json(args.out, {
             "model": args.model, "size": args.size, "batch": args.batch, "iters": args.iters,
             "warmup": args.warmup, "device": args.device, "device_name": device_name,
             "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from cbir.entry import config_dir
-from cbir.training.run import train
+from cbir.commands.train import train
+from cbir.configs import config_dir
+from cbir.evaluation.report import write_json
 
 METRICS = ("map_at_r", "precision_at_1", "recall_at_8")
 
@@ -83,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             print(f"head={head} seed={seed}: MAP@R {100 * run['trained']['map_at_r']:.2f} "
                   f"(untrained {100 * run['untrained']['map_at_r']:.2f}), {run['wall_seconds']:.0f}s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"runs": runs, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+            write_json(args.out, {"runs": runs, "args": {k: str(v) for k, v in vars(args).items()}})
     table = summarise(runs)
     print("\nEmoji zero-shot (test classes, all-vs-all), " f"{args.epochs} epochs, seeds {args.seeds}:\n{table}")
-    args.out.write_text(json.dumps({"runs": runs, "table": table,
-                                    "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    write_json(args.out, {"runs": runs, "table": table, "args": {k: str(v) for k, v in vars(args).items()}})
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cbir.evaluation.report import write_json
 from cbir.index.builder import IndexOptions, build_index, exact_search, recall_at_k
 
 K = 10
@@ -199,7 +200,6 @@ def main() -> None:
     rows, started = [], time.time()
 
     def save(new_rows: list[dict]) -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {"benchmark": "index", "k": K, "target_recall": args.target_recall, "threads": args.threads,
                   "faiss": faiss.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                   "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
@@ -207,7 +207,7 @@ def main() -> None:
                   "generator": "clustered_embeddings(n, dim=512, centres=4096, seed=0, latent=64, noise=0.55, "
                                "zipf=1.1); queries: query_seed=12345",
                   "rows": rows + new_rows}
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
     load_at_start = os.getloadavg()
     for name in args.datasets:

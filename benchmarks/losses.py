@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cbir.configs import config_dir
+from cbir.evaluation.report import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ["contrastive", "triplet", "multi_similarity", "proxy_anchor", "arcface"]
 CROSS_VENDOR = ["protocol=cross_vendor", "data.reader.skin_tones=false"]
@@ -50,8 +53,9 @@ def python(script: str, overrides: list[str], out: Path) -> float:
 
 
 def evaluate(overrides: list[str], out: Path) -> dict:
+    """``eval.py``'s metrics: the one row of its ``eval.json`` (``{"protocol", "results": {model: metrics}}``)."""
     python("eval.py", [*overrides, *QUIET], out)
-    return json.loads((out / "eval.json").read_text())["metrics"]
+    return next(iter(json.loads((out / "eval.json").read_text())["results"].values()))
 
 
 def train(overrides: list[str], out: Path) -> dict:
@@ -90,7 +94,7 @@ def fmnist_run(loss: str, head: str, seed: int, extra: list[str], tmp: Path) -> 
 
 
 def handcrafted_available() -> bool:
-    return (ROOT / "conf" / "model" / "handcrafted.yaml").is_file()
+    return (config_dir() / "model" / "handcrafted.yaml").is_file()
 
 
 def pct(metrics: dict | None, key: str) -> str:
@@ -170,16 +174,9 @@ def missing_reason(key: str) -> str | None:
     if key.endswith("/handcrafted") and not handcrafted_available():
         return "conf/model/handcrafted.yaml not there yet"
     loss = key.split("/")[1] if key.count("/") == 2 else None
-    if loss and not (ROOT / "conf" / "loss" / f"{loss}.yaml").is_file():
+    if loss and not (config_dir() / "loss" / f"{loss}.yaml").is_file():
         return f"conf/loss/{loss}.yaml not there yet"
     return None
-
-
-def write(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[key]["seconds"] = time.perf_counter() - started
             print(f"{key}: " + json.dumps({k: v for k, v in runs[key].items() if k in ("missing", "seconds")}
                                           | {"map_at_r": (runs[key].get("test") or {}).get("map_at_r")}), flush=True)
-            write(args.out, {"runs": runs, "args": {k: str(v) for k, v in vars(args).items()}})
+            write_json(args.out, {"runs": runs, "args": {k: str(v) for k, v in vars(args).items()}})
     caption = (f"Emoji zero-shot test split (956 unseen classes, 4,152 images, all-vs-all; cross-vendor: base emoji, "
                f"Google ↔ Twitter), ImageNet MobileNetV2, {args.epochs} epochs per loss, batch 128 (M=4), 64 px, "
                f"seed {args.seed}, final weights; {os.cpu_count()} shared CPUs, load average "
@@ -220,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fmnist:
         text += ("\n\nFashion-MNIST, 10k test queries vs 60k train gallery, 32 px, 1 epoch:\n\n" + fmnist_table(runs))
     print("\n" + text)
-    write(args.out, {"caption": caption, "table": text, "runs": runs,
-                     "args": {k: str(v) for k, v in vars(args).items()}})
+    write_json(args.out, {"caption": caption, "table": text, "runs": runs,
+                          "args": {k: str(v) for k, v in vars(args).items()}})
     return 0
 
 

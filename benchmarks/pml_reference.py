@@ -37,11 +37,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from cbir import factory
-from cbir.data.datamodule import collate_records
+from cbir.configs import config_dir
+from cbir.data.datasets import collate_records
 from cbir.data.sampler import MPerClassBatchSampler
-from cbir.entry import config_dir
-from cbir.factory import model_config
+from cbir.evaluation.report import write_json
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.training import factory
+from cbir.training.factory import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = (("map_at_r", "MAP@R"), ("precision_at_1", "P@1"), ("recall_at_8", "R@8"))
@@ -58,13 +60,14 @@ def compose_train(overrides: list[str]):
 
 
 def evaluate_checkpoint(ckpt: Path, out: Path) -> dict:
-    """Our ``eval.py`` on the emoji test split (all-vs-all), fp32, as users run it."""
+    """Our ``eval.py`` on the emoji test split (all-vs-all), fp32, as users run it: the metrics of the one
+    row of its ``eval.json`` (``{"protocol", "results": {model: metrics}}``)."""
     command = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", "data=emoji",
                "trainer.precision=32-true", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"eval.py failed on {ckpt}:\n{proc.stderr[-3000:]}")
-    return json.loads((out / "eval.json").read_text())["metrics"]
+    return next(iter(json.loads((out / "eval.json").read_text())["results"].values()))
 
 
 def pml_accuracy(embedder: nn.Module, dataset) -> dict:
@@ -78,7 +81,8 @@ def pml_accuracy(embedder: nn.Module, dataset) -> dict:
         dataloader_num_workers=2, data_and_label_getter=lambda b: (b["image"], b["label"]))
     accuracies = tester.test({"test": dataset}, 1, embedder, nn.Identity(), splits_to_eval=[("test", ["test"])])
     values = accuracies["test"]
-    return {"map_at_r": values["mean_average_precision_at_r_level0"], "precision_at_1": values["precision_at_1_level0"]}
+    return {"map_at_r": float(values["mean_average_precision_at_r_level0"]),
+            "precision_at_1": float(values["precision_at_1_level0"])}
 
 
 def run_theirs(epochs: int, seed: int, out: Path, limit: int | None = None, tester: bool = False) -> dict:
@@ -164,7 +168,7 @@ def run_ours(epochs: int, seed: int, out: Path, extra: list[str], tester: bool =
         return result
     cfg = compose_train(recipe(epochs, seed) + [f"paths.output_dir={out}"])
     catalog = factory.build_catalog(cfg.data)
-    embedder = factory.load_embedder_checkpoint(ckpt).eval()
+    embedder = load_embedder_checkpoint(ckpt).eval()
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
     test_set = datamodule._dataset(catalog.select("test"), datamodule.eval_tf)
     return result | {"pml_tester": pml_accuracy(embedder, test_set)}
@@ -229,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_ours_over_theirs": {
                    "map_at_r": ours["metrics"]["map_at_r"] / theirs["metrics"]["map_at_r"] if ours["metrics"] else None,
                    "train_images_per_second": ours["train_images_per_second"] / theirs["train_images_per_second"]}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2, default=str))
-    tmp_out.replace(args.out)
+    write_json(args.out, payload)
     return 0
 
 

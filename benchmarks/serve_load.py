@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from cbir.evaluation.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +42,11 @@ def build_bundle(work: Path, collection_size: int, image_size: int) -> Path:
         return bundle_dir
     from hydra import compose, initialize_config_dir
 
-    from cbir.data.formats import read_fashion_mnist
-    from cbir.entry import config_dir
+    from cbir.configs import config_dir
+    from cbir.data.readers.fashion_mnist import read_fashion_mnist
     from cbir.export.bundle import export_bundle, load_bundle
-    from cbir.factory import build_embedder_from_config, model_config
     from cbir.index import build_bundle_index
+    from cbir.training.factory import build_embedder_from_config, model_config
 
     catalog = read_fashion_mnist(download=False)
     collection = work / f"collection_{collection_size}"
@@ -70,7 +70,7 @@ def build_bundle(work: Path, collection_size: int, image_size: int) -> Path:
 
 
 def query_uploads(count: int) -> list[bytes]:
-    from cbir.data.formats import read_fashion_mnist
+    from cbir.data.readers.fashion_mnist import read_fashion_mnist
 
     train = read_fashion_mnist(download=False).arrays["train"]
     uploads = []
@@ -222,10 +222,7 @@ def main() -> None:
             "loadavg_after": os.getloadavg(), "busiest_processes_at_start": busy},
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(f"\nwrote {args.out}")
     if result["total_errors"]:
         sys.exit(1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from cbir.evaluation.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (channels_last, bf16)
@@ -111,8 +112,8 @@ def loader_only_speed(dataset: str, batches: int = 10) -> float:
     augmentation, resize, normalise, collate. Compare with the model's img/s to see which one limits."""
     from hydra import compose, initialize_config_dir
 
-    from cbir import factory
-    from cbir.entry import config_dir
+    from cbir.configs import config_dir
+    from cbir.training import factory
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"data={dataset}", "model.pretrained=none",
@@ -190,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
               f"M=16; {args.batches} batches per train.py run, best of {args.repeats} interleaved rounds; "
               f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(f"\n{header}\n{text}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if loader_speed:
         text += "\n\nInput pipeline alone (one process, no workers): " + ", ".join(
             f"{d} {v:.0f} img/s" for d, v in loader_speed.items())
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
                            "load_average_start": load_before, "load_average_end": os.getloadavg()},
                "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - started}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, payload)
     return 0
 
 

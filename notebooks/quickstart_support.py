@@ -79,7 +79,7 @@ def build_standin(out_dir: str | Path, data: str = "auto", gallery_size: int = S
 
 def fashion_mnist_available() -> bool:
     """True when Fashion-MNIST's files are on this machine (nothing is downloaded to find out)."""
-    from cbir.data.formats import read_fashion_mnist
+    from cbir.data.readers.fashion_mnist import read_fashion_mnist
 
     try:
         read_fashion_mnist(download=False)

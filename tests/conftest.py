@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from cbir.entry import config_dir
+from cbir.configs import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

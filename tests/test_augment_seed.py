@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import pytest
 import torch
 
-from cbir import factory
+from cbir.training import factory
 
 from conftest import compose_config, tiny_train_overrides
 

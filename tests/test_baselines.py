@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cbir import factory
+from cbir.training import factory
 from cbir.data.transforms import eval_transform
 from cbir.errors import ConfigError
-from cbir.evaluation.baselines import DescriptorOptions, HandcraftedDescriptor, HandcraftedEmbedder, \
+from cbir.models.handcrafted import DescriptorOptions, HandcraftedDescriptor, HandcraftedEmbedder, \
     build_handcrafted_embedder
 from cbir.evaluation.metrics import retrieval_metrics
-from cbir.evaluation.run import evaluate
-from cbir.training.run import train
+from cbir.commands.eval import evaluate
+from cbir.commands.train import train
 
 from conftest import ROOT, compose_config
 
@@ -147,8 +147,8 @@ def test_eval_runs_the_handcrafted_model_on_a_folder(tiny_folder, tmp_path):
                                   "model.image_size=32", f"paths.output_dir={tmp_path}"])
     metrics = evaluate(cfg)
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["metrics"]["map_at_r"] == pytest.approx(metrics["map_at_r"])
-    assert "handcrafted" in saved["model"]
+    assert only_row(saved)["map_at_r"] == pytest.approx(metrics["map_at_r"])
+    assert "handcrafted" in next(iter(saved["results"]))  # the row is named after the model
     # the fixture's classes differ in colour and stripe width: the descriptor tells them apart
     assert metrics["precision_at_1"] >= 0.9
 
@@ -187,3 +187,9 @@ def test_train_py_handcrafted_prints_one_line(tiny_folder, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "nothing to train" in errors[0] and "eval.py model=handcrafted" in errors[0]
+
+
+def only_row(saved: dict) -> dict:
+    """The metrics of a results JSON with one row (eval.json: {"protocol", "results": {model: metrics}})."""
+    (metrics,) = saved["results"].values()
+    return metrics

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset, load_image
-from cbir.data.formats import read_cars196, read_cub200, read_inshop, read_sop
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset
+from cbir.data.images import load_image
+from cbir.data.readers.cars196 import read_cars196
+from cbir.data.readers.cub200 import read_cub200
+from cbir.data.readers.inshop import read_inshop
+from cbir.data.readers.sop import read_sop
 from cbir.errors import BadImageError, DataError
 
 from fixtures_benchmarks import IMAGE_SIZE, write_cars196, write_cub200, write_inshop, write_sop

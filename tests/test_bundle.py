@@ -14,8 +14,9 @@ from conftest import ROOT, compose_config, tiny_train_overrides
 
 from cbir import load_bundle
 from cbir.export.bundle import BundleError, export_bundle
-from cbir.factory import build_embedder_from_config, load_checkpoint_model, model_config
-from cbir.training.run import train
+from cbir.models.checkpoint import load_checkpoint_model
+from cbir.training.factory import build_embedder_from_config, model_config
+from cbir.commands.train import train
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_export_entry_point_writes_a_bundle(tiny_checkpoint, tmp_path):
 def test_export_refuses_to_run_under_a_launcher(tmp_path, monkeypatch):
     """Every torchrun rank would write the same bundle folder: a clear error naming the alternative."""
     from cbir.errors import ConfigError
-    from cbir.export.run import export
+    from cbir.commands.export import export
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -157,7 +158,7 @@ def test_damaged_bundles_are_clear_errors(tmp_path):
 
 def test_run_folder_resolves_to_its_best_checkpoint(tiny_checkpoint, tmp_path):
     from cbir.errors import CheckpointError
-    from cbir.factory import resolve_checkpoint
+    from cbir.models.checkpoint import resolve_checkpoint
 
     run = tiny_checkpoint.parent.parent
     assert resolve_checkpoint(run) == tiny_checkpoint

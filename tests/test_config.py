@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from cbir import factory
-from cbir.entry import config_dir
+from cbir.training import factory
+from cbir.configs import config_dir
 
 from conftest import compose_config, tiny_train_overrides
 
@@ -55,12 +55,11 @@ def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
 def _check_export_option(group: str, option: str, tmp_path: Path) -> None:
     """Index options are IndexOptions fields (+ extraction settings); preprocess options build."""
     import dataclasses
-    import inspect
 
     from omegaconf import OmegaConf
 
     from cbir.index.builder import IndexOptions
-    from cbir.index.pipeline import build_collection_index
+    from cbir.index.shards import ExtractionOptions
     from cbir.preprocess import build_preprocessor
 
     cfg = compose_config("export", [f"{group}={option}", f"out={tmp_path / 'bundle'}"])
@@ -69,7 +68,7 @@ def _check_export_option(group: str, option: str, tmp_path: Path) -> None:
         assert build_preprocessor(node).describe() is not None
         return
     fields = {f.name for f in dataclasses.fields(IndexOptions)}
-    extraction = set(inspect.signature(build_collection_index).parameters)
+    extraction = ExtractionOptions.field_names()
     unknown = set(node) - fields - extraction - {"collection", "out"}
     assert not unknown, f"index={option}: keys neither index options nor extraction settings: {unknown}"
     assert IndexOptions(**{k: v for k, v in node.items() if k in fields}).kind == node["kind"]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from cbir.evaluation.run import evaluate
+from cbir.commands.eval import evaluate
 from cbir.training.distributed import TrainingLoss, gathers_global_batch
 
 from conftest import ROOT, compose_config
@@ -135,7 +135,8 @@ def test_ddp_training_and_validation_equal_single_process(odd_data, tmp_path):
     launch("eval.py", data_overrides(odd_data) + [
         f"ckpt_path={checkpoint}", "protocol=val", "trainer=ddp_cpu", "trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path / 'eval_ddp'}"])
-    ddp_eval = json.loads((tmp_path / "eval_ddp" / "eval.json").read_text())["metrics"]
+    ddp_eval = json.loads((tmp_path / "eval_ddp" / "eval.json").read_text())["results"]
+    (ddp_eval,) = ddp_eval.values()
     for name, value in single.items():
         assert ddp_eval[name] == pytest.approx(value, abs=TOL), name
 

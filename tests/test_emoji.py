@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data import emoji
-from cbir.data.emoji import fetch_emoji, read_emoji
+from cbir.data.readers import emoji
+from cbir.data.readers.emoji import fetch_emoji, read_emoji
 from cbir.errors import DataError
 
 # (unified, skin variations) — five base emoji, one with two skin tones; code points deliberately unsorted
@@ -143,7 +143,7 @@ def test_cross_vendor_protocol_averages_both_directions(tmp_path, tiny_folder):
     """eval.py protocol=cross_vendor: queries one vendor, gallery the other, both directions averaged."""
     from conftest import compose_config
 
-    from cbir.evaluation.run import evaluate
+    from cbir.commands.eval import evaluate
 
     root = write_unpacked(tmp_path / "emoji")
     common = ["data=emoji", f"data.root={root}", "data.reader.fetch=false", "data.image_size=32",

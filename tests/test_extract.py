@@ -12,9 +12,10 @@ import torch
 
 from cbir.cli import main as cbir_main
 from cbir.errors import DataError
-from cbir.index import add_to_index, build_collection_index, extract, load_index, read_collection
-from cbir.index.collection import NO_LABEL
-from cbir.index.extract import ExtractionMismatchError, extract_collection
+from cbir.index import add_to_index, build_collection_index, load_index, read_collection, shards
+from cbir.data.catalog import NO_LABEL
+from cbir.index.errors import ExtractionMismatchError
+from cbir.index.extract import extract_collection
 from cbir.models.embedder import build_embedder
 from cbir.models.inference import embed as real_embed
 from tests.conftest import write_class_images
@@ -47,7 +48,7 @@ def counting_embed(monkeypatch, fail_after: int | None = None) -> list[int]:
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extract, "embed", embed)
+    monkeypatch.setattr(shards, "embed", embed)
     return calls
 
 
@@ -81,7 +82,7 @@ def test_data_config_collection(tiny_fashion_mnist, tmp_path):
     config = tmp_path / "conf"
     (config / "data").mkdir(parents=True)
     (config / "data" / "fmnist.yaml").write_text(
-        f"root: {tiny_fashion_mnist}\nreader:\n  _target_: cbir.data.formats.read_fashion_mnist\n"
+        f"root: {tiny_fashion_mnist}\nreader:\n  _target_: cbir.data.readers.fashion_mnist.read_fashion_mnist\n"
         "  root: ${data.root}\n  download: false\n")
     from cbir.index.collection import read_collection as read
 
@@ -183,21 +184,26 @@ def test_cli_index_verbs(model, images, tmp_path, capsys):
     torch.save({"hyper_parameters": {"model_config": {"backbone": "resnet18", "image_size": 16, "head": None}},
                 "state_dict": {f"embedder.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     out = tmp_path / "ix"
-    assert cbir_main(["index", "build", "--ckpt", str(ckpt), "--collection", str(images), "--out", str(out),
-                      "--num-workers", "0", "--kind", "flat"]) == 0
+    assert cbir_main(["index", "build", f"ckpt={ckpt}", f"collection={images}", f"out={out}", "num_workers=0",
+                      "kind=flat"]) == 0
     assert "16 images, 512-d, IDMap2,Flat" in capsys.readouterr().out
     index = load_index(out)
     first = images / "class_00" / "img_0.png"
     assert index.lookup([0])[0]["path"] == str(first)
 
-    assert cbir_main(["index", "remove", "--index", str(out), "--id", "1", "--path", str(first)]) == 0
+    assert cbir_main(["index", "remove", f"index={out}", "id=[1]", f"path={first}"]) == 0
     assert "removed 2 images; 14 left" in capsys.readouterr().out
-    assert cbir_main(["index", "add", "--index", str(out), "--ckpt", str(ckpt), "--collection", str(images),
-                      "--num-workers", "0"]) == 0
+    assert cbir_main(["index", "add", f"index={out}", f"ckpt={ckpt}", f"collection={images}", "num_workers=0"]) == 0
     assert "added 2 images" in capsys.readouterr().out
-    assert cbir_main(["index", "info", "--index", str(out), "--json"]) == 0
+    assert cbir_main(["index", "info", f"index={out}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ntotal"] == 16
 
     with pytest.raises(SystemExit) as exit_info:
-        cbir_main(["index", "info", "--index", str(tmp_path / "none")])
+        cbir_main(["index", "info", f"index={tmp_path / 'none'}"])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the model twice, an unknown key: one line each
+        cbir_main(["index", "build", f"ckpt={ckpt}", f"bundle={out}", f"collection={images}", f"out={out}"])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cbir_main(["index", "build", "--kindd=flat"])
+    assert exit_info.value.code == 2 and "unknown index option 'kindd'" in capsys.readouterr().err

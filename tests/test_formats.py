@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset, load_image
-from cbir.data.formats import ArrayRef, read_csv, read_fashion_mnist, read_folder
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset
+from cbir.data.images import load_image
+from cbir.data.catalog import ArrayRef
+from cbir.data.readers.csv import read_csv
+from cbir.data.readers.fashion_mnist import read_fashion_mnist
+from cbir.data.readers.folder import read_folder
 from cbir.data.transforms import eval_transform
 from cbir.errors import BadImageError, DataError
 
@@ -28,7 +32,7 @@ def test_fashion_mnist_reader(tiny_fashion_mnist):
 
 
 def test_fashion_mnist_missing_gives_instructions(tmp_path, monkeypatch):
-    monkeypatch.setattr("cbir.data.formats.FASHION_MNIST_DEBIAN_DIR", tmp_path / "nope")
+    monkeypatch.setattr("cbir.data.readers.fashion_mnist.FASHION_MNIST_DEBIAN_DIR", tmp_path / "nope")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         read_fashion_mnist(tmp_path / "empty", download=False)
@@ -84,7 +88,7 @@ def test_csv_reader_with_roles(tmp_path, tiny_folder):
 
 def test_csv_reader_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("a.png\n")
-    with pytest.raises(DataError, match="row 1 has 1 columns"):
+    with pytest.raises(DataError, match="line 1 has 1 columns"):
         read_csv(tmp_path / "bad.csv")
     (tmp_path / "role.csv").write_text("a.png,x,test,both\n")
     with pytest.raises(DataError, match="role must be"):
@@ -117,7 +121,7 @@ def _one_class_folder(tmp_path: Path, image: Path) -> Path:
 
 
 def test_collate_drops_and_reports_bad_images(tiny_folder, tmp_path):
-    from cbir.data.datamodule import collate_records
+    from cbir.data.datasets import collate_records
 
     catalog = read_folder(tiny_folder)
     dataset = RecordDataset(catalog, [0, 1], eval_transform(16, (0.5,) * 3, (0.5,) * 3), on_bad_image="skip")
@@ -129,8 +133,8 @@ def test_collate_drops_and_reports_bad_images(tiny_folder, tmp_path):
 
 
 def test_catalog_issues_are_reported(tmp_path):
-    from cbir.data.datamodule import report_catalog_issues
-    from cbir.data.formats import Catalog, Record
+    from cbir.data.datasets import report_catalog_issues
+    from cbir.data.catalog import Catalog, Record
 
     records = [Record("a.png", 0, "test"), Record("a.png", 0, "test"), Record("b.png", 1, "test")]
     issues = report_catalog_issues(Catalog("x", records, ["c0", "c1"]), [EvalSpec("test")])
@@ -139,14 +143,14 @@ def test_catalog_issues_are_reported(tmp_path):
 
 
 def test_cache_holds_decoded_pixels_and_is_used(tiny_folder, monkeypatch):
-    from cbir.data import datamodule
-    from cbir.data.datamodule import fill_cache
+    from cbir.data import datasets
+    from cbir.data.datasets import fill_cache
 
     catalog = read_folder(tiny_folder)
     cache, bad = fill_cache(catalog, range(len(catalog.records)), max_mb=100)
     assert len(cache) == len(catalog.records) and not bad
     small, _ = fill_cache(catalog, range(len(catalog.records)), max_mb=24 * 24 * 3 * 5 / 2**20)
     assert len(small) == 5  # stops at the memory budget
-    monkeypatch.setattr(datamodule, "load_record", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(datasets, "load_record", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     dataset = RecordDataset(catalog, [3], eval_transform(16, (0.5,) * 3, (0.5,) * 3), cache=cache)
     assert dataset[0]["image"].shape == (3, 16, 16)

@@ -14,7 +14,8 @@ from cbir.errors import CbirError, ConfigError
 from cbir.index import builder, store
 from cbir.index.builder import (IndexOptions, RecallProbe, choose_kind, drop_self, nlist_for, plan_index,
                                 recall_at_k, torch_exact_search)
-from cbir.index.store import CbirIndex, DimensionMismatchError, IndexFilesError, load_index
+from cbir.index.errors import DimensionMismatchError, IndexFilesError
+from cbir.index.store import CbirIndex, load_index
 
 from conftest import clustered
 

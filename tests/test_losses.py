@@ -11,11 +11,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cbir import factory
-from cbir.entry import config_dir
+from cbir.training import factory
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.configs import config_dir
 from cbir.errors import ConfigError
 from cbir.training.module import contiguous_label_map
-from cbir.training.run import train
+from cbir.commands.train import train
 
 from conftest import compose_config, tiny_train_overrides
 
@@ -204,7 +205,7 @@ def test_proxies_are_checkpointed_restored_and_not_exported(tiny_folder, tmp_pat
     assert torch.equal(recorder.proxies, saved)
     assert recorder.loss_lr == pytest.approx(100 * cfg.optimizer.lr)
 
-    exported = factory.load_embedder_checkpoint(ckpt_path)
+    exported = load_embedder_checkpoint(ckpt_path)
     assert not any("prox" in key or key.startswith("loss") for key in exported.state_dict())
     embedder_weights = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items()
                         if k.startswith("embedder.")}

@@ -7,16 +7,18 @@ import itertools
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from cbir import factory
-from cbir.data.pairs import PairDataModule, read_pairs
+from cbir.training import factory
+from cbir.data.datamodule import LoaderOptions, PairDataModule
+from cbir.data.readers.pairs import read_pairs
 from cbir.errors import BadImageError, ConfigError, DataError
 from cbir.training.module import PairModule, pair_indices, pair_verification_metrics
-from cbir.training.run import train
+from cbir.commands.train import train
 
 from conftest import compose_config, tiny_train_overrides, write_class_images
 
@@ -100,7 +102,8 @@ def test_undecodable_image_names_it(pair_csv, tmp_path):
     csv_path.write_text(f"{pair_csv.parent / 'images/class_00/img_0.png'},{broken},0\n"
                         f"{pair_csv.parent / 'images/class_00/img_1.png'},{broken},0\n")
     catalog = read_pairs(csv_path, held_out_fraction=0.5)
-    module = PairDataModule(catalog, image_size=16, mean=(0, 0, 0), std=(1, 1, 1), num_workers=0)
+    inputs = SimpleNamespace(input_size=16, mean=(0, 0, 0), std=(1, 1, 1))
+    module = PairDataModule(catalog, inputs, LoaderOptions(batch_size=2, num_workers=0))
     with pytest.raises(BadImageError, match="broken.png"):
         next(iter(module.train_dataloader()))
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from cbir.configs import config_dir
 import yaml
 from skimage import data as skdata
 
@@ -28,7 +30,7 @@ from cbir.preprocess import (
 )
 from cbir.preprocess.degrade import gaussian_blur, gaussian_noise, jpeg, low_light, standard_degradations
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "preprocess"
+CONF = config_dir() / "preprocess"
 
 
 @pytest.fixture(scope="module")

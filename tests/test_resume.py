@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cbir.data.datamodule import RecordDataset, ResumableDataLoader, collate_records
-from cbir.data.formats import ArrayRef, Catalog, Record
+from cbir.data.datamodule import ResumableDataLoader
+from cbir.data.datasets import RecordDataset, collate_records
+from cbir.data.catalog import ArrayRef, Catalog, Record
 from cbir.data.sampler import MPerClassBatchSampler
-from cbir.training.run import train
+from cbir.commands.train import train
 
 from conftest import compose_config, tiny_train_overrides, write_class_images
 

@@ -23,10 +23,15 @@ from conftest import ROOT, clustered, compose_config, write_class_images
 from cbir.errors import ConfigError
 from cbir.index import builder, distributed, load_index, ondisk, read_collection, store
 from cbir.index.builder import IndexOptions, choose_kind
-from cbir.index.extract import ExtractionMismatchError, extract_collection
-from cbir.index.ondisk import ReadOnlyIndexError, VectorShards, build_ondisk_cbir_index, build_ondisk_index
+from cbir.index.shards import ExtractionOptions
+from cbir.ranks import Rank
+from cbir.index.errors import ExtractionMismatchError
+from cbir.index.extract import extract_collection
+from cbir.index.errors import ReadOnlyIndexError
+from cbir.index.ondisk import VectorShards, build_ondisk_index
+from cbir.index.pipeline import build_ondisk_cbir_index
 from cbir.index.pipeline import build_collection_index
-from cbir.index.store import IndexFilesError
+from cbir.index.errors import IndexFilesError
 from cbir.models.embedder import build_embedder
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -104,15 +109,16 @@ def test_rank_protocol_in_a_one_rank_gloo_group(model, images, tmp_path):
     collection = read_collection(images)
     options = dict(batch_size=4, num_workers=0, shard_size=3, channels_last=True, bf16=False, progress=False)
     reference = extract_collection(model, collection, tmp_path / "one", resume=True, **options)
-    me = distributed.Rank(0, 1, 0)
-    got = distributed.run_rank(me, model, collection, tmp_path / "ranked", device="cpu", gather=True,
-                               init_method=f"file://{tmp_path / 'store1'}", resume=True, **options)
+    me = Rank(0, 1, 0)
+    settings = ExtractionOptions(resume=True, **options)
+    got = distributed.run_rank(me, model, collection, tmp_path / "ranked", settings, device="cpu", gather=True,
+                               init_method=f"file://{tmp_path / 'store1'}")
     np.testing.assert_allclose(got.embeddings, reference.embeddings, atol=1e-5)
     assert got.indices.tolist() == reference.indices.tolist() and len(got.shard_files) == 7
     other = build_embedder("resnet18", pretrained="none", image_size=16)
     with pytest.raises(ExtractionMismatchError):  # rank 0's error, raised after telling the other ranks
-        distributed.run_rank(me, other, collection, tmp_path / "ranked", device="cpu", gather=True,
-                             init_method=f"file://{tmp_path / 'store2'}", resume=True, **options)
+        distributed.run_rank(me, other, collection, tmp_path / "ranked", settings, device="cpu", gather=True,
+                             init_method=f"file://{tmp_path / 'store2'}")
     assert not torch.distributed.is_initialized()  # the group it created is gone
 
 
@@ -277,7 +283,7 @@ def test_auto_goes_ondisk_only_past_the_budget_and_only_from_shards(shard_vector
 @pytest.mark.slow  # exports a bundle and runs search.py in a fresh interpreter: 12-22 s here
 def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_path):
     from cbir.export.bundle import export_bundle
-    from cbir.factory import build_embedder_from_config, model_config
+    from cbir.training.factory import build_embedder_from_config, model_config
 
     torch.manual_seed(0)
     cfg = compose_config("train", ["model=resnet18", "model.pretrained=none", "model.image_size=32", "head.dim=8"])

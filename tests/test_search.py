@@ -18,9 +18,10 @@ from PIL import Image
 from cbir import Searcher, load_bundle
 from cbir.errors import BadImageError
 from cbir.export.bundle import export_bundle
-from cbir.factory import build_embedder_from_config, model_config
+from cbir.training.factory import build_embedder_from_config, model_config
 from cbir.index.pipeline import build_bundle_index
-from cbir.search import SearchError, expand_query_paths, read_query_image, save_grid
+from cbir.search import SearchError, expand_query_paths, read_query_image
+from cbir.visual.grid import save_grid
 
 
 def _export(folder: Path, dim: int = 16, seed: int = 0) -> Path:
@@ -216,12 +217,12 @@ def test_export_with_index_then_cbir_search(tiny_folder, tmp_path):
 
 def test_array_backed_hits_load_their_pixels(searcher, tiny_fashion_mnist, monkeypatch, tmp_path):
     """Fashion-MNIST images live in arrays, not files: grids and thumbnails read them through the dataset."""
-    import cbir.index.collection as collection
-    from cbir.data.formats import read_fashion_mnist
+    import cbir.data.readers as readers
+    from cbir.data.readers.fashion_mnist import read_fashion_mnist
     from cbir.search import Hit
 
     catalog = read_fashion_mnist(str(tiny_fashion_mnist))
-    monkeypatch.setattr(collection, "read_data_config", lambda name, spec, config_dir=None: catalog)
+    monkeypatch.setattr(readers, "read_data_config", lambda name, spec=None, config_dir=None: catalog)
     pixels = searcher.load_source("fashion_mnist:train/3")
     assert pixels.shape == (28, 28, 3) and (pixels[..., 0] == catalog.arrays["train"][3]).all()
     hits = [Hit(rank=1, score=0.5, id=0, path="fashion_mnist:train/3", label="3")]

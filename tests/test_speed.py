@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cbir import factory
+from cbir.training import factory
 from cbir.training.speed import ChannelsLast, to_channels_last
 
 from conftest import compose_config, tiny_train_overrides
@@ -102,7 +102,7 @@ def test_callbacks_none_means_none(tmp_path, tiny_folder):
 def test_testing_before_training_keeps_weights_trainable(tiny_folder, tmp_path):
     """evaluate_untrained=true converts the weights inside the test loop's inference mode first; training
     must still be able to backpropagate through them."""
-    from cbir.training.run import train
+    from cbir.commands.train import train
 
     cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) + [
         "model=resnet18", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "evaluate_untrained=true",

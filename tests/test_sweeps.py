@@ -15,8 +15,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cbir import tracking
-from cbir.entry import check_overrides, config_dir
+from cbir.training import tracking
+from cbir.commands.runner import check_overrides, config_dir
 from cbir.training.module import MONITOR
 
 from conftest import ROOT, tiny_train_overrides
@@ -220,7 +220,7 @@ def test_optuna_search_with_wandb_one_finished_run_per_trial(tiny_folder, tmp_pa
 def test_train_objective_is_a_float_or_nan_for_optuna():
     """What train() hands a sweeper: a plain float; NaN when validation gave no finite score, which
     hydra-optuna-sweeper records as a failed trial (the search goes on) instead of crashing on None."""
-    from cbir.training.run import _objective
+    from cbir.commands.train import _objective
 
     assert type(_objective(0.25, MONITOR)) is float and _objective(0.25, MONITOR) == 0.25
     assert math.isnan(_objective(None, MONITOR)) and math.isnan(_objective(float("nan"), MONITOR))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from cbir import factory, tracking
+from cbir.training import factory, tracking
 from cbir.errors import CheckpointError
 from cbir.training.module import MONITOR
-from cbir.training.run import train
+from cbir.commands.train import train
 
 from conftest import compose_config, tiny_train_overrides
 

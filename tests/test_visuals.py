@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from cbir import factory
-from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY
-from cbir.search import GRID_CAPTION, GRID_CORRECT, GRID_PAD, GRID_QUERY, GRID_WRONG
+from cbir.training import factory
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
+from cbir.visual.grid import GRID_CAPTION, GRID_CORRECT, GRID_PAD, GRID_QUERY, GRID_WRONG
 from cbir.training import visuals
-from cbir.training.run import train
+from cbir.commands.train import train
 from cbir.training.visuals import EvalSet, choose_queries, project_2d, top_k
 
 from conftest import compose_config, tiny_train_overrides
@@ -147,7 +148,7 @@ def test_map_keeps_torchs_thread_count():
 
 def _independent_top_k(cfg, checkpoint: Path, queries: list[int], k: int):
     """Embed the validation set again from the checkpoint, outside the callback, and rank by hand."""
-    embedder = factory.load_embedder_checkpoint(checkpoint).eval()
+    embedder = load_embedder_checkpoint(checkpoint).eval()
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
     with torch.inference_mode():

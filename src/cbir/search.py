@@ -11,31 +11,26 @@ The CLI (``search.py``, ``cbir search``), the Python API and the HTTP service al
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from cbir.data.catalog import ArrayRef
+from cbir.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageTooLargeError, decode_image, list_images, load_image
 from cbir.errors import BadImageError, CbirError, ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; larger is refused before decoding (decompression bombs)
 MAX_K = 1000
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "SearchError", "Searcher",
+           "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image"]
 
 
 class SearchError(CbirError):
     """A search cannot run: bundle and index disagree, or the request is malformed."""
-
-
-class ImageTooLargeError(BadImageError):
-    """A query image has more pixels than allowed (checked before decoding: decompression bombs)."""
 
 
 @dataclass(frozen=True)
@@ -52,45 +47,9 @@ class Hit:
 
 def read_query_image(source: str | Path | bytes, *, name: str | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a query (a file path or the raw bytes of an upload) into HxWx3 uint8 RGB.
-
-    The content decides, not the file name; an empty, truncated or non-image input, or one larger than
-    ``max_pixels``, raises :class:`BadImageError` naming ``name`` (or the path)."""
-    from cbir.data.datamodule import image_to_rgb
-
-    label = name or (str(source) if not isinstance(source, bytes) else "upload")
-    if isinstance(source, bytes):
-        if not source:
-            raise BadImageError(f"query {label}: empty file (0 bytes)")
-        handle = io.BytesIO(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise BadImageError(f"query {label}: file does not exist")
-        if path.stat().st_size == 0:
-            raise BadImageError(f"query {label}: empty file (0 bytes)")
-        handle = path.open("rb")
-    try:
-        with handle, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageTooLargeError(f"query {label}: {width}x{height} pixels is more than the limit of "
-                                        f"{max_pixels:,} pixels")
-                image.load()
-                pixels = image_to_rgb(image)
-    except BadImageError:
-        raise
-    except UnidentifiedImageError:
-        raise BadImageError(f"query {label}: not an image, or an unsupported image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"query {label}: too many pixels to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"query {label}: cannot decode image ({exc})") from None
-    if pixels.size == 0:
-        raise BadImageError(f"query {label}: image has no pixels")
-    return np.ascontiguousarray(pixels)
+    """Decode a query (a file path or the raw bytes of an upload) into HxWx3 uint8 RGB
+    (:func:`cbir.data.images.decode_image`, with the pixel limit that stops decompression bombs)."""
+    return decode_image(source, name=name, max_pixels=max_pixels, what="query")
 
 
 class Searcher:
@@ -199,14 +158,10 @@ class Searcher:
     def load_source(self, source: str) -> np.ndarray:
         """HxWx3 uint8 RGB pixels of an indexed image's source (for thumbnails and result grids): a file, or
         a row of a dataset array; a row the dataset does not have is a SearchError."""
-        from cbir.data.datamodule import load_image
-
         array_ref = parse_array_source(source)
         if array_ref is None:
             return load_image(None, source)
         dataset, array, row = array_ref
-        from cbir.data.formats import ArrayRef
-
         catalog = self.dataset_catalog(dataset)
         if array not in catalog.arrays or row >= len(catalog.arrays[array]):
             raise SearchError(f"{source} is not in collection {dataset}")
@@ -215,9 +170,9 @@ class Searcher:
     def dataset_catalog(self, name: str):
         """The catalog of data config ``name`` (read once), for array-backed image sources."""
         if name not in self._datasets:
-            from cbir.index.collection import read_data_config
+            from cbir.data.readers import read_data_config
 
-            self._datasets[name] = read_data_config(name, name)
+            self._datasets[name] = read_data_config(name)
         return self._datasets[name]
 
     def info(self) -> dict:
@@ -252,17 +207,14 @@ def check_k(k) -> int:
     return k
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
 def expand_query_paths(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for entry in paths:
         entry = Path(entry)
         if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = list_images(entry)
             if not found:
-                raise BadImageError(f"query folder {entry} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise BadImageError(f"query folder {entry} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             files += found
         elif entry.is_file():
             files.append(entry)
@@ -273,67 +225,9 @@ def expand_query_paths(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-# -- output ----------------------------------------------------------------------------------------
-
 def format_hits(query: str, hits: Sequence[Hit]) -> str:
     """A ranked Markdown table of one query's hits."""
     lines = [f"query: {query}", "| rank |  score | id | label | path |", "|---:|---:|---:|---|---|"]
     lines += [f"| {h.rank} | {h.score:.4f} | {h.id} | {h.label if h.label is not None else ''} | {h.path} |"
               for h in hits]
     return "\n".join(lines)
-
-
-GRID_PAD, GRID_CAPTION, GRID_BORDER = 6, 16, 4  # pixels around tiles, under tiles (text), of a tile's border
-GRID_QUERY, GRID_CORRECT, GRID_WRONG = "#3366cc", "#22aa44", "#cc3333"  # border colours
-
-
-def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path, *, query_label: str | None = None,
-              thumb: int = 160, columns: int = 5, load=None) -> Path:
-    """A PNG of :func:`render_grid`."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    render_grid(query_image, hits, query_label=query_label, thumb=thumb, columns=columns, load=load).save(out_path)
-    return out_path
-
-
-def render_grid(query_image: np.ndarray, hits: Sequence[Hit], *, query_label: str | None = None,
-                thumb: int = 160, columns: int = 5, load=None) -> Image.Image:
-    """The query (left) and its hits with rank and score; when labels are known, a green border marks a
-    hit with the query's label and a red border one without. ``load(hit.path)`` gives a hit's pixels
-    (default: open the file; :meth:`Searcher.load_source` also reads dataset arrays). Training's
-    retrieval examples (:mod:`cbir.training.visuals`) stack one such grid per query."""
-    from PIL import ImageDraw, ImageOps
-
-    caption, pad, border = GRID_CAPTION, GRID_PAD, GRID_BORDER
-    rows = max(1, math.ceil(len(hits) / columns))
-    width = pad + (thumb + pad) * (columns + 1)
-    height = pad + rows * (thumb + caption + pad)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-
-    def paste(image: Image.Image, x: int, y: int, text: str, colour: str | None) -> None:
-        tile = ImageOps.pad(image.convert("RGB"), (thumb - 2 * border, thumb - 2 * border), color="white")
-        if colour:
-            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=colour)
-        canvas.paste(tile, (x + border, y + border))
-        draw.text((x, y + thumb + 2), text[:max(6, min(28, thumb // 6))], fill="black")  # ~6 px a character
-
-    paste(Image.fromarray(query_image), pad, pad, "query" + (f" ({query_label})" if query_label else ""), GRID_QUERY)
-    for n, hit in enumerate(hits):
-        x = pad + (thumb + pad) * (1 + n % columns)
-        y = pad + (thumb + caption + pad) * (n // columns)
-        try:
-            if load is not None:
-                picture = Image.fromarray(load(hit.path))
-            else:
-                with Image.open(hit.path) as image:
-                    image.load()
-                    picture = image.copy()
-        except (OSError, TypeError, ValueError, CbirError) as exc:
-            log.warning("result grid: cannot show %s (%s)", hit.path, exc)
-            picture = Image.new("RGB", (thumb, thumb), "#dddddd")
-        colour = None
-        if query_label is not None and hit.label is not None:
-            colour = GRID_CORRECT if hit.label == query_label else GRID_WRONG
-        paste(picture, x, y, f"#{hit.rank} {hit.score:.3f}", colour)
-    return canvas

@@ -30,10 +30,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from cbir.errors import ConfigError, DataError
+from cbir.ranks import distributed_rank, distributed_world_size
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,13 @@ class MPerClassBatchSampler(Sampler[list[int]]):
     def num_replicas(self) -> int:
         if self._num_replicas is not None:
             return self._num_replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return distributed_world_size()
 
     @property
     def rank(self) -> int:
         if self._rank is not None:
             return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return distributed_rank()
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch (by Lightning through :attr:`sampler`, or by hand in plain loops)."""

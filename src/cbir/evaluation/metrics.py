@@ -20,10 +20,14 @@ similarity block fits ``memory_budget_mb``; the full query x gallery matrix is n
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
+from cbir.ranks import distributed_world_size
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
 
@@ -141,9 +145,9 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (first dim may differ per rank) from every process; identity when not
     running distributed. Pads to the largest rank's length, gathers, then trims, because collective ops
     need equal shapes."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = distributed_world_size()
+    if world == 1:
         return tensor
-    world = dist.get_world_size()
     length = torch.tensor([tensor.shape[0]], device=tensor.device)
     lengths = [torch.zeros_like(length) for _ in range(world)]
     dist.all_gather(lengths, length)
@@ -161,3 +165,20 @@ def unique_by_id(ids: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tenso
     first = torch.full((len(unique_ids),), len(ids), dtype=torch.long, device=ids.device)
     first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
     return (unique_ids, *(t[first] for t in tensors))
+
+
+def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
+                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
+    otherwise query-vs-gallery by role (items in both sets are not matched with themselves)."""
+    is_query = (roles & ROLE_QUERY).bool()
+    is_gallery = (roles & ROLE_GALLERY).bool()
+    if bool(is_query.all()) and bool(is_gallery.all()):
+        return retrieval_metrics(embeddings, labels, ks=ks)
+    if not (is_query.any() and is_gallery.any()):
+        # only happens when evaluation is truncated (fast_dev_run, limit_*_batches)
+        warnings.warn("evaluation saw no queries or no gallery items; metrics skipped", stacklevel=2)
+        return {}
+    ids = torch.arange(len(labels), device=labels.device)
+    return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
+                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from cbir.io import atomic_write_json
 
 COLUMNS = [("precision_at_1", "P@1"), ("recall_at_1", "R@1"), ("recall_at_2", "R@2"), ("recall_at_4", "R@4"),
            ("recall_at_8", "R@8"), ("r_precision", "R-prec"), ("map_at_r", "MAP@R")]
@@ -23,10 +24,17 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write atomically: a crash never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+def results_payload(protocol: str, results: dict[str, dict[str, float]], **extra) -> dict:
+    """The one shape of a results JSON (training's ``results.json``, ``eval.json``, benchmarks):
+    ``{"protocol": ..., "results": {row name: {metric: value}}, ...extra}``."""
+    return {"protocol": protocol, "results": results, **extra}
+
+
+def write_results(path: str | os.PathLike, protocol: str, results: dict[str, dict[str, float]], **extra) -> Path:
+    """Write :func:`results_payload` atomically."""
+    return atomic_write_json(path, results_payload(protocol, results, **extra), indent=2)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Any other JSON report, atomically (a crash never leaves half a file)."""
+    return atomic_write_json(path, payload, indent=2)

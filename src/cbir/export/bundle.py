@@ -17,7 +17,6 @@ Layout::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from cbir.errors import CbirError
+from cbir.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             "source": source,
             "versions": _versions(),
             "parity": parity,
-            "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
+            "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
         _write_json(staging / "manifest.json", manifest)
         if out_dir.exists():
@@ -245,7 +245,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if version != FORMAT_VERSION:
         raise BundleError(f"bundle: {path} has format version {version}; this cbir reads version {FORMAT_VERSION}")
     for name, expected in (manifest.get("files") or {}).items():
-        if name.endswith((".pt", ".onnx")) and (path / name).is_file() and _sha256(path / name) != expected:
+        if name.endswith((".pt", ".onnx")) and (path / name).is_file() and sha256_file(path / name) != expected:
             raise BundleError(f"bundle: {path / name} does not match the checksum in manifest.json "
                               "(modified or damaged after export; export the bundle again)")
     model_config = _read_json(path / "model.json")
@@ -283,16 +283,8 @@ def _versions() -> dict:
     return versions
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_json(path, data, indent=2)
 
 
 def _read_json(path: Path) -> dict:

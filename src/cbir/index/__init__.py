@@ -13,10 +13,10 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 _EXPORTS = {
     "build_collection_index": "pipeline", "build_bundle_index": "pipeline", "add_to_index": "pipeline",
-    "CbirIndex": "store", "IdStore": "store", "load_index": "store", "IndexFilesError": "store",
-    "DimensionMismatchError": "store", "IndexOptions": "builder", "build_index": "builder",
+    "CbirIndex": "store", "IdStore": "store", "load_index": "store", "IndexFilesError": "errors",
+    "DimensionMismatchError": "errors", "IndexOptions": "builder", "build_index": "builder",
     "read_collection": "collection", "Collection": "collection", "extract_collection": "extract",
-    "Extraction": "extract",
+    "Extraction": "shards", "ExtractionOptions": "shards",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -349,10 +349,3 @@ def build_index(embeddings: np.ndarray, ids: np.ndarray, options: IndexOptions |
         "options": asdict(options),
     }
     return index, info
-
-
-def build_bundle_index(bundle, collection, out_dir, **options):
-    """:func:`cbir.index.pipeline.build_bundle_index` (here too for callers that import it from the builder)."""
-    from cbir.index.pipeline import build_bundle_index as build
-
-    return build(bundle, collection, out_dir, **options)

@@ -1,12 +1,7 @@
-"""Streaming, resumable embedding extraction over a collection.
-
-The collection is cut into shards of ``shard_size`` images. Each finished shard is written atomically as
-``shard_NNNNN.npy`` (float32 embeddings of its readable images) plus ``shard_NNNNN.json`` (their catalog
-indices, and the images that could not be read, with the reason); the JSON is written last, so it marks a
-shard as done. A killed run, started again with the same model and collection, skips the finished shards
-and gives the same embeddings as an uninterrupted run. ``manifest.json`` holds a fingerprint of the model
-and the collection so a work folder is never resumed with something else. Unreadable images are skipped,
-logged and listed in ``skipped.json``, never silently dropped.
+"""Streaming, resumable embedding extraction over a collection (:mod:`cbir.index.shards` holds the shard
+format). A killed run, started again with the same model and collection, skips the finished shards and
+gives the same embeddings as an uninterrupted run. Unreadable images are skipped, logged and listed in
+``skipped.json``, never silently dropped.
 
 With ``processes > 1`` (or under ``torchrun``) the shards are shared out between ranks
 (:mod:`cbir.index.distributed`); the shard files, and so the result, are the same.
@@ -14,246 +9,47 @@ With ``processes > 1`` (or under ``torchrun``) the shards are shared out between
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
-from tqdm.auto import tqdm
 
-from cbir.data.datamodule import RecordDataset
-from cbir.data.transforms import eval_transform
-from cbir.errors import CbirError, ConfigError
 from cbir.index.collection import Collection
-from cbir.models.inference import embed, prepare_for_inference
+from cbir.index.distributed import extract_distributed
+from cbir.index.shards import (Extraction, ExtractionOptions, default_device, extract_shards, extraction_manifest,
+                               gather_shards, images_in_shards, prepare_work_dir, shard_count, unfinished_shards)
+from cbir.ranks import launched_rank
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SKIPPED = "skipped.json"
+
+def extraction_options(options: ExtractionOptions | None = None, **changes) -> ExtractionOptions:
+    """``options`` (default: the defaults) with ``changes`` (ExtractionOptions fields) applied."""
+    return (options or ExtractionOptions()).with_changes(**changes) if changes else (options or ExtractionOptions())
 
 
-class ExtractionMismatchError(CbirError):
-    """A work folder holds shards of another model or collection."""
-
-
-@dataclass
-class Extraction:
-    """Embeddings of the readable images (row i belongs to catalog record ``indices[i]``), and the
-    images that were skipped (``{"index", "path", "reason"}``)."""
-
-    embeddings: np.ndarray | None  # None when extracted with load_embeddings=False (read shard_files)
-    indices: np.ndarray
-    skipped: list[dict] = field(default_factory=list)
-    shard_files: list[Path] = field(default_factory=list)  # the .npy shards, in collection order
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the weights and the preprocessing the model expects: embeddings from another model, or
-    the same model fed differently, must not be mixed into one index."""
-    digest = hashlib.sha256()
-    for name in ("input_size", "mean", "std", "embedding_dim"):
-        digest.update(repr(getattr(model, name, None)).encode())
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def collection_fingerprint(collection: Collection) -> str:
-    digest = hashlib.sha256()
-    for index in collection.indices:
-        digest.update(collection.source(int(index)).encode() + b"\n")
-    return digest.hexdigest()
-
-
-def _collate(items: list[dict]) -> dict:
-    """Readable images batched; unreadable ones kept apart with their catalog index and reason."""
-    good = [item for item in items if "bad_image" not in item]
-    batch = default_collate([{"image": i["image"], "index": i["index"]} for i in good]) if good else {}
-    batch["bad"] = [(item["index"], item["bad_image"]) for item in items if "bad_image" in item]
-    return batch
-
-
-def extract_collection(model: nn.Module, collection: Collection, work_dir: str | os.PathLike, *,
-                       batch_size: int = 64, num_workers: int = 2, shard_size: int = 4096,
-                       device: str | None = None, channels_last: bool = True, bf16: bool = False,
-                       resume: bool = True, progress: bool = True, processes: int = 1,
-                       load_embeddings: bool = True) -> Extraction | None:
+def extract_collection(model: nn.Module, collection: Collection, work_dir: str | os.PathLike,
+                       options: ExtractionOptions | None = None, *, load_embeddings: bool = True,
+                       **changes) -> Extraction | None:
     """Embed every image of ``collection`` into shards under ``work_dir`` (resuming finished shards when
-    ``resume``) and return all embeddings (only the shard files with ``load_embeddings=False``, for
-    collections beyond RAM). Images are preprocessed with the model's own :func:`eval_transform`;
-    inference goes through :mod:`cbir.models.inference`. ``processes > 1`` spawns that many ranks, and
-    under ``torchrun`` every rank takes part; then only rank 0 returns the extraction (others None)."""
-    if batch_size < 1 or shard_size < 1:
-        raise ConfigError(f"index extraction: batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1")
-    from cbir.index.distributed import extract_distributed, launched_rank
-
-    if processes != 1 or launched_rank() is not None:
-        return extract_distributed(model, collection, work_dir, processes=processes, batch_size=batch_size,
-                                   num_workers=num_workers, shard_size=shard_size, device=device,
-                                   channels_last=channels_last, bf16=bf16, resume=resume, progress=progress,
-                                   load_embeddings=load_embeddings)
+    ``options.resume``) and return all embeddings (only the shard files with ``load_embeddings=False``,
+    for collections beyond RAM). Images are preprocessed with the model's own evaluation transform;
+    inference goes through :mod:`cbir.models.inference`. ``changes`` are :class:`ExtractionOptions`
+    fields (``batch_size=8``). ``processes > 1`` spawns that many ranks, and under ``torchrun`` every rank
+    takes part; then only rank 0 returns the extraction (others None)."""
+    options = extraction_options(options, **changes)
+    if options.processes != 1 or launched_rank() is not None:
+        return extract_distributed(model, collection, Path(work_dir), options, load_embeddings=load_embeddings)
     work = Path(work_dir)
-    device = device or default_device()
-    manifest = extraction_manifest(model, collection, shard_size=shard_size, batch_size=batch_size, bf16=bf16)
-    _prepare_work_dir(work, manifest, resume)
-    num_shards = shard_count(len(collection), shard_size)
+    device = options.device or default_device()
+    prepare_work_dir(work, extraction_manifest(model, collection, options), options.resume)
+    num_shards = shard_count(len(collection), options.shard_size)
     todo = unfinished_shards(work, num_shards)
-    done_images = images_in_shards([s for s in range(num_shards) if s not in todo], len(collection), shard_size)
+    done_images = images_in_shards([s for s in range(num_shards) if s not in todo], len(collection),
+                                   options.shard_size)
     if todo:
         if done_images:
             log.info("extraction: resuming, %d of %d shards already done", num_shards - len(todo), num_shards)
-        _extract_shards(model, collection, work, todo, batch_size=batch_size, num_workers=num_workers,
-                        shard_size=shard_size, device=device, channels_last=channels_last, bf16=bf16,
-                        progress=progress, done_images=done_images)
-    return _gather(work, collection, num_shards, load_embeddings)
-
-
-def extraction_manifest(model: nn.Module, collection: Collection, *, shard_size: int, batch_size: int,
-                        bf16: bool) -> dict:
-    """What a work folder's shards depend on (checked before resuming)."""
-    return {
-        "model": model_fingerprint(model),
-        "collection": collection_fingerprint(collection),
-        "count": len(collection),
-        "shard_size": int(shard_size),
-        "batch_size": int(batch_size),
-        "bf16": bool(bf16),
-        "embedding_dim": int(model.embedding_dim),
-    }
-
-
-def shard_count(images: int, shard_size: int) -> int:
-    """Shards of ``shard_size`` images (the last one shorter) a collection of ``images`` is cut into."""
-    return -(-images // shard_size)
-
-
-def images_in_shards(shards: list[int], images: int, shard_size: int) -> int:
-    """How many of the collection's ``images`` fall in ``shards``."""
-    return sum(min(shard_size, images - s * shard_size) for s in shards)
-
-
-def unfinished_shards(work: Path, num_shards: int) -> list[int]:
-    """Shards without their JSON (the file written last), i.e. still to extract."""
-    return [s for s in range(num_shards) if not (work / f"shard_{s:05d}.json").is_file()]
-
-
-def _prepare_work_dir(work: Path, manifest: dict, resume: bool) -> None:
-    path = work / MANIFEST
-    if path.is_file() and resume:
-        try:
-            saved = json.loads(path.read_text())
-        except ValueError:
-            saved = None
-        if saved != manifest:
-            changed = sorted(k for k in manifest if (saved or {}).get(k) != manifest[k])
-            raise ExtractionMismatchError(
-                f"extraction folder {work} holds shards of another run (differs in: {', '.join(changed)}); "
-                "delete it or start over with resume=False (--no-resume)")
-        return
-    if work.exists() and not resume:
-        for stale in list(work.glob("shard_*")) + [work / SKIPPED, path]:
-            stale.unlink(missing_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, manifest)
-
-
-def _extract_shards(model: nn.Module, collection: Collection, work: Path, shards: list[int], *,
-                    batch_size: int, num_workers: int, shard_size: int, device: str, channels_last: bool,
-                    bf16: bool, progress: bool, done_images: int, total: int | None = None,
-                    desc: str = "extracting") -> None:
-    transform = eval_transform(model.input_size, model.mean, model.std)
-    dataset = RecordDataset(collection.catalog, collection.indices, transform, on_bad_image="skip")
-    plan = []  # (shard, batch of dataset positions); batches never cross a shard boundary
-    for shard in shards:
-        stop = min((shard + 1) * shard_size, len(collection))
-        plan += [(shard, list(range(start, min(start + batch_size, stop))))
-                 for start in range(shard * shard_size, stop, batch_size)]
-    loader = DataLoader(dataset, batch_sampler=[batch for _, batch in plan], num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=device.startswith("cuda"))
-    runner = prepare_for_inference(model, device=device, channels_last=channels_last)
-    # in a log file (no terminal) a line every 30 s instead of one per batch
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=len(collection) if total is None else total, initial=done_images, unit="img", desc=desc,
-               disable=not progress,
-               mininterval=0.1 if interactive else 30.0,
-               dynamic_ncols=True)
-    pending: dict[str, list] = {"embeddings": [], "indices": [], "skipped": []}
-    try:
-        for position, ((shard, positions), batch) in enumerate(zip(plan, loader)):
-            if "image" in batch:
-                out = embed(runner, batch["image"], device=device, channels_last=channels_last, bf16=bf16)
-                pending["embeddings"].append(out.cpu().numpy().astype(np.float32, copy=False))
-                pending["indices"].append(batch["index"].numpy())
-            for index, reason in batch["bad"]:
-                log.warning("extraction: skipped %s", reason)
-                pending["skipped"].append({"index": int(index), "path": collection.source(int(index)),
-                                           "reason": reason})
-            bar.update(len(positions))
-            if position + 1 == len(plan) or plan[position + 1][0] != shard:
-                _write_shard(work, shard, pending, int(model.embedding_dim))
-                pending = {"embeddings": [], "indices": [], "skipped": []}
-    finally:
-        bar.close()
-
-
-def _write_shard(work: Path, shard: int, pending: dict, dim: int) -> None:
-    embeddings = np.concatenate(pending["embeddings"]) if pending["embeddings"] else np.zeros((0, dim), np.float32)
-    indices = np.concatenate(pending["indices"]).tolist() if pending["indices"] else []
-    atomic_save_npy(work / f"shard_{shard:05d}.npy", embeddings)
-    atomic_write_json(work / f"shard_{shard:05d}.json", {"indices": indices, "skipped": pending["skipped"]})
-
-
-def _gather(work: Path, collection: Collection, num_shards: int, load_embeddings: bool = True) -> Extraction:
-    embeddings, indices, skipped, files = [], [], [], []
-    for shard in range(num_shards):
-        meta = json.loads((work / f"shard_{shard:05d}.json").read_text())
-        files.append(work / f"shard_{shard:05d}.npy")
-        array = np.load(files[-1], mmap_mode=None if load_embeddings else "r")
-        if len(array) != len(meta["indices"]):
-            raise ExtractionMismatchError(f"extraction folder {work}: shard {shard} is inconsistent; delete "
-                                          f"shard_{shard:05d}.* and run again")
-        if load_embeddings:
-            embeddings.append(array)
-        indices.extend(meta["indices"])
-        skipped.extend(meta["skipped"])
-    atomic_write_json(work / SKIPPED, skipped)
-    if skipped:
-        log.warning("extraction: %d of %d images could not be read and were skipped (listed in %s)",
-                    len(skipped), len(collection), work / SKIPPED)
-    gathered = np.concatenate(embeddings).astype(np.float32, copy=False) if load_embeddings else None
-    return Extraction(gathered, np.asarray(indices, dtype=np.int64), skipped, files)
+        extract_shards(model, collection, work, todo, options, device=device, done_images=done_images)
+    return gather_shards(work, collection, num_shards, load_embeddings)

@@ -34,19 +34,16 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.ondisk import merge_ondisk
 from tqdm.auto import tqdm
 
-from cbir.errors import CbirError, ConfigError
+from cbir.errors import ConfigError
 from cbir.index.builder import IndexOptions, RecallProbe, drop_self, plan_index, tune_search
-from cbir.index.extract import atomic_write_json
+from cbir.index.errors import ReadOnlyIndexError  # noqa: F401 - raised by the store for this kind
+from cbir.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 LISTS_FILE = "lists.ivfdata"
 BUILD_DIR = "ondisk-build"
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # lists beside index.faiss, mmapped read-only
-
-
-class ReadOnlyIndexError(CbirError):
-    """An on-disk index cannot be changed in place."""
 
 
 @contextlib.contextmanager
@@ -169,9 +166,8 @@ def place_lists_beside(index: faiss.Index, folder: Path) -> None:
         return
     source, target = Path(lists.filename), folder / LISTS_FILE
     if source.resolve() != target.resolve():
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as temp:
+            shutil.copyfile(source, temp)
         lists.filename = str(target)
 
 
@@ -291,22 +287,5 @@ def _prepare_build_dir(work: Path, recipe: dict) -> None:
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
-
-
-def build_ondisk_cbir_index(shard_files: Sequence[os.PathLike], paths: Sequence[str],
-                            labels: Sequence[str | None] | None, folder: str | os.PathLike,
-                            options: IndexOptions | None = None, progress: bool = True):
-    """A :class:`cbir.index.store.CbirIndex` whose rows (in shard order) are ``paths``: ids from a fresh id
-    store, the FAISS part built on disk in ``folder`` by :func:`build_ondisk_index` (save it to ``folder``)."""
-    from cbir.index.store import CbirIndex, IdStore
-
-    store = IdStore()
-    ids = store.add(paths, labels)
-    index, info = build_ondisk_index(VectorShards.with_consecutive_ids(shard_files, ids), folder, options,
-                                     progress=progress)
-    built = CbirIndex(index, store, info)
-    built.path = Path(folder)
-    return built
+    with atomic_path(path) as temp:
+        faiss.write_index(index, str(temp))

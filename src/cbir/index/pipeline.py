@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +22,44 @@ from torch import nn
 from cbir.errors import ConfigError, DataError
 from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.collection import Collection, read_collection
-from cbir.index.extract import Extraction, extract_collection, model_fingerprint
-from cbir.index.store import CbirIndex, DimensionMismatchError
+from cbir.index.errors import DimensionMismatchError
+from cbir.index.extract import extract_collection
+from cbir.index.ondisk import VectorShards, build_ondisk_index
+from cbir.index.shards import Extraction, ExtractionOptions, model_fingerprint
+from cbir.index.store import CbirIndex, IdStore
+from cbir.ranks import launched_rank
 
 log = logging.getLogger(__name__)
 EXTRACT_DIR = "embeddings"
 
 
+def split_options(options: dict) -> tuple[ExtractionOptions, IndexOptions]:
+    """A flat mapping of index settings (``conf/index/*.yaml``, keyword arguments) → the extraction part
+    and the index part; an unknown key is a ConfigError listing the known ones."""
+    index_keys = {f.name for f in fields(IndexOptions)}
+    extraction_keys = ExtractionOptions.field_names()
+    unknown = sorted(set(options) - index_keys - extraction_keys)
+    if unknown:
+        raise ConfigError(f"index.{unknown[0]}: not an index setting; choose from: "
+                          f"{', '.join(sorted(index_keys | extraction_keys))}")
+    return (ExtractionOptions(**{k: v for k, v in options.items() if k in extraction_keys}),
+            IndexOptions(**{k: v for k, v in options.items() if k in index_keys}))
+
+
 def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | Collection,
-                           out_dir: str | os.PathLike, *, kind: str = "auto", target_recall: float = 0.95,
-                           batch_size: int = 64, num_workers: int = 2, shard_size: int = 4096,
-                           device: str | None = None, channels_last: bool = True, bf16: bool = False,
-                           resume: bool = True, progress: bool = True, extra_info: dict | None = None,
-                           processes: int = 1, **index_options) -> CbirIndex | None:
+                           out_dir: str | os.PathLike, *, extra_info: dict | None = None,
+                           **options) -> CbirIndex | None:
     """Embed every image of ``collection`` (resumable shards under ``out_dir/embeddings``), build the
-    index ``kind`` chooses, and save it in ``out_dir``. ``index_options`` are :class:`IndexOptions` fields.
-    Under ``torchrun`` the ranks other than 0 only extract and return None."""
-    options = IndexOptions(kind=kind, target_recall=target_recall, **index_options)
+    index ``kind`` chooses, and save it in ``out_dir``. ``options`` are :class:`IndexOptions` and
+    :class:`ExtractionOptions` fields (``kind="flat"``, ``batch_size=8``). Under ``torchrun`` the ranks
+    other than 0 only extract and return None."""
+    extraction_options, index_options = split_options(options)
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
     out = Path(out_dir)
-    ondisk = choose_kind(len(collection), int(embedder.embedding_dim), options)[0] == "ondisk"
-    extraction = extract_collection(embedder, collection, out / EXTRACT_DIR, batch_size=batch_size,
-                                    num_workers=num_workers, shard_size=shard_size, device=device,
-                                    channels_last=channels_last, bf16=bf16, resume=resume, progress=progress,
-                                    processes=processes, load_embeddings=not ondisk)
+    ondisk = choose_kind(len(collection), int(embedder.embedding_dim), index_options)[0] == "ondisk"
+    extraction = extract_collection(embedder, collection, out / EXTRACT_DIR, extraction_options,
+                                    load_embeddings=not ondisk)
     if extraction is None:  # a rank other than 0: its shards are written, rank 0 builds the index
         return None
     if len(extraction.indices) == 0:
@@ -53,11 +68,10 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
     paths = [collection.source(int(i)) for i in extraction.indices]
     labels = [collection.label(int(i)) for i in extraction.indices]
     if ondisk:
-        from cbir.index.ondisk import build_ondisk_cbir_index
-
-        index = build_ondisk_cbir_index(extraction.shard_files, paths, labels, out, options, progress=progress)
+        index = build_ondisk_cbir_index(extraction.shard_files, paths, labels, out, index_options,
+                                        progress=extraction_options.progress)
     else:
-        index = CbirIndex.build(extraction.embeddings, paths, labels, options=options)
+        index = CbirIndex.build(extraction.embeddings, paths, labels, options=index_options)
     index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
                       **(extra_info or {}))
     index.save(out)
@@ -66,7 +80,7 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
 
 
 def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_dir: str | os.PathLike,
-                       **options) -> CbirIndex:
+                       **options) -> CbirIndex | None:
     """:func:`build_collection_index` with a bundle's Embedder; the index records the bundle's weights hash
     (``bundle_weights_sha256``) so a search with another bundle can be flagged."""
     weights = (getattr(bundle, "manifest", None) or {}).get("files", {}).get("weights.pt")
@@ -74,17 +88,30 @@ def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_d
     return build_collection_index(bundle.embedder, collection, out_dir, extra_info=extra, **options)
 
 
-def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.PathLike | Collection,
-                 work_dir: str | os.PathLike, *, batch_size: int = 64, num_workers: int = 2,
-                 device: str | None = None, channels_last: bool = True, bf16: bool = False,
-                 progress: bool = True, processes: int = 1) -> tuple[np.ndarray, Extraction]:
-    """Embed and add the images of ``collection`` that ``index`` does not hold yet (by path); returns the
-    new ids and the extraction (with its skipped images). ``processes > 1`` spawns extraction ranks."""
-    from cbir.index.distributed import launched_rank
+def build_ondisk_cbir_index(shard_files: Sequence[os.PathLike], paths: Sequence[str],
+                            labels: Sequence[str | None] | None, folder: str | os.PathLike,
+                            options: IndexOptions | None = None, progress: bool = True) -> CbirIndex:
+    """A :class:`CbirIndex` whose rows (in shard order) are ``paths``: ids from a fresh id store, the FAISS
+    part built on disk in ``folder`` by :func:`cbir.index.ondisk.build_ondisk_index` (save it to ``folder``)."""
+    store = IdStore()
+    ids = store.add(paths, labels)
+    index, info = build_ondisk_index(VectorShards.with_consecutive_ids(shard_files, ids), folder, options,
+                                     progress=progress)
+    built = CbirIndex(index, store, info)
+    built.path = Path(folder)
+    return built
 
+
+def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.PathLike | Collection,
+                 work_dir: str | os.PathLike, options: ExtractionOptions | None = None,
+                 **changes) -> tuple[np.ndarray, Extraction]:
+    """Embed and add the images of ``collection`` that ``index`` does not hold yet (by path); returns the
+    new ids and the extraction (with its skipped images). ``changes`` are :class:`ExtractionOptions`
+    fields; ``processes > 1`` spawns extraction ranks."""
     if launched_rank() is not None:
         raise ConfigError("adding to an index runs in one process (it rewrites the index): start it without "
-                          "torchrun, with --processes N to share the extraction")
+                          "torchrun, with processes=N to share the extraction")
+    options = (options or ExtractionOptions()).with_changes(**changes)
     index._check_writable("add images to")  # before extracting anything
     if index.info.get("model") not in (None, model_fingerprint(embedder)):
         log.warning("index: adding with a different model than the one that built the index")
@@ -98,11 +125,9 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     if len(new) == 0:
         log.info("index: every image of %s is indexed already", collection.spec)
         return np.zeros(0, np.int64), Extraction(np.zeros((0, index.embedding_dim), np.float32), new, [])
-    fresh = Collection(collection.spec, collection.catalog, new)
+    fresh = collection.subset(new)
     key = hashlib.sha256("\n".join(fresh.source(int(i)) for i in new).encode()).hexdigest()[:12]
-    extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", batch_size=batch_size,
-                                    num_workers=num_workers, device=device, channels_last=channels_last,
-                                    bf16=bf16, progress=progress, processes=processes)
+    extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", options)
     ids = index.add(extraction.embeddings, [fresh.source(int(i)) for i in extraction.indices],
                     [fresh.label(int(i)) for i in extraction.indices])
     return ids, extraction

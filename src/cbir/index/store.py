@@ -24,23 +24,16 @@ import faiss
 import numpy as np
 import torch
 
-from cbir.errors import CbirError
 from cbir.index.builder import (GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param,
                                 torch_exact_search)
-from cbir.index.extract import atomic_write_bytes, atomic_write_json
+from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
+from cbir.index.ondisk import place_lists_beside, read_ondisk_index
+from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
-
-
-class IndexFilesError(CbirError):
-    """An index folder is missing files or its files disagree."""
-
-
-class DimensionMismatchError(CbirError):
-    """Query embeddings do not have the index's dimension (another model built the index)."""
 
 
 class IdStore:
@@ -249,8 +242,6 @@ class CbirIndex:
 
     def _check_writable(self, action: str) -> None:
         if self.kind == "ondisk":
-            from cbir.index.ondisk import ReadOnlyIndexError
-
             raise ReadOnlyIndexError(f"cannot {action} the on-disk index {self.path or ''} in place: build it "
                                      "again (`cbir index build --kind ondisk`; finished extraction shards are reused)")
 
@@ -266,12 +257,9 @@ class CbirIndex:
         self.info["dim"] = self.embedding_dim
         self.info["next_id"] = int(self.store.next_id)
         if self.kind == "ondisk":
-            from cbir.index.ondisk import place_lists_beside
-
             place_lists_beside(self.index, folder)
-        tmp = folder / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, folder / INDEX_FILE)
+        with atomic_path(folder / INDEX_FILE) as temp:
+            faiss.write_index(self.index, str(temp))
         self.store.save(folder / IDS_FILE)
         atomic_write_json(folder / INFO_FILE, self.info)
         self.path = folder
@@ -289,8 +277,6 @@ class CbirIndex:
         try:
             info = json.loads((folder / INFO_FILE).read_text())
             if info.get("kind") == "ondisk":
-                from cbir.index.ondisk import read_ondisk_index
-
                 index = read_ondisk_index(folder / INDEX_FILE)
             else:
                 index = faiss.read_index(str(folder / INDEX_FILE))

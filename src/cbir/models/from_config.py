@@ -1,7 +1,7 @@
 """Rebuild a model from the plain dict a checkpoint or a bundle stores (``model.json``).
 
-Kept apart from :mod:`cbir.factory` so that loading a bundle for search or serving imports neither
-Lightning nor the training code."""
+Kept apart from :mod:`cbir.training.factory` so that loading a bundle for search or serving imports neither
+Lightning, Hydra nor the training code."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> nn.Mo
     """An :class:`~cbir.models.embedder.Embedder` (or the hand-crafted descriptor) from ``model_cfg``:
     backbone, image_size, head (a Hydra ``_target_`` dict, ``_partial_``), freezing and inference scales."""
     if model_cfg["backbone"] == HANDCRAFTED:  # nothing pretrained: the descriptor is fixed
-        from cbir.evaluation.baselines import build_handcrafted_embedder
+        from cbir.models.handcrafted import build_handcrafted_embedder
 
         return build_handcrafted_embedder(model_cfg["image_size"], **(model_cfg.get("descriptor") or {}))
-    from hydra.utils import instantiate
-
+    from cbir.configs import instantiate
     from cbir.models.embedder import build_embedder
 
     head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None

@@ -199,7 +199,8 @@ class UnsharpMask(Step):
     amount: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.sigma > 0 and self.amount >= 0, self.name, "sigma must be > 0 and amount >= 0")
+        _require(self.sigma > 0, self.name, f"sigma must be > 0, got {self.sigma}")
+        _require(self.amount >= 0, self.name, f"amount must be >= 0, got {self.amount}")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         blurred = cv2.GaussianBlur(image, (0, 0), sigmaX=self.sigma, sigmaY=self.sigma)

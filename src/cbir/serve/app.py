@@ -33,12 +33,12 @@ from cbir.errors import BadImageError, CbirError, ConfigError
 from cbir.search import (DEFAULT_MAX_PIXELS, MAX_K, Hit, ImageTooLargeError, Searcher, parse_array_source,
                          read_query_image)
 from cbir.serve.batching import QueryBatcher
-from cbir.serve.run import PATH_STYLES
 from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+PATH_STYLES = ("relative", "name", "absolute")  # how result paths are shown: serve option `paths`
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MULTIPART_SLACK_BYTES = 64 * 1024  # boundaries, headers and the small form fields around the image
 
@@ -99,11 +99,9 @@ class UploadLimit:
 
 def preprocess_choices() -> dict[str, object]:
     """conf/preprocess option names → their specs (the same files ``search.py preprocess=NAME`` reads)."""
-    from cbir.entry import config_dir
-    from cbir.search_run import preprocess_spec
+    from cbir.configs import group_options, preset
 
-    return {path.stem: preprocess_spec(path.stem)
-            for path in sorted((config_dir() / "preprocess").glob("*.yaml"))}
+    return {name: preset("preprocess", name) for name in group_options("preprocess")}
 
 
 def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optional[str]:

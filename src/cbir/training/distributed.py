@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from cbir.ranks import distributed_world_size as world_size  # noqa: E402 - re-exported for the module
 
 
 def gathers_global_batch(loss: nn.Module | None) -> bool:

@@ -13,8 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY
-from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, retrieval_metrics, unique_by_id
+from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, evaluate_embeddings, unique_by_id
 from cbir.models.embedder import Embedder
 from cbir.training.distributed import TrainingLoss, world_size
 from cbir.training.warmup import BackboneWarmup
@@ -226,23 +225,6 @@ def contiguous_label_map(train_classes: Sequence[int] | None) -> torch.Tensor | 
     table = torch.full((int(classes[-1]) + 1,), -1, dtype=torch.long)
     table[classes] = torch.arange(len(classes))
     return table
-
-
-def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
-                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
-    otherwise query-vs-gallery by role (items in both sets are not matched with themselves)."""
-    is_query = (roles & ROLE_QUERY).bool()
-    is_gallery = (roles & ROLE_GALLERY).bool()
-    if bool(is_query.all()) and bool(is_gallery.all()):
-        return retrieval_metrics(embeddings, labels, ks=ks)
-    if not (is_query.any() and is_gallery.any()):
-        # only happens when evaluation is truncated (fast_dev_run, limit_*_batches)
-        warnings.warn("evaluation saw no queries or no gallery items; metrics skipped", stacklevel=2)
-        return {}
-    ids = torch.arange(len(labels), device=labels.device)
-    return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
-                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks)
 
 
 PAIR_MONITOR = "val/pair_roc_auc"

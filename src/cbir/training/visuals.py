@@ -14,7 +14,6 @@ from __future__ import annotations
 import colorsys
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
 
-from cbir.data.datamodule import ROLE_GALLERY, ROLE_QUERY, load_record
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
+from cbir.data.images import cached_loader
 from cbir.evaluation.metrics import unique_by_id
-from cbir.evaluation.report import write_json
-from cbir.search import Hit, render_grid
+from cbir.io import atomic_path, atomic_write_json
+from cbir.visual.grid import Tile, render_grid
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def render_retrieval_examples(query_indices: np.ndarray, hits: np.ndarray, score
                               label_of: Callable[[int], str], pixels_of: Callable[[int], np.ndarray],
                               thumb: int = 96) -> Image.Image:
     """One row per query: the query, then its hits with rank and score, green bordered when the hit has
-    the query's class and red when not (:func:`cbir.search.render_grid`'s drawing, one grid per row)."""
+    the query's class and red when not (:func:`cbir.visual.grid.render_grid`'s drawing, one grid per row)."""
     columns = max(1, hits.shape[1])
     rows = []
     for query, row_hits, row_scores in zip(query_indices, hits, scores):
-        found = [Hit(rank=rank, score=float(score), id=int(hit), path=str(int(hit)), label=label_of(int(hit)))
+        found = [Tile(rank=rank, score=float(score), path=str(int(hit)), label=label_of(int(hit)))
                  for rank, (hit, score) in enumerate(zip(row_hits, row_scores), start=1) if hit >= 0]
         rows.append(render_grid(pixels_of(int(query)), found, query_label=label_of(int(query)), thumb=thumb,
                                 columns=columns, load=lambda path: pixels_of(int(path))))
@@ -254,25 +254,14 @@ def publish_image(trainer: pl.Trainer, key: str, image: Image.Image, path: Path)
     """Write ``image`` to ``path`` (PNG, atomically) and send it to every TensorBoard and W&B logger."""
     from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
-    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, np.asarray(image), global_step=trainer.global_step, dataformats="HWC")
             logger.experiment.flush()
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=trainer.global_step)
-
-
-def write_atomic(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 class _Visual(pl.Callback):
@@ -297,10 +286,7 @@ class _Visual(pl.Callback):
         catalog = getattr(trainer.datamodule, "catalog", None) if trainer.datamodule is not None else None
         if eval_set is None or catalog is None or not len(eval_set.indices):
             return None
-        cache = getattr(trainer.datamodule, "cache", None) or {}
-
-        def pixels_of(index: int) -> np.ndarray:
-            return cache[index] if index in cache else load_record(catalog, index)
+        pixels_of = cached_loader(catalog, getattr(trainer.datamodule, "cache", None))
 
         def label_of(index: int) -> str:
             label = catalog.records[index].label
@@ -350,7 +336,7 @@ class RetrievalExamples(_Visual):
         image = render_retrieval_examples(self.queries, hits, scores, label_of, pixels_of, self.thumb_size)
         path = self.image_dir(trainer) / f"retrieval_epoch{trainer.current_epoch:03d}.png"
         label = {int(i): int(l) for i, l in zip(eval_set.indices, eval_set.labels)}
-        write_json(path.with_suffix(".json"), {
+        atomic_write_json(path.with_suffix(".json"), {
             "epoch": trainer.current_epoch, "k": self.k, "thumb_size": self.thumb_size,
             "protocol": "all-vs-all" if eval_set.all_vs_all else "query-vs-gallery",
             "rows": [{"query": int(q), "label": label[int(q)],
@@ -409,7 +395,7 @@ class EmbeddingMap(_Visual):
         image, pixels = render_embedding_map(coords, labels, catalog.class_names, title,
                                              eval_set.is_query[rows] if mixed_roles else None)
         path = self.image_dir(trainer) / "embedding_map.png"
-        write_json(path.with_suffix(".json"), {
+        atomic_write_json(path.with_suffix(".json"), {
             "method": method, "requested": self.method, "epoch": self.epoch,
             "num_points": int(len(rows)), "num_items": int(len(eval_set.indices)),
             "num_classes": len(set(labels.tolist())), "same_class_neighbour_rate": neighbours,

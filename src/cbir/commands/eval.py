@@ -1,0 +1,74 @@
+"""``eval.py``/``cbir eval``: retrieval metrics of a checkpoint, or of a pretrained backbone untrained."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from cbir.commands.runner import run_hydra
+from cbir.data.datasets import EvalSpec
+from cbir.errors import ConfigError
+from cbir.evaluation.report import format_table, write_results
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.training import factory
+from cbir.training.module import MetricLearningModule
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt_path`` (or, without one, ``cfg.model`` as it comes pretrained) on the data
+    config's ``protocol``: its ``test`` or ``val`` set, or a named entry of its ``protocols`` — one
+    query/gallery spec, or a list of them whose metrics are averaged (e.g. both cross-vendor
+    directions)."""
+    if cfg.get("ckpt_path"):
+        embedder = load_embedder_checkpoint(cfg.ckpt_path)
+        name = f"checkpoint {Path(cfg.ckpt_path).name}"
+        if cfg.model.get("scales"):  # multi-scale evaluation of a checkpoint trained at one scale
+            embedder.set_scales(list(cfg.model.scales), float(cfg.model.get("scale_power", 1.0)))
+            name += f" (scales {', '.join(f'{s:g}' for s in embedder.scales)})"
+    else:
+        embedder = factory.build_embedder_from_config(cfg)
+        name = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"
+
+    catalog = factory.build_catalog(cfg.data)
+    datamodule = factory.build_datamodule(cfg, catalog, embedder)
+    specs = protocol_specs(cfg.data, cfg.protocol)
+    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))
+    trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
+    results = []
+    for spec in specs:
+        datamodule.test_spec = spec
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results.append(dict(module.last_eval_metrics))
+    metrics = average_metrics(results)
+    protocol = " and ".join(spec.describe() for spec in specs) + (", averaged" if len(specs) > 1 else "")
+    if trainer.is_global_zero:  # under DDP (trainer=ddp) every rank has the same gathered metrics: one writes
+        print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
+        write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", {name: metrics})
+    return metrics
+
+
+def protocol_specs(data_cfg: DictConfig, protocol: str) -> list[EvalSpec]:
+    """The evaluation specs of ``protocol``: ``test``/``val``, or an entry of ``data.protocols``."""
+    named = (data_cfg.get("protocols") or {}).get(protocol)
+    entry = named if named is not None else (data_cfg.get(protocol) if protocol in ("test", "val") else None)
+    if entry is None:
+        choices = ["test", "val", *(data_cfg.get("protocols") or {})]
+        raise ConfigError(f"protocol={protocol}: data config '{data_cfg.name}' has no such evaluation; "
+                          f"choose from: {', '.join(choices)}")
+    entries = entry if isinstance(entry, ListConfig) else [entry]
+    return [factory.eval_spec(e) for e in entries]
+
+
+def average_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each rate over the protocol's parts; query counts are summed."""
+    return {key: (sum(r[key] for r in results) if key.startswith("num_") else
+                  sum(r[key] for r in results) / len(results)) for key in results[0]}
+
+
+def main(argv=None):
+    """``cbir eval`` / ``python eval.py``: Hydra overrides over conf/eval.yaml."""
+    return run_hydra("eval", evaluate, argv)

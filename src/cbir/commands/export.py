@@ -1,0 +1,79 @@
+"""``export.py``/``cbir export``: checkpoint (or pretrained model) → bundle, and optionally an index of a
+collection built with that bundle."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.commands.runner import run_hydra
+from cbir.errors import ConfigError
+from cbir.export.bundle import export_bundle, load_bundle
+from cbir.models.checkpoint import load_checkpoint_model, resolve_checkpoint
+from cbir.ranks import launched_rank
+from cbir.training import factory
+
+log = logging.getLogger(__name__)
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the bundle to ``cfg.out``; with ``cfg.index.collection`` also build its index."""
+    _refuse_launched_ranks()
+    if cfg.get("ckpt_path"):
+        ckpt = resolve_checkpoint(cfg.ckpt_path)  # a run folder → its best checkpoint
+        embedder, model_config = load_checkpoint_model(ckpt)
+        config = _run_config(ckpt)
+        source = f"checkpoint {ckpt.resolve()}"
+    else:
+        embedder = factory.build_embedder_from_config(cfg)
+        model_config = factory.model_config(cfg)
+        config = None
+        source = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"
+    query_preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True) if cfg.get("preprocess") else None
+    out = export_bundle(embedder, cfg.out, model_config=model_config, config=config,
+                        query_preprocess=query_preprocess, runtimes=list(cfg.runtimes),
+                        tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite))
+    bundle = load_bundle(out)
+    print(describe_bundle(bundle))
+    index_cfg = cfg.get("index") or {}
+    if index_cfg.get("collection"):
+        from cbir.index.pipeline import build_bundle_index
+
+        options = {k: v for k, v in OmegaConf.to_container(index_cfg, resolve=True).items()
+                   if k not in ("collection", "out")}
+        index = build_bundle_index(bundle, index_cfg.collection, index_cfg.out, **options)
+        print(f"index: {len(index)} images → {index_cfg.out}")
+    return out
+
+
+def _refuse_launched_ranks() -> None:
+    """Under ``torchrun`` every rank would write the same bundle folder at once: export runs as one
+    process and spawns its own extraction ranks (``index.processes=N``)."""
+    launched = launched_rank()
+    if launched is not None:
+        raise ConfigError(f"export.py runs as one process, not under a launcher (this is rank {launched.rank} of "
+                          f"{launched.world}); share the index extraction with index.processes={launched.world}, "
+                          f"or build the index with `torchrun ... -m cbir.cli index build ...`")
+
+
+def describe_bundle(bundle) -> str:
+    parity = bundle.manifest.get("parity", {})
+    copies = ", ".join(f"{name} (max |diff| {entry['max_abs_difference']:.1e})" if "max_abs_difference" in entry
+                       else f"{name}: {entry.get('skipped', 'skipped')}" for name, entry in parity.items())
+    return (f"bundle {bundle.path}: {bundle.manifest.get('backbone')} → {bundle.embedding_dim}-d, "
+            f"input {bundle.input_size} px; copies: {copies or 'none'}")
+
+
+def _run_config(ckpt_path: Path) -> dict | None:
+    """The resolved config of the training run a checkpoint came from (``<run>/checkpoints/x.ckpt``)."""
+    candidate = ckpt_path.resolve().parent.parent / "config.yaml"
+    if not candidate.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
+
+
+def main(argv=None):
+    """``cbir export`` / ``python export.py``: Hydra overrides over conf/export.yaml."""
+    return run_hydra("export", export, argv)

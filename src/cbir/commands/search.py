@@ -1,0 +1,91 @@
+"""``search.py``/``cbir search``: arguments → Searcher → ranked tables, JSON and result grids.
+
+Plain ``key=value`` arguments over conf/search.yaml rather than a Hydra app: a search should start fast,
+write no output folder, and ``index=<path>`` must stay a path (``index`` is a config group for export).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.commands.args import guarded, key_value_config
+from cbir.configs import preset
+from cbir.data.catalog import ArrayRef
+from cbir.errors import ConfigError
+from cbir.search import Searcher, expand_query_paths, format_hits, parse_array_source, read_query_image
+from cbir.visual.grid import save_grid
+
+USAGE = """usage: python search.py bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json]
+                        [grid=out.png] [preprocess=NAME] [device=cpu|cuda] [bf16=true] [batch_size=32]"""
+
+
+def search_config(argv: Sequence[str]) -> DictConfig:
+    """conf/search.yaml with ``key=value`` arguments applied (``--json`` = ``json=true``)."""
+    cfg = key_value_config("search", argv, "search", aliases={"--json": "json=true"})
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}=... is required (python search.py bundle=DIR query=IMAGE)")
+    return cfg
+
+
+def preprocess_spec(name_or_spec):
+    """``preprocess=clahe`` names a conf/preprocess option; a dict/list is a spec as it is."""
+    return preset("preprocess", name_or_spec)
+
+
+def run_search(cfg: DictConfig) -> list[dict]:
+    queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
+    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
+                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+    files = query_sources(queries)
+    results = []
+    for start in range(0, len(files), searcher.batch_size):
+        batch = files[start:start + searcher.batch_size]
+        images = [read_query_image(q) if isinstance(q, Path) else searcher.load_source(q) for q in batch]
+        for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k))):
+            label = query.parent.name if isinstance(query, Path) else dataset_label(searcher, query)
+            results.append({"query": str(query), "hits": [hit.to_json() for hit in hits]})
+            if cfg.grid:
+                grid = Path(cfg.grid)
+                stem = query.stem if isinstance(query, Path) else query.replace(":", "_").replace("/", "_")
+                target = grid / f"{stem}.png" if len(files) > 1 or grid.suffix.lower() != ".png" else grid
+                # a folder-of-classes or dataset query knows its label: borders mark right and wrong hits
+                known = label if any(hit.label == label for hit in hits) or not isinstance(query, Path) else None
+                save_grid(image, hits, target, query_label=known, load=searcher.load_source)
+            if not cfg.json:
+                print(format_hits(str(query), hits) + "\n")
+    if cfg.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return results
+
+
+def query_sources(queries: list[str]) -> list[Path | str]:
+    """Query files (folders expanded), keeping ``<dataset>:<array>/<row>`` references (e.g.
+    ``fashion_mnist:test/0``) as they are: the Searcher reads those from the dataset."""
+    sources: list[Path | str] = []
+    for query in queries:
+        if not Path(query).exists() and parse_array_source(query) is not None:
+            sources.append(query)
+        else:
+            sources += expand_query_paths([query])
+    return sources
+
+
+def dataset_label(searcher: Searcher, source: str) -> str | None:
+    """The class name of a dataset-array query (``fashion_mnist:test/0`` → ``Ankle boot``), if known."""
+    name, array, row = parse_array_source(source)
+    catalog = searcher.dataset_catalog(name)
+    wanted = ArrayRef(array, row)
+    return next((catalog.class_names[r.label] for r in catalog.records if r.source == wanted), None)
+
+
+def _main(argv: Sequence[str]) -> int:
+    run_search(search_config(argv))
+    return 0
+
+
+main = guarded(_main, USAGE)

@@ -1,0 +1,137 @@
+"""``train.py``/``cbir train``: build everything from the config, fit, test the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.commands.runner import run_hydra
+from cbir.errors import CheckpointError, ConfigError
+from cbir.evaluation.report import format_table, write_results
+from cbir.training import factory, tracking
+from cbir.training.module import MONITOR, MetricLearningModule
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train per ``cfg``; returns the best validation MAP@R (the monitored metric: the value sweepers
+    optimise), NaN when validation produced no finite score (the Optuna sweeper records a failed trial).
+
+    With ``train.fit=false`` nothing is trained: the model as it comes (pretrained backbone, or the
+    hand-crafted descriptor) is evaluated on ``data.test`` and its MAP@R returned — the baseline row."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    fit = bool((cfg.get("train") or {}).get("fit", True))
+    embedder = factory.build_embedder_from_config(cfg)  # first: a missing weight fails fast
+    if fit and not any(p.requires_grad for p in embedder.parameters()):
+        raise ConfigError(f"model={cfg.model.backbone} has nothing to train; evaluate it with "
+                          f"`python eval.py model={cfg.model.backbone}` or `python train.py "
+                          f"model={cfg.model.backbone} train.fit=false`")
+    catalog = factory.build_catalog(cfg.data)
+    datamodule = factory.build_datamodule(cfg, catalog, embedder)
+    if not fit:
+        return _evaluate_as_is(cfg, embedder, datamodule, output_dir)
+    module = factory.build_module(cfg, embedder, catalog)  # the catalog sizes proxy losses
+    trainer = factory.build_trainer(cfg)
+    try:
+        if trainer.is_global_zero:  # the resolved config into W&B, its run id into the run folder
+            tracking.start_runs(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), output_dir)
+        best_score = _fit_and_test(cfg, trainer, module, datamodule, output_dir)
+    except BaseException:
+        tracking.finish_runs(trainer.loggers, failed=True)  # a multirun's next job must not log into this run
+        raise
+    tracking.finish_runs(trainer.loggers, {tracking.best_metric_name(_monitor(trainer)): best_score})
+    return _objective(best_score, _monitor(trainer))
+
+
+def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, output_dir: Path) -> float | None:
+    """Fit (resuming from ``ckpt_path``), test the best checkpoint, write results.json; the best score."""
+    results: dict[str, dict[str, float]] = {}
+    if cfg.get("evaluate_untrained"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results[_untrained_name(cfg)] = dict(module.last_eval_metrics)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+
+    best_score = _best_score(trainer)
+    if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
+        best = _best_checkpoint(trainer)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results[f"trained ({'best' if best == 'best' else 'last'} checkpoint)"] = dict(module.last_eval_metrics)
+    if results and trainer.is_global_zero:  # under DDP every rank has the same results: one writes
+        table = format_table(results)
+        print("\nRetrieval on " + _describe_protocol(cfg) + ":\n" + table + "\n")
+        write_results(output_dir / "results.json", _describe_protocol(cfg), results, best_val_map_at_r=best_score)
+    return best_score
+
+
+def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> float:
+    """``train.fit=false``: the untrained evaluation alone, same table and results.json as a training run."""
+    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))  # no loss/optimiser: nothing is fitted
+    trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    results = {_untrained_name(cfg): dict(module.last_eval_metrics)}
+    print("\nRetrieval on " + _describe_protocol(cfg) + ":\n" + format_table(results) + "\n")
+    score = float(module.last_eval_metrics["map_at_r"])
+    write_results(output_dir / "results.json", _describe_protocol(cfg), results, test_map_at_r=score)
+    return score
+
+
+def _untrained_name(cfg: DictConfig) -> str:
+    return f"untrained ({cfg.model.backbone}, pretrained={cfg.model.pretrained})"
+
+
+def _resume_path(cfg: DictConfig) -> str | None:
+    path = cfg.get("ckpt_path")
+    if path in (None, ""):
+        return None
+    if path != "last" and not Path(path).is_file():
+        raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
+    return path
+
+
+def _monitor(trainer: pl.Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    return getattr(callback, "monitor", None) or MONITOR
+
+
+def _objective(best_score: float | None, monitor: str) -> float:
+    """The score as a plain float for sweepers; NaN, with a warning, when there is none to report."""
+    if best_score is None or not math.isfinite(best_score):
+        log.warning("no finite %s to report (got %s): returning NaN, which an Optuna sweep records as a "
+                    "failed trial", monitor, best_score)
+        return float("nan")
+    return float(best_score)
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "best_model_path", ""):
+        return "best"
+    return None  # no checkpointing: test the weights in memory
+
+
+def _best_score(trainer: pl.Trainer) -> float | None:
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None) if callback is not None else None
+    if score is None:
+        score = trainer.callback_metrics.get(MONITOR)
+    return float(score) if score is not None else None
+
+
+def _describe_protocol(cfg: DictConfig) -> str:
+    spec = factory.eval_spec(cfg.data.get("test") or cfg.data.get("val"))
+    return f"{cfg.data.name}, {spec.describe()}" if spec else cfg.data.name
+
+
+def main(argv=None):
+    """``cbir train`` / ``python train.py``: Hydra overrides over conf/train.yaml."""
+    return run_hydra("train", train, argv)

@@ -1,0 +1,124 @@
+"""The one image decoder and the one list of image file types, for training data, collections to index,
+queries and thumbnails alike.
+
+Every decoded image is HxWx3 uint8 RGB: grey is replicated to three channels and transparency is
+composited onto white. The content decides the format, never the file name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cbir.data.catalog import ArrayRef, Catalog
+from cbir.errors import BadImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; larger is refused before decoding (decompression bombs)
+
+
+class ImageTooLargeError(BadImageError):
+    """An image has more pixels than allowed (checked before decoding: decompression bombs)."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root``, recursively, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if is_image_file(p))
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of a decoded PIL image, transparency composited onto white."""
+    if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
+    """Decode a file, or the raw bytes of an upload, into HxWx3 uint8 RGB.
+
+    An empty, missing, truncated or non-image input, or one with more than ``max_pixels`` pixels (None:
+    PIL's own bomb limit only), raises :class:`BadImageError` naming ``name`` (or the path); ``what``
+    says which kind of image it is in the message (``query``, ``image``)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "upload")
+    if isinstance(source, bytes):
+        if not source:
+            raise BadImageError(f"{what} {label}: empty file (0 bytes)")
+        handle = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadImageError(f"{what} {label}: file does not exist")
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{what} {label}: empty file (0 bytes)")
+        handle = path.open("rb")
+    try:
+        with handle, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLargeError(f"{what} {label}: {width}x{height} pixels is more than the limit "
+                                             f"of {max_pixels:,} pixels")
+                image.load()
+                pixels = image_to_rgb(image)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(f"{what} {label}: cannot decode: not an image, or an unsupported image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{what} {label}: too many pixels to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(f"{what} {label}: cannot decode image ({exc})") from None
+    if pixels.size == 0:
+        raise BadImageError(f"{what} {label}: image has no pixels")
+    return np.ascontiguousarray(pixels)
+
+
+def load_image(catalog: Catalog | None, source: str | ArrayRef,
+               box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of one record: a file, or a row of one of ``catalog``'s arrays. ``box``
+    (x, y, w, h in pixels) crops to an annotated object, clipped to the image since benchmark boxes may
+    overhang its border."""
+    if isinstance(source, ArrayRef):
+        pixels = catalog.arrays[source.array][source.index]
+    else:
+        pixels = decode_image(source, max_pixels=None)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    if box is not None:
+        x, y, w, h = box
+        height, width = pixels.shape[:2]
+        left, right = np.clip([np.floor(x), np.ceil(x + w)], 0, width).astype(int)
+        top, bottom = np.clip([np.floor(y), np.ceil(y + h)], 0, height).astype(int)
+        if right <= left or bottom <= top:
+            raise BadImageError(f"box {box} (x, y, w, h) lies outside image {source} ({width}x{height})")
+        pixels = pixels[top:bottom, left:right]
+    return np.ascontiguousarray(pixels)
+
+
+def load_record(catalog: Catalog, index: int) -> np.ndarray:
+    record = catalog.records[index]
+    return load_image(catalog, record.source, record.box)
+
+
+def cached_loader(catalog: Catalog, cache: dict[int, np.ndarray] | None = None) -> Callable[[int], np.ndarray]:
+    """Record index → pixels, from ``cache`` when decoded already."""
+    cache = cache or {}
+
+    def pixels_of(index: int) -> np.ndarray:
+        return cache[index] if index in cache else load_record(catalog, index)
+
+    return pixels_of

@@ -1,0 +1,56 @@
+"""Training checkpoints → the Embedder they hold, without the training config, Lightning or Hydra: a
+checkpoint stores the plain ``model_config`` that rebuilds the model (:mod:`cbir.models.from_config`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cbir.errors import CheckpointError
+from cbir.models.embedder import Embedder
+from cbir.models.from_config import embedder_from_model_config
+
+
+def load_embedder_checkpoint(ckpt_path: str | Path) -> Embedder:
+    """Rebuild the Embedder stored in a training checkpoint (no training config needed)."""
+    return load_checkpoint_model(ckpt_path)[0]
+
+
+def resolve_checkpoint(ckpt_path: str | Path) -> Path:
+    """A checkpoint file, or a training run folder → its best checkpoint (newest ``best-*.ckpt`` in
+    ``checkpoints/``), else its ``last.ckpt``."""
+    path = Path(ckpt_path)
+    if not path.is_dir():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise CheckpointError(f"ckpt_path: folder {path} holds no best-*.ckpt or last.ckpt "
+                          "(give a checkpoint file or a training run folder)")
+
+
+def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
+    """The Embedder stored in a training checkpoint (a file, or a run folder: its best checkpoint) and
+    the model config that rebuilds it."""
+    path = resolve_checkpoint(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - unreadable user file
+        raise CheckpointError(f"ckpt_path: cannot read checkpoint {path}: {exc}") from None
+    model_cfg = (checkpoint.get("hyper_parameters") or {}).get("model_config")
+    if not model_cfg:
+        raise CheckpointError(f"ckpt_path: {path} is not a cbir training checkpoint (no model_config)")
+    embedder = embedder_from_model_config(model_cfg, pretrained="none")
+    state = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
+    result = embedder.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise CheckpointError(f"ckpt_path: {path} lacks {len(result.missing_keys)} embedder weights "
+                              f"(first: {result.missing_keys[0]})")
+    return embedder, dict(model_cfg)
+

@@ -1,0 +1,227 @@
+"""Config → objects. The one place where Hydra configs meet library code; everything it builds is a
+plain object that tests and notebooks can also build by hand."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.data.catalog import Catalog
+from cbir.data.datamodule import LoaderOptions, PairDataModule, RetrievalDataModule
+from cbir.data.datasets import EvalSpec
+from cbir.data.readers import catalog_from_config
+from cbir.data.readers.pairs import PairCatalog
+from cbir.errors import ConfigError
+from cbir.models.embedder import Embedder
+from cbir.models.from_config import HANDCRAFTED, embedder_from_model_config
+from cbir.training.module import MetricLearningModule, PairModule
+
+log = logging.getLogger(__name__)
+
+
+def build_catalog(data_cfg: DictConfig) -> Catalog:
+    """The data config's reader → its catalog (a :class:`PairCatalog` for ``data=pairs``)."""
+    return catalog_from_config(data_cfg)
+
+
+def loader_options(cfg: DictConfig) -> LoaderOptions:
+    """The ``data.*`` batching and reading keys as one :class:`LoaderOptions`."""
+    data = cfg.data
+    defaults = LoaderOptions()
+    return LoaderOptions(batch_size=int(data.batch_size), eval_batch_size=data.get("eval_batch_size"),
+                         num_workers=data.get("num_workers"),
+                         train_split=data.get("train_split", defaults.train_split),
+                         on_bad_image=data.get("on_bad_image", defaults.on_bad_image),
+                         cache_images=data.get("cache_images", defaults.cache_images),
+                         cache_max_mb=float(data.get("cache_max_mb", defaults.cache_max_mb)), seed=cfg.get("seed"))
+
+
+def model_config(cfg: DictConfig) -> dict:
+    """What a checkpoint needs to rebuild the Embedder: backbone, input size, the head config, and the
+    training (freezing) and inference (scales) options; for ``model=handcrafted``, the descriptor options."""
+    if cfg.model.backbone == HANDCRAFTED:
+        return {"backbone": HANDCRAFTED, "image_size": int(cfg.model.image_size),
+                "descriptor": OmegaConf.to_container(cfg.model.get("descriptor") or {}, resolve=True)}
+    scales = cfg.model.get("scales")
+    return {
+        "backbone": cfg.model.backbone,
+        "image_size": int(cfg.model.image_size),
+        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "freeze_stages": cfg.model.get("freeze_stages", 0),
+        "bn_frozen": bool(cfg.model.get("bn_frozen", False)),
+        "scales": [float(s) for s in scales] if scales else None,
+        "scale_power": float(cfg.model.get("scale_power", 1.0)),
+    }
+
+
+def build_embedder_from_config(cfg: DictConfig) -> Embedder:
+    return embedder_from_model_config(model_config(cfg), cfg.model.pretrained)
+
+
+def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
+                     embedder: Embedder) -> RetrievalDataModule | PairDataModule:
+    augment = list(instantiate(cfg.augment.transforms)) if "augment" in cfg else []
+    options = loader_options(cfg)
+    if isinstance(catalog, PairCatalog):  # data=pairs (Siamese mode): shuffled pairs, no class sampler
+        return PairDataModule(catalog, embedder, options, augment, eval_split=cfg.data.get("eval_split"))
+    sampler = instantiate(cfg.sampler) if "sampler" in cfg else None
+    return RetrievalDataModule(catalog, embedder, options, augment, batch_sampler=sampler,
+                               val=eval_spec(cfg.data.get("val")), test=eval_spec(cfg.data.get("test")))
+
+
+def eval_spec(spec_cfg) -> EvalSpec | None:
+    if not spec_cfg:
+        return None
+    return EvalSpec(queries=spec_cfg.queries, gallery=spec_cfg.get("gallery"))
+
+
+LOSS_LR_MULTIPLIER = 100.0  # proxies/class weights learn 100x faster than the network (Proxy-Anchor recipe)
+
+
+def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = None) -> MetricLearningModule:
+    """The LightningModule for ``cfg`` (a :class:`PairModule` for ``data=pairs``). Proxy/classifier
+    losses get ``num_classes`` (the training classes, read from ``catalog``, or from ``cfg.data`` when
+    not given) and ``embedding_size`` (the Embedder's) here; with ``loss.xbm=true`` the loss and its
+    miner are wrapped in PML's ``CrossBatchMemory``."""
+    miner = _instantiate_optional(cfg.get("miner"))
+    loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+    xbm = bool(loss_cfg.pop("xbm", False))
+    xbm_memory_size = int(loss_cfg.pop("xbm_memory_size", 4096))
+    pair_mode = cfg.data.get("mode") == "pairs"
+    if pair_mode:
+        check_pair_loss(loss_cfg["_target_"].rsplit(".", 1)[-1], xbm)
+    train_classes = None
+    if "num_classes" in loss_cfg:
+        if catalog is None:
+            catalog = build_catalog(cfg.data)
+        train_classes = training_classes(catalog, cfg.data.get("train_split", "train"))
+        loss_cfg["num_classes"] = len(train_classes)
+    if "embedding_size" in loss_cfg:
+        loss_cfg["embedding_size"] = embedder.embedding_dim
+    loss = instantiate(loss_cfg)
+    if xbm:
+        loss, miner = cross_batch_memory(loss, miner, embedder.embedding_dim, xbm_memory_size), None
+    module_class = PairModule if pair_mode else MetricLearningModule
+    if pair_mode:
+        miner = None  # the pairs are given: nothing to mine
+    optimizer, loss_lr = optimizer_factory(cfg.optimizer)
+    return module_class(
+        embedder,
+        loss=loss,
+        miner=miner,
+        optimizer=optimizer,
+        loss_lr=loss_lr,
+        scheduler=_instantiate_optional(cfg.get("scheduler")),
+        ks=tuple(cfg.metrics.ks),
+        model_config=model_config(cfg),
+        train_classes=train_classes,
+        warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
+    )
+
+
+def check_pair_loss(loss_name: str, xbm: bool) -> None:
+    """data=pairs needs a loss that scores each given pair on its own (see PairModule.SUPPORTED_LOSSES)."""
+    if loss_name not in PairModule.SUPPORTED_LOSSES or xbm:
+        raise ConfigError(f"data=pairs trains on explicit pairs; {loss_name}{' with loss.xbm=true' if xbm else ''} "
+                          "cannot use them. Use loss=contrastive or loss=multi_similarity, with loss.xbm=false")
+
+
+def _instantiate_optional(node):
+    return instantiate(node) if node and "_target_" in node else None
+
+
+def training_classes(catalog: Catalog, train_split: str = "train") -> list[int]:
+    """The sorted label ids of the training split: proxy losses need one proxy per class, with the
+    labels remapped to 0..C-1 (zero-shot splits hold out classes, so the ids have gaps)."""
+    labels = catalog.labels(catalog.select(train_split))
+    if len(labels) == 0:
+        raise ConfigError(f"data.train_split={train_split!r} selects no images; a proxy/classifier loss "
+                          "needs training classes")
+    return sorted({int(label) for label in labels})
+
+
+def cross_batch_memory(loss, miner, embedding_size: int, memory_size: int):
+    """``loss.xbm=true``: PML's CrossBatchMemory around the loss (the miner then mines against the memory)."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    name = type(loss).__name__
+    if name not in CrossBatchMemory.supported_losses():
+        raise ConfigError(f"loss.xbm=true: cross-batch memory does not support {name}; use it with a pair or "
+                          f"triplet loss ({', '.join(CrossBatchMemory.supported_losses())}) or set loss.xbm=false")
+    return CrossBatchMemory(loss, embedding_size=embedding_size, memory_size=memory_size, miner=miner)
+
+
+def optimizer_factory(optimizer_cfg: DictConfig):
+    """The optimiser partial, and the lr of loss parameters (``optimizer.loss_lr``; null = 100 x lr)."""
+    options = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    loss_lr = options.pop("loss_lr", None)
+    if loss_lr is None:
+        loss_lr = LOSS_LR_MULTIPLIER * float(options["lr"])
+    return instantiate(options), float(loss_lr)
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    logger_cfg = cfg.get("logger") or {}
+    return [instantiate(c, **(wandb_run_identity(cfg, c) if c._target_ == WANDB_TARGET else {}))
+            for c in logger_cfg.values() if c and "_target_" in c]
+
+
+WANDB_TARGET = "cbir.training.tracking.wandb_logger"
+
+
+def wandb_run_identity(cfg: DictConfig, wandb_cfg: DictConfig) -> dict:
+    """The W&B run's name, group and id (``cbir.training.tracking.run_identity``): null config values are filled
+    from the Hydra job that runs this config and from the run folder of ``ckpt_path``."""
+    from cbir.training import tracking
+
+    output_dir = cfg.paths.output_dir
+    return tracking.run_identity(hydra_job(output_dir), name=wandb_cfg.get("name"), group=wandb_cfg.get("group"),
+                                 run_id=wandb_cfg.get("id"), resume=wandb_cfg.get("resume", "allow"),
+                                 ckpt_path=cfg.get("ckpt_path"), run_dir=output_dir)
+
+
+def hydra_job(output_dir: str | Path):
+    """The Hydra job writing to ``output_dir`` as a plain ``cbir.training.tracking.JobInfo``; None outside Hydra
+    (compose API, notebooks) or when the Hydra job left behind in this process wrote somewhere else."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from cbir.training.tracking import JobInfo
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() != Path(output_dir).resolve():
+        return None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return JobInfo(list(hydra_cfg.overrides.task), int(hydra_cfg.job.num), str(hydra_cfg.sweep.dir))
+    return JobInfo(list(hydra_cfg.overrides.task))
+
+
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
+    callbacks = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if not c or "_target_" not in c:
+            continue
+        if name == "lr_monitor" and not has_logger:
+            continue  # LearningRateMonitor refuses to run without a logger
+        callbacks.append(instantiate(c))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
+    loggers = overrides.pop("logger", None)
+    if loggers is None:
+        loggers = build_loggers(cfg)
+    callbacks = overrides.pop("callbacks", None)
+    if callbacks is None:
+        callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    if cfg.trainer.get("strategy") == "ddp" and int((cfg.get("train") or {}).get("warmup_epochs", 0)) > 0:
+        # the warm-up freezes the backbone after DDP has wrapped the model: DDP must expect parameters
+        # without gradients (it otherwise stops at the second step)
+        overrides.setdefault("strategy", "ddp_find_unused_parameters_true")
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)

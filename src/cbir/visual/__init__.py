@@ -1,0 +1,1 @@
+"""Pictures people look at: result grids (search, training) and plots."""
