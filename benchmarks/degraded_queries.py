@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
-import multiprocessing
 from multiprocessing.pool import Pool
 from pathlib import Path
 

@@ -168,10 +168,10 @@ class PeakRss:
 
 def bench_ondisk(args: argparse.Namespace, work: Path) -> dict:
     import faiss
+    from index import clustered_embeddings
 
     from cbir.index.builder import IndexOptions
     from cbir.index.ondisk import VectorShards, build_ondisk_index
-    from index import clustered_embeddings
 
     faiss.omp_set_num_threads(args.threads)
     start = time.perf_counter()

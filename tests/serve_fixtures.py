@@ -12,8 +12,8 @@ from cbir.search import Searcher
 def build_tiny_search(root: Path) -> tuple[Searcher, Path]:
     """(Searcher, collection folder): untrained resnet18 at 32 px, 16-d, 6 classes x 4 PNGs."""
     from cbir.export.bundle import export_bundle, load_bundle
-    from cbir.training.factory import build_embedder_from_config, model_config
     from cbir.index import build_collection_index, load_index
+    from cbir.training.factory import build_embedder_from_config, model_config
 
     collection = root / "collection"
     write_class_images(collection, num_classes=6, per_class=4, size=24)

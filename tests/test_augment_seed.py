@@ -4,13 +4,12 @@ DataLoader worker reseeds its copy (otherwise workers replay one another's augme
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
+from conftest import compose_config, tiny_train_overrides
 
 from cbir.training import factory
-
-from conftest import compose_config, tiny_train_overrides
 
 
 def first_batches(folder, tmp_path, seed: int, workers: int, batches: int = 2) -> list[torch.Tensor]:
@@ -41,9 +40,8 @@ def test_same_seed_gives_the_same_augmented_batches(tiny_folder, tmp_path, worke
 
 def test_workers_do_not_replay_each_others_augmentations(tmp_path):
     """Two workers augmenting the same image (each takes every other batch) must not draw the same crops."""
-    from PIL import Image
-
     from conftest import write_class_images
+    from PIL import Image
 
     root = tmp_path / "data"
     write_class_images(root, num_classes=6, per_class=4, size=24, seed=1)

@@ -10,17 +10,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, compose_config
 
-from cbir.training import factory
-from cbir.data.transforms import eval_transform
-from cbir.errors import ConfigError
-from cbir.models.handcrafted import DescriptorOptions, HandcraftedDescriptor, HandcraftedEmbedder, \
-    build_handcrafted_embedder
-from cbir.evaluation.metrics import retrieval_metrics
 from cbir.commands.eval import evaluate
 from cbir.commands.train import train
-
-from conftest import ROOT, compose_config
+from cbir.data.transforms import eval_transform
+from cbir.errors import ConfigError
+from cbir.evaluation.metrics import retrieval_metrics
+from cbir.models.handcrafted import (
+    DescriptorOptions,
+    HandcraftedDescriptor,
+    HandcraftedEmbedder,
+    build_handcrafted_embedder,
+)
+from cbir.training import factory
 
 EVAL_OVERRIDES = ["data=folder", "data.image_size=32", "data.eval_batch_size=16", "data.num_workers=0",
                   "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",

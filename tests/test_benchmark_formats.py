@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_benchmarks import IMAGE_SIZE, write_cars196, write_cub200, write_inshop, write_sop
 from PIL import Image
 
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset
@@ -16,8 +17,6 @@ from cbir.data.readers.cub200 import read_cub200
 from cbir.data.readers.inshop import read_inshop
 from cbir.data.readers.sop import read_sop
 from cbir.errors import BadImageError, DataError
-
-from fixtures_benchmarks import IMAGE_SIZE, write_cars196, write_cub200, write_inshop, write_sop
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 from conftest import ROOT, compose_config, tiny_train_overrides
 
 from cbir import load_bundle
+from cbir.commands.train import train
 from cbir.export.bundle import BundleError, export_bundle
 from cbir.models.checkpoint import load_checkpoint_model
 from cbir.training.factory import build_embedder_from_config, model_config
-from cbir.commands.train import train
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_export_entry_point_writes_a_bundle(tiny_checkpoint, tmp_path):
 
 def test_export_refuses_to_run_under_a_launcher(tmp_path, monkeypatch):
     """Every torchrun rank would write the same bundle folder: a clear error naming the alternative."""
-    from cbir.errors import ConfigError
     from cbir.commands.export import export
+    from cbir.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_train_overrides
 from hydra.utils import instantiate
 
-from cbir.training import factory
 from cbir.configs import config_dir
-
-from conftest import compose_config, tiny_train_overrides
+from cbir.training import factory
 
 CONF = config_dir()
 NOT_CONFIG_GROUPS = ("sweep",)  # W&B sweep definitions, validated by tests/test_sweeps.py

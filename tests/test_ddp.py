@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT, compose_config
 from PIL import Image
 
 from cbir.commands.eval import evaluate
 from cbir.training.distributed import TrainingLoss, gathers_global_batch
-
-from conftest import ROOT, compose_config
 
 TESTS = Path(__file__).resolve().parent
 TOL = 1e-5

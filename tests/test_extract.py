@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cbir.cli import main as cbir_main
+from cbir.data.catalog import NO_LABEL
 from cbir.errors import DataError
 from cbir.index import add_to_index, build_collection_index, load_index, read_collection, shards
-from cbir.data.catalog import NO_LABEL
 from cbir.index.errors import ExtractionMismatchError
 from cbir.index.extract import extract_collection
 from cbir.models.embedder import build_embedder

@@ -6,18 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_class_images
 from PIL import Image
 
+from cbir.data.catalog import ArrayRef
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset
 from cbir.data.images import load_image
-from cbir.data.catalog import ArrayRef
 from cbir.data.readers.csv import read_csv
 from cbir.data.readers.fashion_mnist import read_fashion_mnist
 from cbir.data.readers.folder import read_folder
 from cbir.data.transforms import eval_transform
 from cbir.errors import BadImageError, DataError
-
-from conftest import write_class_images
 
 
 def test_fashion_mnist_reader(tiny_fashion_mnist):
@@ -133,8 +132,8 @@ def test_collate_drops_and_reports_bad_images(tiny_folder, tmp_path):
 
 
 def test_catalog_issues_are_reported(tmp_path):
-    from cbir.data.datasets import report_catalog_issues
     from cbir.data.catalog import Catalog, Record
+    from cbir.data.datasets import report_catalog_issues
 
     records = [Record("a.png", 0, "test"), Record("a.png", 0, "test"), Record("b.png", 1, "test")]
     issues = report_catalog_issues(Catalog("x", records, ["c0", "c1"]), [EvalSpec("test")])

@@ -9,15 +9,21 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from conftest import clustered
 
 from cbir.errors import CbirError, ConfigError
 from cbir.index import builder, store
-from cbir.index.builder import (IndexOptions, RecallProbe, choose_kind, drop_self, nlist_for, plan_index,
-                                recall_at_k, torch_exact_search)
+from cbir.index.builder import (
+    IndexOptions,
+    RecallProbe,
+    choose_kind,
+    drop_self,
+    plan_index,
+    recall_at_k,
+    torch_exact_search,
+)
 from cbir.index.errors import DimensionMismatchError, IndexFilesError
 from cbir.index.store import CbirIndex, load_index
-
-from conftest import clustered
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 

@@ -4,21 +4,19 @@ optimiser group, survive a resume and stay out of the exported model; cross-batc
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config, tiny_train_overrides
 
-from cbir.training import factory
-from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.commands.train import train
 from cbir.configs import config_dir
 from cbir.errors import ConfigError
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.training import factory
 from cbir.training.module import contiguous_label_map
-from cbir.commands.train import train
-
-from conftest import compose_config, tiny_train_overrides
 
 CONF = config_dir()
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))

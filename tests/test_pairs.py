@@ -12,15 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_train_overrides, write_class_images
 
-from cbir.training import factory
+from cbir.commands.train import train
 from cbir.data.datamodule import LoaderOptions, PairDataModule
 from cbir.data.readers.pairs import read_pairs
 from cbir.errors import BadImageError, ConfigError, DataError
+from cbir.training import factory
 from cbir.training.module import PairModule, pair_indices, pair_verification_metrics
-from cbir.commands.train import train
-
-from conftest import compose_config, tiny_train_overrides, write_class_images
 
 
 def write_pair_csv(folder: Path, path: Path, split: bool = False, seed: int = 0) -> Path:

@@ -4,16 +4,14 @@ degradations are repeatable, and every conf/preprocess option builds from plain 
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-
-from cbir.configs import config_dir
 import yaml
 from skimage import data as skdata
 
+from cbir.configs import config_dir
 from cbir.errors import BadImageError, CbirError, ConfigError
 from cbir.preprocess import (
     STEPS,

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_train_overrides, write_class_images
 
+from cbir.commands.train import train
+from cbir.data.catalog import ArrayRef, Catalog, Record
 from cbir.data.datamodule import ResumableDataLoader
 from cbir.data.datasets import RecordDataset, collate_records
-from cbir.data.catalog import ArrayRef, Catalog, Record
 from cbir.data.sampler import MPerClassBatchSampler
-from cbir.commands.train import train
-
-from conftest import compose_config, tiny_train_overrides, write_class_images
 
 STEPS_PER_EPOCH = 4  # 3 training classes x 8 images, batches of 3 classes x 2
 

@@ -23,16 +23,13 @@ from conftest import ROOT, clustered, compose_config, write_class_images
 from cbir.errors import ConfigError
 from cbir.index import builder, distributed, load_index, ondisk, read_collection, store
 from cbir.index.builder import IndexOptions, choose_kind
-from cbir.index.shards import ExtractionOptions
-from cbir.ranks import Rank
-from cbir.index.errors import ExtractionMismatchError
+from cbir.index.errors import ExtractionMismatchError, IndexFilesError, ReadOnlyIndexError
 from cbir.index.extract import extract_collection
-from cbir.index.errors import ReadOnlyIndexError
 from cbir.index.ondisk import VectorShards, build_ondisk_index
-from cbir.index.pipeline import build_ondisk_cbir_index
-from cbir.index.pipeline import build_collection_index
-from cbir.index.errors import IndexFilesError
+from cbir.index.pipeline import build_collection_index, build_ondisk_cbir_index
+from cbir.index.shards import ExtractionOptions
 from cbir.models.embedder import build_embedder
+from cbir.ranks import Rank
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 

@@ -18,9 +18,9 @@ from PIL import Image
 from cbir import Searcher, load_bundle
 from cbir.errors import BadImageError
 from cbir.export.bundle import export_bundle
-from cbir.training.factory import build_embedder_from_config, model_config
 from cbir.index.pipeline import build_bundle_index
 from cbir.search import SearchError, expand_query_paths, read_query_image
+from cbir.training.factory import build_embedder_from_config, model_config
 from cbir.visual.grid import save_grid
 
 

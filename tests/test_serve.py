@@ -271,8 +271,8 @@ def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collect
 # -- command line ------------------------------------------------------------------------------------------
 
 def test_serve_config(monkeypatch):
-    from cbir.errors import ConfigError
     from cbir.commands.serve import serve_config
+    from cbir.errors import ConfigError
 
     monkeypatch.delenv("CBIR_API_KEY", raising=False)
     cfg = serve_config(["bundle=b", "port=9001", "--batch_window_ms=2"])

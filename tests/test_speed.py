@@ -6,12 +6,11 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config, tiny_train_overrides
 from torch import nn
 
 from cbir.training import factory
 from cbir.training.speed import ChannelsLast, to_channels_last
-
-from conftest import compose_config, tiny_train_overrides
 
 CL = torch.channels_last
 

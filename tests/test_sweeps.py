@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, tiny_train_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from cbir.training import tracking
-from cbir.commands.runner import check_overrides, config_dir
-from cbir.training.module import MONITOR
-
-from conftest import ROOT, tiny_train_overrides
 from test_tracking import offline_runs
+
+from cbir.commands.runner import check_overrides, config_dir
+from cbir.training import tracking
+from cbir.training.module import MONITOR
 
 SWEEP_FILES = sorted((config_dir() / "sweep").glob("*.yaml"))
 STANDARD_COMMAND = ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]

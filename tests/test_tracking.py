@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, tiny_train_overrides
 from omegaconf import open_dict
 
-from cbir.training import factory, tracking
-from cbir.errors import CheckpointError
-from cbir.training.module import MONITOR
 from cbir.commands.train import train
-
-from conftest import compose_config, tiny_train_overrides
+from cbir.errors import CheckpointError
+from cbir.training import factory, tracking
+from cbir.training.module import MONITOR
 
 
 def _records(path: Path):

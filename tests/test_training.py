@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_train_overrides
 from PIL import Image
 
 from cbir.commands.eval import evaluate
 from cbir.commands.train import train
-
-from conftest import compose_config, tiny_train_overrides
 
 MODELS = ["resnet18", "resnet34", "resnet50", "mobilenet_v2"]
 LOSSES = ["triplet", "contrastive"]
@@ -148,8 +147,9 @@ def test_skip_bad_images_trains_and_reports(tmp_path, cache, caplog):
 
 
 def test_fail_on_bad_image_names_it(tmp_path):
-    from cbir.errors import BadImageError
     from conftest import write_class_images
+
+    from cbir.errors import BadImageError
 
     root = tmp_path / "images"
     write_class_images(root, num_classes=6, per_class=4, size=16)

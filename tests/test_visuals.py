@@ -10,17 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, tiny_train_overrides
 from PIL import Image, ImageColor
 
-from cbir.training import factory
-from cbir.models.checkpoint import load_embedder_checkpoint
-from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
-from cbir.visual.grid import GRID_CAPTION, GRID_CORRECT, GRID_PAD, GRID_QUERY, GRID_WRONG
-from cbir.training import visuals
 from cbir.commands.train import train
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
+from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.training import factory, visuals
 from cbir.training.visuals import EvalSet, choose_queries, project_2d, top_k
-
-from conftest import compose_config, tiny_train_overrides
+from cbir.visual.grid import GRID_CAPTION, GRID_CORRECT, GRID_PAD, GRID_QUERY, GRID_WRONG
 
 NUM_QUERIES, K, THUMB = 3, 5, 32  # tiny_folder's val set: 3 classes x 4 images, so each row has >= 2 wrong hits
 

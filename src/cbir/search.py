@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from cbir.data.catalog import ArrayRef
-from cbir.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageTooLargeError, decode_image, list_images, load_image
+from cbir.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageTooLargeError,
+    decode_image,
+    list_images,
+    load_image,
+)
 from cbir.errors import BadImageError, CbirError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,15 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from cbir.data.catalog import Catalog
-from cbir.data.datasets import (EvalSpec, PairDataset, RecordDataset, check_bad_image_policy, collate_records,
-                                fill_cache, report_catalog_issues)
+from cbir.data.datasets import (
+    EvalSpec,
+    PairDataset,
+    RecordDataset,
+    check_bad_image_policy,
+    collate_records,
+    fill_cache,
+    report_catalog_issues,
+)
 from cbir.data.readers.pairs import PairCatalog
 from cbir.data.sampler import MPerClassBatchSampler
 from cbir.data.transforms import eval_transform, seed_transform_in_worker, train_transform

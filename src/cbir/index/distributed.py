@@ -32,8 +32,18 @@ from torch import nn
 from cbir.errors import CbirError, ConfigError
 from cbir.index.collection import Collection
 from cbir.index.errors import DistributedExtractionError
-from cbir.index.shards import (Extraction, ExtractionOptions, default_device, extract_shards, extraction_manifest,
-                               gather_shards, images_in_shards, prepare_work_dir, shard_count, unfinished_shards)
+from cbir.index.shards import (
+    Extraction,
+    ExtractionOptions,
+    default_device,
+    extract_shards,
+    extraction_manifest,
+    gather_shards,
+    images_in_shards,
+    prepare_work_dir,
+    shard_count,
+    unfinished_shards,
+)
 from cbir.ranks import Rank, launched_rank
 
 log = logging.getLogger(__name__)

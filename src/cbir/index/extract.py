@@ -17,8 +17,18 @@ from torch import nn
 
 from cbir.index.collection import Collection
 from cbir.index.distributed import extract_distributed
-from cbir.index.shards import (Extraction, ExtractionOptions, default_device, extract_shards, extraction_manifest,
-                               gather_shards, images_in_shards, prepare_work_dir, shard_count, unfinished_shards)
+from cbir.index.shards import (
+    Extraction,
+    ExtractionOptions,
+    default_device,
+    extract_shards,
+    extraction_manifest,
+    gather_shards,
+    images_in_shards,
+    prepare_work_dir,
+    shard_count,
+    unfinished_shards,
+)
 from cbir.ranks import launched_rank
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,7 @@ import faiss
 import numpy as np
 import torch
 
-from cbir.index.builder import (GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param,
-                                torch_exact_search)
+from cbir.index.builder import GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param, torch_exact_search
 from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
 from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json

@@ -1,5 +1,6 @@
 """Query preprocessing: clean up a query image (denoise, enhance, or ``auto``) before it is embedded."""
 
+from cbir.preprocess.quality import ImageQuality, measure
 from cbir.preprocess.query import (
     PRESETS,
     STEPS,
@@ -15,7 +16,6 @@ from cbir.preprocess.query import (
     as_rgb_uint8,
     build_preprocessor,
 )
-from cbir.preprocess.quality import ImageQuality, measure
 
 __all__ = [
     "PRESETS", "STEPS", "Auto", "Bilateral", "Clahe", "Gamma", "ImageQuality", "Median", "NonLocalMeans",

@@ -30,8 +30,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.errors import BadImageError, CbirError, ConfigError
-from cbir.search import (DEFAULT_MAX_PIXELS, MAX_K, Hit, ImageTooLargeError, Searcher, parse_array_source,
-                         read_query_image)
+from cbir.search import (
+    DEFAULT_MAX_PIXELS,
+    MAX_K,
+    Hit,
+    ImageTooLargeError,
+    Searcher,
+    parse_array_source,
+    read_query_image,
+)
 from cbir.serve.batching import QueryBatcher
 from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
-from cbir.ranks import distributed_world_size as world_size  # noqa: E402 - re-exported for the module
 
 
 def gathers_global_batch(loss: nn.Module | None) -> bool:

@@ -15,7 +15,8 @@ from torch import nn
 
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, evaluate_embeddings, unique_by_id
 from cbir.models.embedder import Embedder
-from cbir.training.distributed import TrainingLoss, world_size
+from cbir.ranks import distributed_world_size as world_size
+from cbir.training.distributed import TrainingLoss
 from cbir.training.warmup import BackboneWarmup
 
 MONITOR = "val/map_at_r"

@@ -33,7 +33,7 @@ GRID_PAD, GRID_CAPTION, GRID_BORDER = 6, 16, 4  # pixels around tiles, under til
 GRID_QUERY, GRID_CORRECT, GRID_WRONG = "#3366cc", "#22aa44", "#cc3333"  # border colours
 
 
-def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path, *, query_label: str | None = None,
+def save_grid(query_image: np.ndarray, hits: Sequence[Tile], out_path: str | Path, *, query_label: str | None = None,
               thumb: int = 160, columns: int = 5, load=None) -> Path:
     """A PNG of :func:`render_grid`."""
     picture = render_grid(query_image, hits, query_label=query_label, thumb=thumb, columns=columns, load=load)
@@ -42,7 +42,7 @@ def save_grid(query_image: np.ndarray, hits: Sequence[Hit], out_path: str | Path
     return Path(out_path)
 
 
-def render_grid(query_image: np.ndarray, hits: Sequence[Hit], *, query_label: str | None = None,
+def render_grid(query_image: np.ndarray, hits: Sequence[Tile], *, query_label: str | None = None,
                 thumb: int = 160, columns: int = 5, load=None) -> Image.Image:
     """The query (left) and its hits with rank and score; when labels are known, a green border marks a
     hit with the query's label and a red border one without. ``load(hit.path)`` gives a hit's pixels

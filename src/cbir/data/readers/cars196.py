@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.data.catalog import Catalog, Record
-from cbir.data.readers.annotations import read_table, require_same_ids, zero_shot_split
+from cbir.data.readers.annotations import zero_shot_split
 from cbir.errors import DataError
 
 CARS196_LAYOUT = ("Stanford Cars layout: root/cars_annos.mat (annotations: relative_im_path, bbox_x1, "

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from cbir.data.catalog import Catalog, Record
 from cbir.data.readers.annotations import read_table, require_same_ids, zero_shot_split
-from cbir.errors import DataError
 
 CUB200_LAYOUT = ("CUB-200-2011 layout: root/images.txt (id path), image_class_labels.txt (id class), "
                  "classes.txt (class name), bounding_boxes.txt (id x y w h), images/<path>")

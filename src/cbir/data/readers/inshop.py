@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from cbir.data.catalog import Catalog, Record
-from cbir.data.readers.annotations import read_table, require_same_ids, zero_shot_split
+from cbir.data.readers.annotations import read_table
 from cbir.errors import DataError
 
 INSHOP_LAYOUT = ("In-Shop layout: root/list_eval_partition.txt (count line, header line: image_name item_id "

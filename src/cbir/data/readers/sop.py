@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 from cbir.data.catalog import Catalog, Record
-from cbir.data.readers.annotations import read_table, require_same_ids, zero_shot_split
-from cbir.errors import DataError
+from cbir.data.readers.annotations import read_table
 
 SOP_LAYOUT = ("Stanford Online Products layout: root/Ebay_train.txt and root/Ebay_test.txt "
               "(header: image_id class_id super_class_id path), paths relative to root")
