@@ -40,9 +40,10 @@ def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
     overrides = tiny_train_overrides(tiny_folder, tmp_path)
     overrides = [o for o in overrides if not o.startswith(f"{group}=") and not o.startswith(f"{group}.")
                  or group == "data" and o.startswith("data.")]
-    if group == "data":
-        overrides = [o for o in overrides if not o.startswith(("data.root=", "data="))]
-        overrides += [f"data={option}"] + _data_location(option, tiny_folder, tmp_path)
+    if group == "data":  # each data option with its own validation split
+        overrides = [o for o in overrides if not o.startswith(("data.root=", "data=", "data.val"))]
+        # the fixtures have 3 training classes, one held out for validation: 2 classes of m=2 a batch
+        overrides += [f"data={option}", "data.batch_size=4"] + _data_location(option, tiny_folder, tmp_path)
     elif group == "experiment":
         overrides += [f"experiment={option}"]
     else:
@@ -97,7 +98,8 @@ def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
         from test_emoji import write_unpacked
 
         root = write_unpacked(tmp_path / "emoji")
-        return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=4"]
+        # the fixture has 2 training classes, one of them held out for validation: one class per batch
+        return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=2"]
     if option == "pairs":
         from test_pairs import write_pair_csv
 
@@ -158,7 +160,8 @@ def _instantiate_pair_mode(cfg) -> None:
 
 def test_eval_config_composes():
     cfg = compose_config("eval", ["ckpt_path=/x.ckpt", "paths.output_dir=/tmp/x"])
-    assert cfg.protocol == "test" and cfg.data.test.gallery == "train"
+    assert cfg.protocol == "test" and cfg.data.test.gallery == "train+val"  # the whole 60k gallery
+    assert cfg.data.val.queries == "val" and cfg.data.val.gallery == "train"  # validation: part of train
 
 
 def test_loss_brings_its_miner_and_miner_can_be_overridden(tmp_path):

@@ -51,7 +51,7 @@ def installed(tmp_path_factory):
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=base, env=env)
     work = base / "elsewhere"
-    write_class_images(work / "photos", num_classes=4, per_class=3, size=24)
+    write_class_images(work / "photos", num_classes=6, per_class=2, size=24)  # 3 train classes: 1 validates
     return venv / "bin", env, work
 
 

@@ -37,6 +37,7 @@ class Record:
     box: tuple[float, float, float, float] | None = None  # (x, y, w, h) in pixels: load only this crop
     super_label: int | None = None  # the dataset's own coarse class id (SOP super_class_id), if any
     domain: str | None = None  # where the image comes from when a protocol crosses sources (emoji vendor)
+    variant: str | None = None  # a variant view of its class (emoji skin tone); None for the base view
 
 
 @dataclass
@@ -49,18 +50,27 @@ class Catalog:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def select(self, selector: str) -> np.ndarray:
-        """Indices of the records matching ``"split[:role][@domain]"``, e.g. ``test``, ``test:query``,
-        ``test@google``."""
-        rest, _, domain = selector.partition("@")
+        """Indices of the records matching ``"split[:role][@domain][/base]"``, e.g. ``test``, ``test:query``,
+        ``test@google``, ``test/base`` (base views only, no variants); ``+`` joins selectors
+        (``train+val``)."""
+        chosen = sorted({int(i) for part in selector.split("+") for i in self._select_one(part.strip())})
+        return np.asarray(chosen, dtype=np.int64)
+
+    def _select_one(self, selector: str) -> list[int]:
+        rest, _, base = selector.partition("/")
+        if base not in ("", "base"):
+            raise DataError(f"{self.name}: selector '{selector}': only '/base' may follow the split")
+        rest, _, domain = rest.partition("@")
         split, _, role = rest.partition(":")
         chosen = [i for i, r in enumerate(self.records)
-                  if r.split == split and (not role or r.role in (role, None)) and (not domain or r.domain == domain)]
+                  if r.split == split and (not role or r.role in (role, None)) and (not domain or r.domain == domain)
+                  and (not base or r.variant is None)]
         if not chosen:
             available = sorted({r.split for r in self.records})
             domains = sorted({r.domain for r in self.records if r.domain})
             raise DataError(f"{self.name}: no records match '{selector}' (splits: {', '.join(available)}"
                             + (f"; domains: {', '.join(domains)})" if domains else ")"))
-        return np.asarray(chosen, dtype=np.int64)
+        return chosen
 
     def labels(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         records = self.records if indices is None else [self.records[i] for i in indices]

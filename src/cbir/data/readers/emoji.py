@@ -1,7 +1,8 @@
 """Emoji cross-vendor benchmark: the same ~1.9k base emoji drawn by Google and Twitter (npm packages
 ``emoji-datasource-google`` / ``emoji-datasource-twitter``), 64x64 PNGs.
 
-A class is a base emoji; its views are each vendor's drawing plus the skin-tone variants. Classes are
+A class is a base emoji; its views are each vendor's drawing plus the skin-tone variants (``Record.variant``
+is the tone, None for the base drawing: selector ``test/base``). Classes are
 sorted by code point; the first half is ``train``, the second ``test`` (zero-shot, like CUB/SOP). Each
 record's ``domain`` is its vendor, so ``test@google`` selects Google's test drawings: the cross-vendor
 protocol queries one vendor's drawings against the other's.
@@ -135,15 +136,15 @@ def read_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] = 
     except (OSError, ValueError) as exc:
         raise DataError(f"{meta_path}: cannot read emoji metadata ({exc}); delete {root} and fetch again") from None
 
-    views: dict[str, list[tuple[str, str]]] = {}  # class -> [(vendor, path)]
+    views: dict[str, list[tuple[str, str, str | None]]] = {}  # class -> [(vendor, path, skin tone or None)]
     for entry in entries:
         images = [(v, entry["image"]) for v in vendors if entry.get(f"has_img_{v}")]
         if len(images) < len(vendors) or not all((root / v / "64" / name).is_file() for v, name in images):
             continue  # keep only emoji every vendor draws
-        found = [(v, str(root / v / "64" / name)) for v, name in images]
+        found = [(v, str(root / v / "64" / name), None) for v, name in images]
         if skin_tones:
-            for variant in (entry.get("skin_variations") or {}).values():
-                found += [(v, str(root / v / "64" / variant["image"])) for v in vendors
+            for tone, variant in (entry.get("skin_variations") or {}).items():
+                found += [(v, str(root / v / "64" / variant["image"]), tone) for v in vendors
                           if variant.get(f"has_img_{v}") and (root / v / "64" / variant["image"]).is_file()]
         views[entry["unified"]] = found
     if not views:
@@ -151,8 +152,8 @@ def read_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] = 
 
     classes = sorted(views, key=lambda code: tuple(int(part, 16) for part in code.split("-")))
     first_test = len(classes) // 2
-    records = [Record(path, label, "train" if label < first_test else "test", domain=vendor)
-               for label, code in enumerate(classes) for vendor, path in views[code]]
+    records = [Record(path, label, "train" if label < first_test else "test", domain=vendor, variant=tone)
+               for label, code in enumerate(classes) for vendor, path, tone in views[code]]
     return Catalog("emoji", records, classes)
 
 
