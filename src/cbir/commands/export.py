@@ -12,6 +12,8 @@ from cbir.commands.runner import run_hydra
 from cbir.errors import ConfigError
 from cbir.export.bundle import export_bundle, load_bundle
 from cbir.models.checkpoint import load_checkpoint_model, resolve_checkpoint
+from cbir.models.from_config import embedder_from_model_config
+from cbir.models.wise import interpolate_trunk
 from cbir.ranks import launched_rank
 from cbir.training import factory
 
@@ -26,6 +28,13 @@ def export(cfg: DictConfig) -> Path:
         embedder, model_config = load_checkpoint_model(ckpt)
         config = _run_config(ckpt)
         source = f"checkpoint {ckpt.resolve()}"
+        alpha = cfg.get("wise_alpha")
+        if alpha is not None and float(alpha) != 1.0:
+            pretrained = _pretrained_name(cfg, config)
+            counts = interpolate_trunk(embedder, embedder_from_model_config(model_config, pretrained), float(alpha))
+            source += f", WiSE-FT: trunk = {float(alpha):g} x fine-tuned + {1 - float(alpha):g} x {pretrained}"
+            log.info("WiSE-FT: %d trunk tensors averaged with the %s weights (alpha=%g)", counts["averaged"],
+                     pretrained, float(alpha))
     else:
         embedder = factory.build_embedder_from_config(cfg)
         model_config = factory.model_config(cfg)
@@ -64,6 +73,15 @@ def describe_bundle(bundle) -> str:
                        else f"{name}: {entry.get('skipped', 'skipped')}" for name, entry in parity.items())
     return (f"bundle {bundle.path}: {bundle.manifest.get('backbone')} → {bundle.embedding_dim}-d, "
             f"input {bundle.input_size} px; copies: {copies or 'none'}")
+
+
+def _pretrained_name(cfg: DictConfig, run_config: dict | None) -> str:
+    """The pretrained weights the run started from (its config.yaml), else this export's model.pretrained."""
+    name = ((run_config or {}).get("model") or {}).get("pretrained") or cfg.model.get("pretrained")
+    if not name or str(name) == "none":
+        raise ConfigError("export.wise_alpha: the run started from no pretrained weights (model.pretrained=none); "
+                          "WiSE-FT averages with the pretrained trunk: set model.pretrained=<weights> or drop wise_alpha")
+    return str(name)
 
 
 def _run_config(ckpt_path: Path) -> dict | None:

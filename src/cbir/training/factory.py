@@ -51,11 +51,35 @@ def model_config(cfg: DictConfig) -> dict:
         "backbone": cfg.model.backbone,
         "image_size": int(cfg.model.image_size),
         "head": OmegaConf.to_container(cfg.head, resolve=True),
-        "freeze_stages": cfg.model.get("freeze_stages", 0),
+        "freeze_stages": freeze_stages_for(cfg),
         "bn_frozen": bool(cfg.model.get("bn_frozen", False)),
         "scales": [float(s) for s in scales] if scales else None,
         "scale_power": float(cfg.model.get("scale_power", 1.0)),
     }
+
+
+TUNE_MODES = "full, head, last:N"
+
+
+def freeze_stages_for(cfg: DictConfig) -> int | str:
+    """``train.tune`` as the trunk's ``freeze_stages``: ``full`` trains every stage (or what
+    ``model.freeze_stages`` says), ``head`` freezes the whole trunk (only the head learns), ``last:N``
+    trains only the last N stages (the stem and earlier stages keep their pretrained weights)."""
+    from cbir.models.backbones import backbone_spec
+
+    tune = str((cfg.get("train") or {}).get("tune", "full") or "full").strip()
+    freeze = cfg.model.get("freeze_stages", 0)
+    if tune == "full":
+        return freeze
+    if str(freeze).strip().lower() not in ("0", "none", ""):
+        raise ConfigError(f"train.tune={tune} and model.freeze_stages={freeze}: choose one way to freeze the trunk")
+    stages = len(backbone_spec(cfg.model.backbone).stages)
+    if tune == "head":
+        return "all"
+    mode, _, count = tune.partition(":")
+    if mode == "last" and count.isdigit() and 1 <= int(count) <= stages:
+        return stages - int(count)
+    raise ConfigError(f"train.tune={tune}: choose from {TUNE_MODES} (N from 1 to {stages} for {cfg.model.backbone})")
 
 
 def build_embedder_from_config(cfg: DictConfig) -> Embedder:
@@ -120,6 +144,7 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         model_config=model_config(cfg),
         train_classes=train_classes,
         warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
+        distill_weight=float((cfg.get("train") or {}).get("distill_weight", 0.0) or 0.0),
     )
 
 

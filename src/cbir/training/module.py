@@ -16,6 +16,7 @@ from torch import nn
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, evaluate_embeddings, unique_by_id
 from cbir.models.embedder import Embedder
 from cbir.ranks import distributed_world_size as world_size
+from cbir.training.distill import SimilarityDistillation
 from cbir.training.distributed import TrainingLoss
 from cbir.training.warmup import BackboneWarmup
 
@@ -36,11 +37,14 @@ class MetricLearningModule(pl.LightningModule):
         loss_lr: float | None = None,
         train_classes: Sequence[int] | None = None,
         warmup_epochs: int = 0,
+        distill_weight: float = 0.0,
     ) -> None:
         """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
         their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
         ids, remapped to 0..C-1 before the loss (proxy losses index their proxies by label).
-        ``warmup_epochs``: the backbone stays frozen for that many epochs (:class:`BackboneWarmup`)."""
+        ``warmup_epochs``: the backbone stays frozen for that many epochs (:class:`BackboneWarmup`).
+        ``distill_weight``: weight of the term that keeps the batch similarity structure of the trunk as it
+        was before training (:class:`~cbir.training.distill.SimilarityDistillation`); 0 = off."""
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss
@@ -51,6 +55,11 @@ class MetricLearningModule(pl.LightningModule):
         # not persistent: rebuilt from the data, so checkpoints stay loadable whatever the class ids
         self.register_buffer("label_map", contiguous_label_map(train_classes), persistent=False)
         self.warmup_epochs = int(warmup_epochs)
+        if distill_weight < 0:
+            raise ValueError(f"train.distill_weight must be >= 0, got {distill_weight}")
+        self.distill_weight = float(distill_weight)
+        # a frozen copy of the trunk as it comes (pretrained), made before any training step
+        self.distill = SimilarityDistillation(embedder.backbone) if self.distill_weight > 0 else None
         self.ks = tuple(ks)
         # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
         self.save_hyperparameters({"model_config": model_config or {}})
@@ -79,6 +88,10 @@ class MetricLearningModule(pl.LightningModule):
         embeddings = self.embedder(batch["image"])
         labels = self.training_labels(batch["label"])
         loss, value = self._training_loss()(embeddings, labels)
+        if self.distill is not None:
+            kept = self.distill(batch["image"], embeddings)
+            loss = loss + self.distill_weight * kept
+            self.log("train/distill", kept, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self._epoch_images += len(labels)
         self._last_step_end = time.perf_counter()
         self.log("train/loss", value, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels),
