@@ -41,7 +41,7 @@ demo: data weights
 	@echo "result grid: $(DEMO_DIR)/query_grid.png"
 	@echo "search service: $(PY) -m cbir.serve bundle=$(DEMO_DIR)/bundle   then open http://127.0.0.1:8000/"
 
-# The browser test (tests/test_browser.py) drives the system's Chromium; it is skipped when none is installed.
+# The browser test (tests/e2e/test_browser.py) drives the system's Chromium; it is skipped when none is installed.
 browser:
 	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  echo "installing Debian package chromium (for the browser test)"; \

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_config
+from helpers.configs import compose_config
+from helpers.paths import ROOT
 from PIL import Image
 
 from cbir import Searcher, load_bundle

@@ -36,6 +36,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside ``path`` to fill; on success it replaces ``path`` (an existing folder there
+    is removed first), on failure it is removed. Readers see the old folder or the whole new one (a
+    bundle), never half of it; the folder gets the umask's permissions (not ``mkdtemp``'s 0700)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as temp:
         temp.write_bytes(data)

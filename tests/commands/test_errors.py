@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, write_class_images
+from helpers.data import write_class_images
+from helpers.paths import ROOT
 
 
 def run_entry(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
+from helpers.data import write_class_images
+from helpers.data_locations import data_location
 from PIL import Image
 
 from cbir.commands.eval import evaluate
@@ -126,8 +128,6 @@ def test_wandb_logger_runs_offline(tiny_folder, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cache", ["true", "false"])
 def test_skip_bad_images_trains_and_reports(tmp_path, cache, caplog):
-    from conftest import write_class_images
-
     root = tmp_path / "images"
     write_class_images(root, num_classes=6, per_class=4, size=16)
     broken = [root / "class_00" / "img_1.png", root / "class_04" / "img_2.png"]  # one train, one test image
@@ -147,8 +147,6 @@ def test_skip_bad_images_trains_and_reports(tmp_path, cache, caplog):
 
 
 def test_fail_on_bad_image_names_it(tmp_path):
-    from conftest import write_class_images
-
     from cbir.errors import BadImageError
 
     root = tmp_path / "images"
@@ -162,10 +160,8 @@ def test_fail_on_bad_image_names_it(tmp_path):
 @pytest.mark.parametrize("data", ["folder", "csv", "fashion_mnist", "emoji", "cub200", "cars196", "sop", "inshop"])
 def test_fast_dev_run_on_each_data_format(data, tiny_folder, tmp_path):
     """train.py's whole loop on each format's fixture in its official layout."""
-    from test_config import _data_location
-
     overrides = [o for o in tiny_train_overrides(tiny_folder, tmp_path / "out") if not o.startswith("data")]
-    overrides += [f"data={data}", *_data_location(data, tiny_folder, tmp_path), "data.image_size=32",
+    overrides += [f"data={data}", *data_location(data, tiny_folder, tmp_path), "data.image_size=32",
                   "data.num_workers=0", "model=resnet18", "trainer=debug"]
     if data in ("cub200", "cars196", "sop", "inshop", "folder", "csv"):
         overrides += ["data.batch_size=4", "data.m_per_class=2"]

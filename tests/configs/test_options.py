@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
+from helpers.data_locations import data_location
 from hydra.utils import instantiate
 
 from cbir.configs import config_dir
 from cbir.training import factory
 
 CONF = config_dir()
-NOT_CONFIG_GROUPS = ("sweep",)  # W&B sweep definitions, validated by tests/test_sweeps.py
+NOT_CONFIG_GROUPS = ("sweep",)  # W&B sweep definitions, validated by tests/configs/test_sweeps.py
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_CONFIG_GROUPS)
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 
@@ -43,7 +43,7 @@ def test_option_composes_and_instantiates(group, option, tiny_folder, tmp_path):
     if group == "data":  # each data option with its own validation split
         overrides = [o for o in overrides if not o.startswith(("data.root=", "data=", "data.val"))]
         # the fixtures have 3 training classes, one held out for validation: 2 classes of m=2 a batch
-        overrides += [f"data={option}", "data.batch_size=4"] + _data_location(option, tiny_folder, tmp_path)
+        overrides += [f"data={option}", "data.batch_size=4"] + data_location(option, tiny_folder, tmp_path)
     elif group == "experiment":
         overrides += [f"experiment={option}"]
     else:
@@ -74,39 +74,6 @@ def _check_export_option(group: str, option: str, tmp_path: Path) -> None:
     assert IndexOptions(**{k: v for k, v in node.items() if k in fields}).kind == node["kind"]
 
 
-def _data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
-    if option == "folder":
-        return [f"data.root={folder}"]
-    if option == "csv":
-        rows = [f"{p},{p.parent.name},{'train' if p.parent.name < 'class_03' else 'test'}"
-                for p in sorted(folder.rglob("*.png"))]
-        (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-        return [f"data.path={tmp_path / 'list.csv'}"]
-    if option == "fashion_mnist":
-        from conftest import write_idx
-
-        rng = np.random.default_rng(0)
-        for prefix, n in (("train", 40), ("t10k", 20)):
-            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-        return [f"data.root={tmp_path}", "data.m_per_class=2", "data.batch_size=8"]
-    if option in ("cub200", "cars196", "sop", "inshop"):
-        import fixtures_benchmarks
-
-        return [f"data.root={getattr(fixtures_benchmarks, f'write_{option}')(tmp_path / option)}"]
-    if option == "emoji":
-        from test_emoji import write_unpacked
-
-        root = write_unpacked(tmp_path / "emoji")
-        # the fixture has 2 training classes, one of them held out for validation: one class per batch
-        return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=2"]
-    if option == "pairs":
-        from test_pairs import write_pair_csv
-
-        return [f"data.path={write_pair_csv(folder, tmp_path / 'pairs.csv')}", "data.batch_size=4"]
-    raise AssertionError(f"add a fixture for data={option}")
-
-
 def _instantiate_all(cfg, tmp_path: Path) -> None:
     if cfg.data.get("mode") == "pairs":
         return _instantiate_pair_mode(cfg)
@@ -123,7 +90,7 @@ def _instantiate_all(cfg, tmp_path: Path) -> None:
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].shape[1:] == (3, embedder.input_size, embedder.input_size)
     if cfg.model.backbone == "handcrafted":
-        return  # nothing to train: train.py refuses it (tests/test_baselines.py), eval.py runs it
+        return  # nothing to train: train.py refuses it (tests/models/test_handcrafted.py), eval.py runs it
 
     module = factory.build_module(cfg, embedder)
     assert module.loss_fn is not None

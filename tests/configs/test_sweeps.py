@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_train_overrides
+from helpers.configs import tiny_train_overrides
+from helpers.paths import ROOT
+from helpers.wandb_offline import offline_runs
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_tracking import offline_runs
 
 from cbir.commands.runner import check_overrides, config_dir
 from cbir.training import tracking

@@ -85,7 +85,7 @@ def test_base_selector_and_joins():
 
 
 def test_training_config_validates_on_training_classes(tiny_folder, tmp_path):
-    from conftest import compose_config, tiny_train_overrides
+    from helpers.configs import compose_config, tiny_train_overrides
 
     from cbir.training import factory
 

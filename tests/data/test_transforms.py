@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
+from helpers.data import write_class_images
 
 from cbir.training import factory
 
@@ -40,7 +41,6 @@ def test_same_seed_gives_the_same_augmented_batches(tiny_folder, tmp_path, worke
 
 def test_workers_do_not_replay_each_others_augmentations(tmp_path):
     """Two workers augmenting the same image (each takes every other batch) must not draw the same crops."""
-    from conftest import write_class_images
     from PIL import Image
 
     root = tmp_path / "data"

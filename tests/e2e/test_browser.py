@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_fixtures import build_tiny_search
+from helpers.paths import ARTIFACTS, ROOT
+from helpers.serve import build_tiny_search
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, compose_config
+from helpers.configs import compose_config
+from helpers.paths import ROOT, TESTS
 from PIL import Image
 
 from cbir.commands.eval import evaluate
 from cbir.training.distributed import TrainingLoss, gathers_global_batch
 
-TESTS = Path(__file__).resolve().parent
 TOL = 1e-5
 
 
@@ -63,15 +63,17 @@ def odd_data(tmp_path_factory) -> Path:
 
 
 def data_overrides(root: Path) -> list[str]:
+    # the fixture's 3 training classes are all needed for a batch of 6 at m=2: validate on the test classes
     return ["data=folder", f"data.root={root}", "data.image_size=32", "data.batch_size=6", "data.m_per_class=2",
-            "data.eval_batch_size=8", "data.num_workers=0", "model=resnet18", "model.pretrained=none", "head.dim=16"]
+            "data.eval_batch_size=8", "data.num_workers=0", "model=resnet18", "model.pretrained=none", "head.dim=16",
+            "data.val_classes=null", "data.val.queries=test"]
 
 
 def train_ddp(root: Path, out: Path, extra: list[str], epochs: int = 1) -> dict[int, dict]:
     launch("train.py", data_overrides(root) + [
         "trainer=ddp_cpu", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "logger=csv",
-        "+callbacks.probe._target_=ddp_probe.RankProbe", f"+callbacks.probe.out={out / 'probe'}",
+        "+callbacks.probe._target_=helpers.ddp_probe.RankProbe", f"+callbacks.probe.out={out / 'probe'}",
         f"hydra.run.dir={out}", *extra])
     return {r: torch.load(out / "probe" / f"rank{r}.pt", weights_only=False) for r in (0, 1)}
 

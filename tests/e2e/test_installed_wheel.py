@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_class_images
+from helpers.data import write_class_images
+from helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from helpers.paths import ROOT
 from nbclient import NotebookClient
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 sys.path.insert(0, str(ROOT / "notebooks"))
 from quickstart_support import SYNTHETIC_CLASSES, fashion_mnist_available  # noqa: E402

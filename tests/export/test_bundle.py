@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
+from helpers.paths import ROOT
 
 from cbir import load_bundle
 from cbir.commands.train import train

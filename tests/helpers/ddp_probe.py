@@ -1,6 +1,7 @@
-"""A callback the DDP and resume tests add to ``train.py`` runs (``+callbacks.probe._target_=ddp_probe.RankProbe``,
-with ``tests/`` on PYTHONPATH): each rank records what it trained on and what it ended with, so a test
-can compare ranks (and runs) from outside the processes."""
+"""Callbacks the DDP and resume tests add to ``train.py`` runs
+(``+callbacks.probe._target_=helpers.ddp_probe.RankProbe``, with ``tests/`` on PYTHONPATH): each rank records
+what it trained on and what it ended with, so a test can compare ranks (and runs) from outside the processes;
+``CrashAt`` simulates a crash mid-training."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import compose_config, write_class_images
-
 from cbir.search import Searcher
+from helpers.configs import compose_config
+from helpers.data import write_class_images
 
 
 def build_tiny_search(root: Path) -> tuple[Searcher, Path]:

@@ -18,7 +18,10 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, clustered, compose_config, write_class_images
+from helpers.configs import compose_config
+from helpers.data import write_class_images
+from helpers.paths import ROOT
+from helpers.vectors import clustered
 
 from cbir.errors import ConfigError
 from cbir.index import builder, distributed, load_index, ondisk, read_collection, store
@@ -152,16 +155,15 @@ def test_torchrun_two_ranks_cli_build_equals_one_process(model, images, tmp_path
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"hyper_parameters": {"model_config": {"backbone": "resnet18", "image_size": 16, "head": None}},
                 "state_dict": {f"embedder.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    common = ["index", "build", "--ckpt", str(ckpt), "--collection", str(images), "--num-workers", "0",
-              "--kind", "flat", "--batch-size", "4"]
+    common = ["index", "build", f"ckpt={ckpt}", f"collection={images}", "num_workers=0", "kind=flat", "batch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cbir.cli",
-                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                          *common, f"out={tmp_path / 'two'}"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("index ") == 1 and "20 images" in run.stdout  # printed by rank 0 only
-    single = subprocess.run([sys.executable, "-m", "cbir.cli", *common, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "cbir.cli", *common, f"out={tmp_path / 'one'}"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     one, two = load_index(tmp_path / "one"), load_index(tmp_path / "two")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import write_class_images
 
 from cbir.cli import main as cbir_main
 from cbir.data.catalog import NO_LABEL
@@ -18,7 +19,6 @@ from cbir.index.errors import ExtractionMismatchError
 from cbir.index.extract import extract_collection
 from cbir.models.embedder import build_embedder
 from cbir.models.inference import embed as real_embed
-from tests.conftest import write_class_images
 
 
 @pytest.fixture(scope="module")

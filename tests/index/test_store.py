@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import clustered
+from helpers.vectors import clustered
 
 from cbir.errors import CbirError, ConfigError
 from cbir.index import builder, store

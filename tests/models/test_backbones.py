@@ -200,9 +200,10 @@ def test_extract_speed_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypa
     import importlib.util
     import json
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "extract_speed.py"
+    from helpers.paths import ROOT
+
+    script = ROOT / "benchmarks" / "extract_speed.py"
     spec = importlib.util.spec_from_file_location("extract_speed", script)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "extract_speed", module)  # dataclasses look their module up

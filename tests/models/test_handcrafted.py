@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from helpers.configs import compose_config
+from helpers.paths import ROOT
 
 from cbir.commands.eval import evaluate
 from cbir.commands.train import train

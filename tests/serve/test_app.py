@@ -12,8 +12,9 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers.paths import ARTIFACTS
+from helpers.serve import build_tiny_search
 from PIL import Image
-from serve_fixtures import build_tiny_search
 
 from cbir.search import MAX_K
 from cbir.serve import create_app
@@ -292,7 +293,7 @@ def test_serve_config(monkeypatch):
 import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-FUZZ_LOG = Path(__file__).resolve().parent / "artifacts" / "fuzz_summary.json"
+FUZZ_LOG = ARTIFACTS / "fuzz_summary.json"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny_train_overrides, write_class_images
+from helpers.configs import compose_config, tiny_train_overrides
+from helpers.data import write_class_images
 
 from cbir.commands.train import train
 from cbir.data.catalog import ArrayRef, Catalog, Record
@@ -37,7 +38,7 @@ def run(data: Path, out: Path, extra: list[str]) -> dict:
         train(compose_config("train", tiny_train_overrides(data, out) + [
             "model=resnet18", "augment=none", "test_after_fit=false", "trainer.log_every_n_steps=1",
             "callbacks.embedding_map=null", "callbacks.retrieval_examples=null",
-            "+callbacks.probe._target_=ddp_probe.RankProbe", f"+callbacks.probe.out={out / 'probe'}", *extra]))
+            "+callbacks.probe._target_=helpers.ddp_probe.RankProbe", f"+callbacks.probe.out={out / 'probe'}", *extra]))
     finally:
         torch.set_num_threads(threads)
     return torch.load(out / "probe" / "rank0.pt", weights_only=False)
@@ -64,7 +65,7 @@ def test_resume_at_epoch_boundary_replays_the_same_batches(data, tmp_path, unint
     same lr schedule) and trains the uninterrupted run's epoch-1 batches to the same weights."""
     first = tmp_path / "first"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(data, first, ["trainer.max_epochs=2", "+callbacks.crash._target_=ddp_probe.CrashAt",
+        run(data, first, ["trainer.max_epochs=2", "+callbacks.crash._target_=helpers.ddp_probe.CrashAt",
                           f"+callbacks.crash.step={STEPS_PER_EPOCH}"])
     resumed = run(data, tmp_path / "resumed", [f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
                                                "trainer.max_epochs=2"])
@@ -82,7 +83,7 @@ def test_resume_mid_epoch_skips_the_batches_already_trained(data, tmp_path, unin
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(data, crashed, ["trainer.max_epochs=2", "callbacks.last_checkpoint.every_n_train_steps=5",
-                            "+callbacks.crash._target_=ddp_probe.CrashAt", "+callbacks.crash.step=7"])
+                            "+callbacks.crash._target_=helpers.ddp_probe.CrashAt", "+callbacks.crash.step=7"])
     checkpoint = crashed / "checkpoints" / "last.ckpt"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 5
@@ -112,7 +113,7 @@ def test_last_checkpoint_is_written_each_epoch_without_validation(data, tmp_path
     """No validation (limit_val_batches=0): a crash as epoch 1 begins still finds epoch 0's last.ckpt."""
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(data, tmp_path, ["trainer.max_epochs=2", "trainer.limit_val_batches=0", "callbacks.model_checkpoint=null",
-                             "+callbacks.crash._target_=ddp_probe.CrashAt", f"+callbacks.crash.step={STEPS_PER_EPOCH}"])
+                             "+callbacks.crash._target_=helpers.ddp_probe.CrashAt", f"+callbacks.crash.step={STEPS_PER_EPOCH}"])
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == STEPS_PER_EPOCH
 

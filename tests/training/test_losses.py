@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
 
 from cbir.commands.train import train
 from cbir.configs import config_dir

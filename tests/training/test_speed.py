@@ -6,7 +6,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
 from torch import nn
 
 from cbir.training import factory

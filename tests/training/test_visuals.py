@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny_train_overrides
+from helpers.configs import compose_config, tiny_train_overrides
 from PIL import Image, ImageColor
 
 from cbir.commands.train import train

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +31,7 @@ import torch
 from torch import nn
 
 from cbir.errors import CbirError
-from cbir.io import atomic_write_json, sha256_file
+from cbir.io import atomic_folder, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +151,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         size = preprocessing.input_size
         sample_images = torch.randn(4, 3, size, size, generator=generator)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         torch.save(embedder.state_dict(), staging / "weights.pt")
         _write_json(staging / "model.json", model_config)
         _write_json(staging / "preprocessing.json", preprocessing.to_json())
@@ -179,12 +174,6 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
         _write_json(staging / "manifest.json", manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from cbir.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_id.txt"
@@ -119,12 +121,7 @@ def read_run_id(run_dir: str | Path) -> str | None:
 
 def write_run_id(run_dir: str | Path, run_id: str) -> Path:
     """Record ``run_id`` in ``<run_dir>/wandb_id.txt`` (temp file + rename)."""
-    path = Path(run_dir) / RUN_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(Path(run_dir) / RUN_ID_FILE, run_id + "\n")
 
 
 def resumed_run_id(ckpt_path: str | Path | None, run_dir: str | Path) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_benchmarks import IMAGE_SIZE, write_cars196, write_cub200, write_inshop, write_sop
+from helpers.benchmark_layouts import IMAGE_SIZE, write_cars196, write_cub200, write_inshop, write_sop
 from PIL import Image
 
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY, EvalSpec, RecordDataset

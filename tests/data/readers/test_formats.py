@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_class_images
+from helpers.data import write_class_images
 from PIL import Image
 
 from cbir.data.catalog import ArrayRef
