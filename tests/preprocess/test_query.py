@@ -13,20 +13,9 @@ from skimage import data as skdata
 
 from cbir.configs import config_dir
 from cbir.errors import BadImageError, CbirError, ConfigError
-from cbir.preprocess import (
-    STEPS,
-    Auto,
-    Bilateral,
-    Clahe,
-    Gamma,
-    Median,
-    NonLocalMeans,
-    QueryPreprocessor,
-    UnsharpMask,
-    build_preprocessor,
-    measure,
-)
+from cbir.preprocess import QueryPreprocessor, build_preprocessor, measure
 from cbir.preprocess.degrade import gaussian_blur, gaussian_noise, jpeg, low_light, standard_degradations
+from cbir.preprocess.query import STEPS, Auto, Bilateral, Clahe, Gamma, Median, NonLocalMeans, UnsharpMask
 
 CONF = config_dir() / "preprocess"
 

@@ -15,20 +15,10 @@ from pathlib import Path
 
 from torch import nn
 
+from cbir.index import shards
 from cbir.index.collection import Collection
 from cbir.index.distributed import extract_distributed
-from cbir.index.shards import (
-    Extraction,
-    ExtractionOptions,
-    default_device,
-    extract_shards,
-    extraction_manifest,
-    gather_shards,
-    images_in_shards,
-    prepare_work_dir,
-    shard_count,
-    unfinished_shards,
-)
+from cbir.index.shards import Extraction, ExtractionOptions
 from cbir.ranks import launched_rank
 
 log = logging.getLogger(__name__)
@@ -52,14 +42,14 @@ def extract_collection(model: nn.Module, collection: Collection, work_dir: str |
     if options.processes != 1 or launched_rank() is not None:
         return extract_distributed(model, collection, Path(work_dir), options, load_embeddings=load_embeddings)
     work = Path(work_dir)
-    device = options.device or default_device()
-    prepare_work_dir(work, extraction_manifest(model, collection, options), options.resume)
-    num_shards = shard_count(len(collection), options.shard_size)
-    todo = unfinished_shards(work, num_shards)
-    done_images = images_in_shards([s for s in range(num_shards) if s not in todo], len(collection),
-                                   options.shard_size)
+    device = options.device or shards.default_device()
+    shards.prepare_work_dir(work, shards.extraction_manifest(model, collection, options), options.resume)
+    num_shards = shards.shard_count(len(collection), options.shard_size)
+    todo = shards.unfinished_shards(work, num_shards)
+    done = [s for s in range(num_shards) if s not in todo]
+    done_images = shards.images_in_shards(done, len(collection), options.shard_size)
     if todo:
         if done_images:
             log.info("extraction: resuming, %d of %d shards already done", num_shards - len(todo), num_shards)
-        extract_shards(model, collection, work, todo, options, device=device, done_images=done_images)
-    return gather_shards(work, collection, num_shards, load_embeddings)
+        shards.extract_shards(model, collection, work, todo, options, device=device, done_images=done_images)
+    return shards.gather_shards(work, collection, num_shards, load_embeddings)
