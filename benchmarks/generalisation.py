@@ -36,9 +36,9 @@ from cbir.evaluation.report import write_json
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 BASE = ["experiment=emoji", "model.pretrained=imagenet", "data.num_workers=2"]
-RECIPES = {  # name -> train.py overrides on top of experiment=emoji
-    "full": [],
-    "distill": ["train.distill_weight=1.0"],
+RECIPES = {  # name -> train.py overrides on top of experiment=emoji (whose own default is last:2)
+    "full": ["train.tune=full"],
+    "distill": ["train.tune=full", "train.distill_weight=1.0"],
     "last:2": ["train.tune=last:2"],
     "head": ["train.tune=head"],
 }

@@ -31,13 +31,24 @@ def run(args: list, cwd: Path, env: dict, timeout: float = 600) -> subprocess.Co
     return result
 
 
+def _setuptools_major() -> int:
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("setuptools").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(bin folder of a fresh environment with the cbir wheel installed, environment variables, a work
     folder outside the repository)."""
     base = tmp_path_factory.mktemp("wheel")
     dist = base / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, ROOT],
+    # the venv's own setuptools when it is new enough for pyproject.toml (>= 77), else pip's isolated build
+    isolation = ["--no-build-isolation"] if _setuptools_major() >= 77 else []
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", dist, ROOT],
         cwd=base, env=os.environ.copy())
     wheel = next(dist.glob("cbir-*.whl"))
     venv = base / "env"
