@@ -102,7 +102,8 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -111,7 +112,11 @@ def main() -> None:
     parser.add_argument("--no-fmnist", action="store_true", help="skip the Fashion-MNIST zero-shot probe")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generalisation_emoji.json")
     parser.add_argument("--fresh", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
     probes = [p for p in PROBES if not (args.no_fmnist and p == "fmnist_zero_shot")]
     saved = {} if args.fresh or not args.out.is_file() else json.loads(args.out.read_text()).get("rows", {})
     rows = dict(saved)
