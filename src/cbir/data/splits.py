@@ -73,7 +73,7 @@ def _closed_set(catalog: Catalog, train_labels: np.ndarray, train_split: str) ->
 
 
 def _chosen_classes(catalog: Catalog, classes: list[int], spec, rng: np.random.Generator) -> set[int]:
-    if isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") and not isinstance(spec, str):
+    if isinstance(spec, (list, tuple)):
         names = [str(name) for name in spec]
         index_of = {name: i for i, name in enumerate(catalog.class_names)}
         unknown = [name for name in names if name not in index_of or index_of[name] not in classes]

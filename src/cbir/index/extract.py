@@ -24,11 +24,6 @@ from cbir.ranks import launched_rank
 log = logging.getLogger(__name__)
 
 
-def extraction_options(options: ExtractionOptions | None = None, **changes) -> ExtractionOptions:
-    """``options`` (default: the defaults) with ``changes`` (ExtractionOptions fields) applied."""
-    return (options or ExtractionOptions()).with_changes(**changes) if changes else (options or ExtractionOptions())
-
-
 def extract_collection(model: nn.Module, collection: Collection, work_dir: str | os.PathLike,
                        options: ExtractionOptions | None = None, *, load_embeddings: bool = True,
                        **changes) -> Extraction | None:
@@ -38,7 +33,7 @@ def extract_collection(model: nn.Module, collection: Collection, work_dir: str |
     inference goes through :mod:`cbir.models.inference`. ``changes`` are :class:`ExtractionOptions`
     fields (``batch_size=8``). ``processes > 1`` spawns that many ranks, and under ``torchrun`` every rank
     takes part; then only rank 0 returns the extraction (others None)."""
-    options = extraction_options(options, **changes)
+    options = ExtractionOptions.of(options, **changes)
     if options.processes != 1 or launched_rank() is not None:
         return extract_distributed(model, collection, Path(work_dir), options, load_embeddings=load_embeddings)
     work = Path(work_dir)

@@ -111,7 +111,7 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     if launched_rank() is not None:
         raise ConfigError("adding to an index runs in one process (it rewrites the index): start it without "
                           "torchrun, with processes=N to share the extraction")
-    options = (options or ExtractionOptions()).with_changes(**changes)
+    options = ExtractionOptions.of(options, **changes)
     index._check_writable("add images to")  # before extracting anything
     if index.info.get("model") not in (None, model_fingerprint(embedder)):
         log.warning("index: adding with a different model than the one that built the index")

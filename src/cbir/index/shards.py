@@ -65,6 +65,11 @@ class ExtractionOptions:
     def with_changes(self, **changes) -> ExtractionOptions:
         return replace(self, **changes)
 
+    @classmethod
+    def of(cls, options: ExtractionOptions | None = None, **changes) -> ExtractionOptions:
+        """``options`` (default: the defaults) with ``changes`` (field values) applied."""
+        return (options or cls()).with_changes(**changes)
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
