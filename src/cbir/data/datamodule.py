@@ -86,10 +86,8 @@ class RetrievalDataModule(ImageDataModule):
                  test: EvalSpec | None = None) -> None:
         super().__init__(catalog, inputs, options, augment)
         self.batch_sampler_factory = batch_sampler or MPerClassBatchSampler
-        self.train_split = options.train_split
         self.val_spec = val
         self.test_spec = test or val
-        self.on_bad_image = options.on_bad_image
         self.cache: dict[int, np.ndarray] = {}
         self._cache_filled = False
 
@@ -102,7 +100,7 @@ class RetrievalDataModule(ImageDataModule):
         if not self._should_cache():
             return
         self.cache, bad = fill_cache(self.catalog, np.arange(len(self.catalog.records)), self.options.cache_max_mb,
-                                     self.on_bad_image)
+                                     self.options.on_bad_image)
         for message in bad:
             log.warning("skipped unreadable image: %s", message)
         log.info("image cache: %d images decoded in memory", len(self.cache))
@@ -114,10 +112,11 @@ class RetrievalDataModule(ImageDataModule):
         return bool(self.options.cache_images)
 
     def _dataset(self, indices: np.ndarray, transform: Callable) -> RecordDataset:
-        return RecordDataset(self.catalog, indices, transform, on_bad_image=self.on_bad_image, cache=self.cache)
+        return RecordDataset(self.catalog, indices, transform, on_bad_image=self.options.on_bad_image,
+                             cache=self.cache)
 
     def train_dataloader(self) -> DataLoader:
-        indices = self.catalog.select(self.train_split)
+        indices = self.catalog.select(self.options.train_split)
         dataset = self._dataset(indices, self.train_tf)
         sampler = self.batch_sampler_factory(self.catalog.labels(indices), batch_size=self.batch_size)
         if isinstance(sampler, MPerClassBatchSampler):
@@ -130,7 +129,7 @@ class RetrievalDataModule(ImageDataModule):
                             **self._loader_kwargs(collate_records))
 
     def eval_dataloader(self, spec: EvalSpec) -> DataLoader:
-        dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.on_bad_image, cache=self.cache)
+        dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.options.on_bad_image, cache=self.cache)
         sampler = DistributedSampler(dataset, shuffle=False) if distributed_world_size() > 1 else None
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
                           **self._loader_kwargs(collate_records))
