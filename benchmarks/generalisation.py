@@ -1,9 +1,10 @@
 """Generalisation benchmark: does fine-tuning on emoji cost other domains, and what does each
 keep-option cost in-domain?
 
-Every recipe trains ImageNet MobileNetV2 on the emoji training classes with the same budget (epochs,
-batch, image size, seed), its best checkpoint chosen on the held-out *training* classes (``data.val_classes``,
-never the test classes), and is scored through ``eval.py`` exactly as users run it on:
+Every recipe trains a trunk (``--trunk``: ImageNet MobileNetV2 at 64 px, or DINOv2 ViT-S/14 at 70 px) on
+the emoji training classes with the same budget (epochs, batch, seed), its best checkpoint chosen on the
+held-out *training* classes (``data.val_classes``, never the test classes), and is scored through
+``eval.py`` exactly as users run it on:
 
 - emoji all-vs-all on the unseen test classes (P@1, MAP@R);
 - emoji ``cross_vendor_strict`` (base drawings of both vendors, leave-one-out: P@1 = MAP@R);
@@ -14,6 +15,7 @@ Each number sits next to the same trunk untrained (ImageNet features + a random 
 (``--wise 0.5``) average a trained trunk with the pretrained one (``cbir.models.wise``) and score that.
 
     python benchmarks/generalisation.py --epochs 8 --out benchmarks/results/generalisation_emoji.json
+    python benchmarks/generalisation.py --trunk dinov2_vits14 --recipes last:1 head full+lld --wise-recipes last:1
     python benchmarks/generalisation.py --epochs 1 --recipes full --no-fmnist     # smoke run
 
 Results are written after every run; a rerun skips the rows already there (``--fresh`` to redo).
@@ -35,12 +37,19 @@ from cbir.evaluation.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-BASE = ["experiment=emoji", "model.pretrained=imagenet", "data.num_workers=2"]
+BASE = ["experiment=emoji", "data.num_workers=2"]
+TRUNKS = {  # name -> (model overrides for training and the untrained row, its pretrained weights)
+    "mobilenet_v2": (["model=mobilenet_v2", "model.image_size=64"], "imagenet"),
+    # DINOv2 ViT-S/14 at 70 px (a 5 x 5 patch grid), CLS token, same fusion head and loss
+    "dinov2_vits14": (["model=dinov2_vits14", "model.image_size=70", "model.pooling=cls"], "dinov2"),
+}
 RECIPES = {  # name -> train.py overrides on top of experiment=emoji (whose own default is last:2)
     "full": ["train.tune=full"],
     "distill": ["train.tune=full", "train.distill_weight=1.0"],
+    "last:1": ["train.tune=last:1"],
     "last:2": ["train.tune=last:2"],
     "head": ["train.tune=head"],
+    "full+lld": ["train.tune=full", "train.layer_decay=0.75"],  # layer-wise lr decay
 }
 PROBES = {  # name -> eval.py overrides (the checkpoint or untrained model is added)
     "emoji": ["data=emoji"],
@@ -64,14 +73,14 @@ def evaluate(model: list[str], probe: str, out: Path) -> dict:
     return {key: metrics[key] for key in ("precision_at_1", "map_at_r", "num_queries") if key in metrics}
 
 
-def wise_checkpoint(ckpt: Path, alpha: float, out: Path) -> Path:
-    """A copy of ``ckpt`` whose trunk is WiSE-FT averaged with the ImageNet weights it started from."""
+def wise_checkpoint(ckpt: Path, alpha: float, out: Path, pretrained: str) -> Path:
+    """A copy of ``ckpt`` whose trunk is WiSE-FT averaged with the pretrained weights it started from."""
     from cbir.models.checkpoint import load_checkpoint_model
     from cbir.models.from_config import embedder_from_model_config
     from cbir.models.wise import interpolate_trunk
 
     embedder, model_config = load_checkpoint_model(ckpt)
-    interpolate_trunk(embedder, embedder_from_model_config(model_config, "imagenet"), alpha)
+    interpolate_trunk(embedder, embedder_from_model_config(model_config, pretrained), alpha)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     checkpoint["state_dict"].update({f"embedder.{k}": v for k, v in embedder.state_dict().items()})
     out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +116,10 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trunk", default="mobilenet_v2", choices=list(TRUNKS))
     parser.add_argument("--recipes", nargs="+", default=["full", "distill", "last:2"], choices=list(RECIPES))
-    parser.add_argument("--wise", type=float, nargs="*", default=[0.5], help="WiSE-FT alphas applied to 'full'")
+    parser.add_argument("--wise", type=float, nargs="*", default=[0.5], help="WiSE-FT alphas")
+    parser.add_argument("--wise-recipes", nargs="*", default=["full"], help="recipes whose checkpoints get WiSE-FT rows")
     parser.add_argument("--no-fmnist", action="store_true", help="skip the Fashion-MNIST zero-shot probe")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generalisation_emoji.json")
     parser.add_argument("--fresh", action="store_true")
@@ -129,28 +140,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cbir-generalisation-") as tmp:
         work = Path(tmp)
-        if "untrained" not in rows:
-            model = ["model=mobilenet_v2", "model.pretrained=imagenet", "model.image_size=64", "head=fusion"]
-            rows["untrained"] = {p: evaluate(model, p, work / f"untrained-{p}") for p in probes}
+        model, pretrained = TRUNKS[args.trunk]
+        model = [*model, f"model.pretrained={pretrained}"]
+        prefix = "" if args.trunk == "mobilenet_v2" else f"{args.trunk} "  # the first table's rows keep their names
+        if f"{prefix}untrained" not in rows:
+            rows[f"{prefix}untrained"] = {p: evaluate([*model, "head=fusion"], p, work / f"untrained-{p}")
+                                          for p in probes}
             save()
         for recipe in args.recipes:
-            name = f"{recipe} ({args.epochs} epochs)"
+            name = f"{prefix}{recipe} ({args.epochs} epochs)"
             if name in rows and not args.fresh:
                 continue
             out = work / f"train-{recipe.replace(':', '_')}"
-            wall = python("train.py", [*BASE, *RECIPES[recipe], f"trainer.max_epochs={args.epochs}",
+            wall = python("train.py", [*BASE, *model, *RECIPES[recipe], f"trainer.max_epochs={args.epochs}",
                                        f"seed={args.seed}", "logger=csv", "test_after_fit=false"], out)
             ckpt = sorted((out / "checkpoints").glob("best-*.ckpt"))[-1]
             rows[name] = {p: evaluate([f"ckpt_path={ckpt}"], p, work / f"{recipe}-{p}") for p in probes}
             rows[name]["train_wall_seconds"] = round(wall, 1)
             rows[name]["checkpoint"] = ckpt.name
+            rows[name]["command"] = command
             rows[name]["train_images_per_second"] = train_speed(out)
             save()
-            if recipe == "full":
+            if recipe in args.wise_recipes:
                 for alpha in args.wise:
-                    wise = wise_checkpoint(ckpt, alpha, work / f"wise-{alpha}")
-                    rows[f"full + WiSE-FT alpha={alpha:g}"] = {p: evaluate([f"ckpt_path={wise}"], p,
-                                                                           work / f"wise{alpha}-{p}") for p in probes}
+                    wise = wise_checkpoint(ckpt, alpha, work / f"wise-{recipe}-{alpha}", pretrained)
+                    rows[f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}"] = {
+                        p: evaluate([f"ckpt_path={wise}"], p, work / f"wise{alpha}-{p}") for p in probes}
                     save()
             print(table(rows), flush=True)
     print(table(rows))

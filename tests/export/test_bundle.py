@@ -62,6 +62,24 @@ def test_round_trip_and_runtime_parity(head, tmp_path):
     assert bundle.preprocessing.query == {"steps": []}
 
 
+@pytest.mark.parametrize("pooling", ["cls", "gem"])
+def test_a_vit_bundle_exports_and_its_runtime_copies_agree(pooling, tmp_path):
+    cfg = compose_config("train", ["model=dinov2_vits14", "model.pretrained=none", "model.image_size=28",
+                                   f"model.pooling={pooling}", "head=fusion", "head.dim=16"])
+    embedder, model_cfg = build_embedder_from_config(cfg), model_config(cfg)
+    out = export_bundle(embedder, tmp_path / "bundle", model_config=model_cfg, query_preprocess={"steps": []})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"torchscript", "onnx"} <= set(manifest["parity"])
+    assert all(manifest["parity"][r]["max_abs_difference"] <= 1e-3 for r in ("torchscript", "onnx"))
+    bundle = load_bundle(out)
+    assert model_cfg["pooling"] == pooling and bundle.embedder.backbone.pooling == pooling
+    images = torch.randn(2, 3, 42, 42)  # another size: the position table is interpolated in every copy
+    with torch.inference_mode():
+        eager = embedder.eval()(images)
+        restored = bundle.embedder(images)
+    assert torch.allclose(eager, restored, atol=1e-6)
+
+
 def test_embed_uses_the_exact_evaluation_preprocessing(tmp_path):
     from cbir.data.transforms import eval_transform
 

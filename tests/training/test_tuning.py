@@ -70,3 +70,40 @@ def test_distillation_teacher_is_frozen_and_pulls_towards_the_pretrained_structu
     same = distill.teacher_embeddings(images)
     assert float(distill(images, same)) == pytest.approx(0.0, abs=1e-6)  # identical structure: no pull
     assert float(distill(images, torch.randn(6, 16))) > 0.01
+
+
+def test_tune_modes_on_a_vit_count_blocks_and_embeddings(tmp_path):
+    def vit(*overrides):
+        cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
+            "model=dinov2_vits14", "model.image_size=28", *overrides])
+        return factory.build_embedder_from_config(cfg)
+
+    full = vit()
+    per_stage = {stage: sum(p.numel() for p in params) for stage, params in full.backbone.stage_parameters().items()}
+    head = trainable(full.head)
+    assert trainable(full) == sum(per_stage.values()) + head
+    assert trainable(vit("train.tune=head")) == head
+    last = vit("train.tune=last:1")
+    assert trainable(last) == per_stage["block12"] + head
+    blocks = last.backbone.body.blocks
+    assert all(p.requires_grad for b in blocks[9:] for p in b.parameters())
+    assert not any(p.requires_grad for b in blocks[:9] for p in b.parameters())
+    assert not last.backbone.body.pos_embed.requires_grad and last.backbone.body.norm.weight.requires_grad
+    with pytest.raises(ConfigError, match="N from 1 to 4"):
+        vit("train.tune=last:5")
+
+
+def test_layer_decay_scales_each_trunk_layer_below_the_head(tmp_path):
+    cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
+        "model=resnet18", "train.layer_decay=0.5", "optimizer.lr=0.01"])
+    module = factory.build_module(cfg, factory.build_embedder_from_config(cfg))
+    optimiser = module.configure_optimizers()
+    optimiser = optimiser["optimizer"] if isinstance(optimiser, dict) else optimiser
+    lrs = {g["name"]: g["lr"] for g in optimiser.param_groups}
+    assert lrs["embedder"] == pytest.approx(0.01)  # the head
+    assert [lrs[f"trunk.{d}"] for d in range(4)] == pytest.approx([0.01 * 0.5 ** (4 - d) for d in range(4)])
+    placed = [id(p) for g in optimiser.param_groups for p in g["params"]]
+    assert len(placed) == len(set(placed)) == sum(1 for p in module.embedder.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="layer_decay must lie in"):
+        factory.build_module(compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
+            "model=resnet18", "train.layer_decay=1.5"]), module.embedder)

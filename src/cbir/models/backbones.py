@@ -87,7 +87,7 @@ class Backbone(nn.Module):
         self.channels = self._probe_channels()
         # which stage each sub-module with weights or buffers belongs to (the stem joins the first stage)
         self.module_stage = _assign_modules_to_stages(self.body, model, spec.stages)
-        self.frozen_stages = _resolve_frozen_stages(freeze_stages, list(spec.stages))
+        self.frozen_stages = resolve_frozen_stages(freeze_stages, list(spec.stages))
         self.bn_frozen = bool(bn_frozen)
         for module_name, stage in self.module_stage.items():
             if stage in self.frozen_stages:
@@ -109,6 +109,10 @@ class Backbone(nn.Module):
         for module_name, stage in self.module_stage.items():
             groups[stage].extend(self.body.get_submodule(module_name).parameters(recurse=False))
         return groups
+
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Parameters by depth, shallow first (one list per stage), for layer-wise lr decay."""
+        return list(self.stage_parameters().values())
 
     def train(self, mode: bool = True) -> Backbone:
         """As ``nn.Module.train``, but frozen stages, and with ``bn_frozen`` every BatchNorm, stay in eval mode."""
@@ -144,7 +148,7 @@ def _assign_modules_to_stages(body: nn.Module, model: nn.Module, stages: dict[st
     return assignment
 
 
-def _resolve_frozen_stages(freeze: int | str | None, stages: list[str]) -> frozenset[str]:
+def resolve_frozen_stages(freeze: int | str | None, stages: list[str]) -> frozenset[str]:
     """The stage names that ``model.freeze_stages`` freezes (see :class:`Backbone`)."""
     if freeze is None or freeze is False:
         return frozenset()

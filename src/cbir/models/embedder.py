@@ -11,6 +11,8 @@ from torch import nn
 from cbir.errors import ConfigError
 from cbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from cbir.models.pooling import GeMHead
+from cbir.models.trunks import build_trunk
+from cbir.models.vit import ViTBackbone
 from cbir.models.weights import build_pretrained_model
 
 
@@ -25,7 +27,7 @@ class Embedder(nn.Module):
     sign(x)·|x|^p, since embeddings can be negative), then re-normalises. Training always uses one scale.
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, input_size: int,
+    def __init__(self, backbone: Backbone | ViTBackbone, head: nn.Module, input_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  scales: Sequence[float] | None = None, scale_power: float = 1.0) -> None:
         super().__init__()
@@ -73,11 +75,12 @@ def _rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
 
 def build_embedder(backbone: str, pretrained: str | None = "imagenet", image_size: int = 224,
                    head: Callable[..., nn.Module] | None = None, freeze_stages: int | str = 0,
-                   bn_frozen: bool = False, scales: Sequence[float] | None = None,
+                   bn_frozen: bool = False, pooling: str = "gem", scales: Sequence[float] | None = None,
                    scale_power: float = 1.0) -> Embedder:
     """Build an :class:`Embedder`; ``head`` is a factory called with ``channels={stage: width}``
-    (a Hydra ``_partial_`` head config), GeM on the last stage by default."""
-    trunk = Backbone(backbone, build_pretrained_model(backbone, pretrained), freeze_stages=freeze_stages,
-                     bn_frozen=bn_frozen)
+    (a Hydra ``_partial_`` head config), GeM on the last stage by default. ``pooling`` (ViT trunks):
+    what the last stage is, see :mod:`cbir.models.vit`."""
+    trunk = build_trunk(backbone, build_pretrained_model(backbone, pretrained), freeze_stages=freeze_stages,
+                        bn_frozen=bn_frozen, pooling=pooling)
     head_module = (head or GeMHead)(channels=trunk.channels)
     return Embedder(trunk, head_module, input_size=image_size, scales=scales, scale_power=scale_power)

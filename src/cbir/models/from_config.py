@@ -23,5 +23,6 @@ def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> nn.Mo
     head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None
     return build_embedder(model_cfg["backbone"], pretrained=pretrained, image_size=model_cfg["image_size"],
                           head=head, freeze_stages=model_cfg.get("freeze_stages", 0),
-                          bn_frozen=model_cfg.get("bn_frozen", False), scales=model_cfg.get("scales"),
+                          bn_frozen=model_cfg.get("bn_frozen", False), pooling=model_cfg.get("pooling", "gem"),
+                          scales=model_cfg.get("scales"),
                           scale_power=model_cfg.get("scale_power", 1.0))

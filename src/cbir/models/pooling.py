@@ -12,7 +12,10 @@ from cbir.errors import ConfigError
 class GeM(nn.Module):
     """Generalised-mean pooling (Radenović et al., 2018) with a learnable exponent ``p``.
 
-    ``p=1`` is average pooling, ``p→∞`` max pooling; ``p=3`` is the usual initialisation.
+    ``p=1`` is average pooling, ``p→∞`` max pooling; ``p=3`` is the usual initialisation. Signed inputs
+    (ViT tokens, ConvNeXt stages, SiLU outputs) get the signed power mean ``sign(m)·|m|^(1/p)`` of
+    ``sign(x)·|x|^p``, so negative activations count instead of being clamped away; on the non-negative
+    maps of ReLU trunks it is the usual GeM. A ``1 x 1`` map (a ViT's CLS token) passes through unchanged.
     """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True) -> None:
@@ -23,7 +26,9 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32 even under bf16 autocast: x**p and its mean lose too much precision in bf16
         p = self.p.float().clamp(min=1.0)
-        return F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1).pow(1.0 / p).flatten(1)
+        x = x.float()
+        mean = F.adaptive_avg_pool2d(x.sign() * x.abs().clamp(min=self.eps).pow(p), 1).flatten(1)
+        return mean.sign() * mean.abs().clamp(min=self.eps).pow(1.0 / p)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.3f}, eps={self.eps}"

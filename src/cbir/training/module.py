@@ -38,13 +38,16 @@ class MetricLearningModule(pl.LightningModule):
         train_classes: Sequence[int] | None = None,
         warmup_epochs: int = 0,
         distill_weight: float = 0.0,
+        layer_decay: float | None = None,
     ) -> None:
         """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
         their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
         ids, remapped to 0..C-1 before the loss (proxy losses index their proxies by label).
         ``warmup_epochs``: the backbone stays frozen for that many epochs (:class:`BackboneWarmup`).
         ``distill_weight``: weight of the term that keeps the batch similarity structure of the trunk as it
-        was before training (:class:`~cbir.training.distill.SimilarityDistillation`); 0 = off."""
+        was before training (:class:`~cbir.training.distill.SimilarityDistillation`); 0 = off.
+        ``layer_decay``: layer-wise learning-rate decay, the head at the optimiser's lr and each trunk layer
+        (ViT block, or CNN stage) below it at ``layer_decay`` times the one above; ``None`` = one lr."""
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss
@@ -58,6 +61,9 @@ class MetricLearningModule(pl.LightningModule):
         if distill_weight < 0:
             raise ValueError(f"train.distill_weight must be >= 0, got {distill_weight}")
         self.distill_weight = float(distill_weight)
+        if layer_decay is not None and not 0.0 < float(layer_decay) <= 1.0:
+            raise ValueError(f"train.layer_decay must lie in (0, 1], got {layer_decay}")
+        self.layer_decay = None if layer_decay is None else float(layer_decay)
         # a frozen copy of the trunk as it comes (pretrained), made before any training step
         self.distill = SimilarityDistillation(embedder.backbone) if self.distill_weight > 0 else None
         self.ks = tuple(ks)
@@ -148,8 +154,25 @@ class MetricLearningModule(pl.LightningModule):
             raise RuntimeError(f"training batch has labels {unknown[:5]} outside the training classes")
         return mapped
 
+    def embedder_param_groups(self) -> list[dict]:
+        """The Embedder's trainable parameters as optimiser groups: one, or with ``layer_decay`` one per trunk
+        layer (``lr_scale`` = decay ** its distance below the head) plus the head (scale 1)."""
+        trainable = [p for p in self.embedder.parameters() if p.requires_grad]
+        if self.layer_decay is None:
+            return [{"params": trainable, "name": "embedder"}]
+        layers = self.embedder.backbone.block_parameters()
+        groups, placed = [], set()
+        for depth, params in enumerate(layers):
+            params = [p for p in params if p.requires_grad and id(p) not in placed]
+            placed.update(id(p) for p in params)
+            if params:
+                groups.append({"params": params, "name": f"trunk.{depth}",
+                               "lr_scale": self.layer_decay ** (len(layers) - depth)})
+        rest = [p for p in trainable if id(p) not in placed]  # the head, and anything outside the layers
+        return [*groups, {"params": rest, "name": "embedder", "lr_scale": 1.0}]
+
     def configure_optimizers(self):
-        groups = [{"params": [p for p in self.embedder.parameters() if p.requires_grad], "name": "embedder"}]
+        groups = self.embedder_param_groups()
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad] if self.loss_fn is not None else []
         if loss_params:  # proxy/classifier losses: their own group, usually with a much higher lr
             group = {"params": loss_params, "name": "loss"}
@@ -157,6 +180,8 @@ class MetricLearningModule(pl.LightningModule):
                 group["lr"] = self.loss_lr
             groups.append(group)
         optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:  # before the scheduler records each group's initial lr
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
