@@ -8,8 +8,10 @@ held-out *training* classes (``data.val_classes``, never the test classes), and 
 
 - emoji all-vs-all on the unseen test classes (P@1, MAP@R);
 - emoji ``cross_vendor_strict`` (base drawings of both vendors, leave-one-out: P@1 = MAP@R);
-- Fashion-MNIST zero-shot (test queries vs the 60k train gallery, at the model's 64 px), a domain it
-  never saw.
+- Fashion-MNIST zero-shot (test queries vs the 60k train gallery, at the model's input size), a domain it
+  never saw;
+- icons zero-shot (``data=icons``: the test half of the icon names, all-vs-all across themes), drawings
+  of another kind.
 
 Each number sits next to the same trunk untrained (ImageNet features + a random head). WiSE-FT rows
 (``--wise 0.5``) average a trained trunk with the pretrained one (``cbir.models.wise``) and score that.
@@ -18,7 +20,8 @@ Each number sits next to the same trunk untrained (ImageNet features + a random 
     python benchmarks/generalisation.py --trunk dinov2_vits14 --recipes last:1 head full+lld --wise-recipes last:1
     python benchmarks/generalisation.py --epochs 1 --recipes full --no-fmnist     # smoke run
 
-Results are written after every run; a rerun skips the rows already there (``--fresh`` to redo).
+Results are written after every evaluation; a rerun skips what is already there and scores only the probes a
+row lacks, from the checkpoints kept under ``--work`` (``--fresh`` to redo everything).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ PROBES = {  # name -> eval.py overrides (the checkpoint or untrained model is ad
     "emoji": ["data=emoji"],
     "emoji_strict": ["data=emoji", "protocol=cross_vendor_strict"],
     "fmnist_zero_shot": ["data=fashion_mnist", "data.num_workers=2", "data.eval_batch_size=512"],
+    "icons_zero_shot": ["data=icons"],
 }
 
 
@@ -98,16 +101,16 @@ def train_speed(run: Path) -> float | None:
 
 
 def table(rows: dict) -> str:
-    lines = ["| model | emoji P@1 | emoji MAP@R | strict P@1 | F-MNIST zero-shot P@1 | MAP@R | train img/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | emoji P@1 | emoji MAP@R | strict P@1 | F-MNIST zero-shot P@1 | MAP@R "
+             "| icons zero-shot P@1 | MAP@R | train img/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        def cell(probe, key):
-            value = row.get(probe, {}).get(key)
-            return f"{100 * value:.2f}" if value is not None else "–"
+        cells = [row.get(probe, {}).get(key) for probe, key in [
+            ("emoji", "precision_at_1"), ("emoji", "map_at_r"), ("emoji_strict", "precision_at_1"),
+            ("fmnist_zero_shot", "precision_at_1"), ("fmnist_zero_shot", "map_at_r"),
+            ("icons_zero_shot", "precision_at_1"), ("icons_zero_shot", "map_at_r")]]
         speed = row.get("train_images_per_second")
-        lines.append(f"| {name} | {cell('emoji', 'precision_at_1')} | {cell('emoji', 'map_at_r')} | "
-                     f"{cell('emoji_strict', 'precision_at_1')} | {cell('fmnist_zero_shot', 'precision_at_1')} | "
-                     f"{cell('fmnist_zero_shot', 'map_at_r')} | {f'{speed:.0f}' if speed else '–'} |")
+        text = [f"{100 * value:.2f}" if value is not None else "–" for value in cells]
+        lines.append(f"| {name} | {' | '.join(text)} | {f'{speed:.0f}' if speed else '–'} |")
     return "\n".join(lines)
 
 
@@ -122,6 +125,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--wise-recipes", nargs="*", default=["full"], help="recipes whose checkpoints get WiSE-FT rows")
     parser.add_argument("--no-fmnist", action="store_true", help="skip the Fashion-MNIST zero-shot probe")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generalisation_emoji.json")
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "benchmarks" / "generalisation",
+                        help="training runs and checkpoints (kept, so a probe added later scores them)")
     parser.add_argument("--fresh", action="store_true")
     return parser.parse_args()
 
@@ -134,40 +139,40 @@ def main() -> None:
     command = " ".join(sys.argv)
 
     def save() -> None:
-        write_json(args.out, {"benchmark": "generalisation", "command": command, "epochs": args.epochs,
-                              "seed": args.seed, "selection": "best checkpoint on held-out training classes",
-                              "rows": rows})
+        write_json(args.out, {"benchmark": "generalisation", "epochs": args.epochs, "seed": args.seed,
+                              "selection": "best checkpoint on held-out training classes", "rows": rows})
 
-    with tempfile.TemporaryDirectory(prefix="cbir-generalisation-") as tmp:
-        work = Path(tmp)
-        model, pretrained = TRUNKS[args.trunk]
-        model = [*model, f"model.pretrained={pretrained}"]
-        prefix = "" if args.trunk == "mobilenet_v2" else f"{args.trunk} "  # the first table's rows keep their names
-        if f"{prefix}untrained" not in rows:
-            rows[f"{prefix}untrained"] = {p: evaluate([*model, "head=fusion"], p, work / f"untrained-{p}")
-                                          for p in probes}
-            save()
-        for recipe in args.recipes:
-            name = f"{prefix}{recipe} ({args.epochs} epochs)"
-            if name in rows and not args.fresh:
-                continue
-            out = work / f"train-{recipe.replace(':', '_')}"
+    def score(name: str, model_args: list[str], tag: str) -> None:
+        """Evaluate the probes ``rows[name]`` lacks (all of them for a new row)."""
+        row = rows.setdefault(name, {})
+        for probe in probes:
+            if probe not in row:
+                row[probe] = evaluate(model_args, probe, work / f"eval-{tag}-{probe}")
+                save()
+
+    work = args.work / args.trunk  # kept: checkpoints stay for later probes and WiSE-FT rows
+    model, pretrained = TRUNKS[args.trunk]
+    model = [*model, f"model.pretrained={pretrained}"]
+    prefix = "" if args.trunk == "mobilenet_v2" else f"{args.trunk} "  # the first table's rows keep their names
+    score(f"{prefix}untrained", [*model, "head=fusion"], "untrained")
+    for recipe in args.recipes:
+        name = f"{prefix}{recipe} ({args.epochs} epochs)"
+        out = work / f"train-{recipe.replace(':', '_')}-{args.epochs}"
+        ckpts = sorted((out / "checkpoints").glob("best-*.ckpt"))
+        if name not in rows or not ckpts:
+            if name in rows and not all(p in rows[name] for p in probes):
+                print(f"{name}: its checkpoint is gone; retraining for the missing probes", flush=True)
             wall = python("train.py", [*BASE, *model, *RECIPES[recipe], f"trainer.max_epochs={args.epochs}",
                                        f"seed={args.seed}", "logger=csv", "test_after_fit=false"], out)
-            ckpt = sorted((out / "checkpoints").glob("best-*.ckpt"))[-1]
-            rows[name] = {p: evaluate([f"ckpt_path={ckpt}"], p, work / f"{recipe}-{p}") for p in probes}
-            rows[name]["train_wall_seconds"] = round(wall, 1)
-            rows[name]["checkpoint"] = ckpt.name
-            rows[name]["command"] = command
-            rows[name]["train_images_per_second"] = train_speed(out)
-            save()
-            if recipe in args.wise_recipes:
-                for alpha in args.wise:
-                    wise = wise_checkpoint(ckpt, alpha, work / f"wise-{recipe}-{alpha}", pretrained)
-                    rows[f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}"] = {
-                        p: evaluate([f"ckpt_path={wise}"], p, work / f"wise{alpha}-{p}") for p in probes}
-                    save()
-            print(table(rows), flush=True)
+            ckpts = sorted((out / "checkpoints").glob("best-*.ckpt"))
+            rows[name] = {"train_wall_seconds": round(wall, 1), "checkpoint": ckpts[-1].name, "command": command,
+                          "train_images_per_second": train_speed(out)}
+        score(name, [f"ckpt_path={ckpts[-1]}"], recipe.replace(":", "_"))
+        if recipe in args.wise_recipes:
+            for alpha in args.wise:
+                wise = wise_checkpoint(ckpts[-1], alpha, work / f"wise-{recipe.replace(':', '_')}-{alpha}", pretrained)
+                score(f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}", [f"ckpt_path={wise}"], f"wise-{alpha}")
+        print(table(rows), flush=True)
     print(table(rows))
     save()
 

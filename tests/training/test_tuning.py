@@ -107,3 +107,62 @@ def test_layer_decay_scales_each_trunk_layer_below_the_head(tmp_path):
     with pytest.raises(ValueError, match="layer_decay must lie in"):
         factory.build_module(compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
             "model=resnet18", "train.layer_decay=1.5"]), module.embedder)
+
+
+def test_lora_trains_only_adapters_and_the_head(tmp_path):
+    cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
+        "model=dinov2_vits14", "model.image_size=28", "train.tune=lora", "train.lora_rank=4"])
+    embedder = factory.build_embedder_from_config(cfg)
+    per_block = sum(4 * (i + o) for i, o in [(384, 1152), (384, 384), (384, 1536), (1536, 384)])
+    assert trainable(embedder) == 12 * per_block + trainable(embedder.head)
+    names = {n for n, p in embedder.named_parameters() if p.requires_grad and n.startswith("backbone.")}
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert factory.model_config(cfg)["lora"] == {"rank": 4, "alpha": 16.0}
+    with pytest.raises(ConfigError, match="is a CNN"):
+        build(tmp_path, "train.tune=lora")
+
+
+def test_merged_lora_weights_give_the_same_embeddings(tmp_path):
+    from cbir.models.from_config import embedder_from_model_config
+    from cbir.models.lora import merge_lora_state
+
+    cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + [
+        "model=dinov2_vits14", "model.image_size=28", "train.tune=lora", "train.lora_rank=2"])
+    adapted = factory.build_embedder_from_config(cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.05)  # B starts at zero: give the adapters something to merge
+    model_cfg = factory.model_config(cfg)
+    lora = model_cfg.pop("lora")
+    plain = embedder_from_model_config(model_cfg, "none").eval()
+    plain.load_state_dict(merge_lora_state(adapted.state_dict(), **lora), strict=True)
+    images = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        before, merged = adapted(images), plain(images)
+    assert torch.allclose(before, merged, atol=1e-5)
+    assert not any("lora" in k for k in plain.state_dict())
+    base = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    unadapted = embedder_from_model_config(model_cfg, "none").eval()
+    unadapted.load_state_dict(base, strict=True)
+    with torch.no_grad():
+        assert (unadapted(images) - before).abs().max() > 1e-3  # the adapters did change the embedding
+
+
+def test_a_lora_run_saves_a_checkpoint_that_loads_and_exports_as_a_plain_model(tiny_folder, tmp_path):
+    from cbir.commands.train import train
+    from cbir.export.bundle import export_bundle
+    from cbir.models.checkpoint import load_checkpoint_model
+
+    cfg = compose_config("train", tiny_train_overrides(tiny_folder, tmp_path) + [
+        "model=dinov2_vits14", "model.image_size=28", "train.tune=lora", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "test_after_fit=false"])
+    train(cfg)
+    ckpt = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert any(".lora_B." in k for k in saved)
+    embedder, model_cfg = load_checkpoint_model(ckpt)
+    assert "lora" not in model_cfg and not any("lora" in k for k in embedder.state_dict())
+    out = export_bundle(embedder, tmp_path / "bundle", model_config=model_cfg, runtimes=["torchscript"])
+    assert (out / "manifest.json").is_file()

@@ -1,4 +1,4 @@
-"""``cbir data fetch fashion_mnist|emoji [root=DIR]``: check for, or download, a benchmark dataset and
+"""``cbir data fetch fashion_mnist|emoji|icons [root=DIR]``: check for, or download, a benchmark dataset and
 print what it holds."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from cbir.commands.args import guarded
 from cbir.errors import ConfigError
 
-DATASETS = ("fashion_mnist", "emoji")
-USAGE = "usage: cbir data fetch fashion_mnist|emoji [root=DIR]"
+DATASETS = ("fashion_mnist", "emoji", "icons")
+USAGE = "usage: cbir data fetch fashion_mnist|emoji|icons [root=DIR]"
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -24,6 +24,10 @@ def _main(argv: Sequence[str]) -> int:
         from cbir.data.readers.emoji import DEFAULT_ROOT, read_emoji
 
         print(read_emoji(root or DEFAULT_ROOT).summary())
+    elif argv[1] == "icons":
+        from cbir.data.readers.icons import DEFAULT_ROOT, read_icons
+
+        print(read_icons(root or DEFAULT_ROOT).summary())
     else:
         from cbir.data.readers.fashion_mnist import read_fashion_mnist
 

@@ -35,7 +35,7 @@ def resolve_checkpoint(ckpt_path: str | Path) -> Path:
 
 def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
     """The Embedder stored in a training checkpoint (a file, or a run folder: its best checkpoint) and
-    the model config that rebuilds it."""
+    the model config that rebuilds it. LoRA adapters are merged into the trunk's weights."""
     path = resolve_checkpoint(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist")
@@ -46,11 +46,17 @@ def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
     model_cfg = (checkpoint.get("hyper_parameters") or {}).get("model_config")
     if not model_cfg:
         raise CheckpointError(f"ckpt_path: {path} is not a cbir training checkpoint (no model_config)")
+    model_cfg = dict(model_cfg)
+    lora = model_cfg.pop("lora", None)  # trained with adapters: merged here, the model is plain from now on
     embedder = embedder_from_model_config(model_cfg, pretrained="none")
     state = {k[len("embedder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("embedder.")}
+    if lora:
+        from cbir.models.lora import merge_lora_state
+
+        state = merge_lora_state(state, **lora)
     result = embedder.load_state_dict(state, strict=False)
     if result.missing_keys:
         raise CheckpointError(f"ckpt_path: {path} lacks {len(result.missing_keys)} embedder weights "
                               f"(first: {result.missing_keys[0]})")
-    return embedder, dict(model_cfg)
+    return embedder, model_cfg
 

@@ -56,17 +56,27 @@ def model_config(cfg: DictConfig) -> dict:
         "pooling": str(cfg.model.get("pooling", "gem")),
         "scales": [float(s) for s in scales] if scales else None,
         "scale_power": float(cfg.model.get("scale_power", 1.0)),
+        **lora_config(cfg),
     }
 
 
-TUNE_MODES = "full, head, last:N"
+def lora_config(cfg: DictConfig) -> dict:
+    """``{"lora": {"rank", "alpha"}}`` for ``train.tune=lora`` (a checkpoint merges its adapters with these),
+    else nothing."""
+    train = cfg.get("train") or {}
+    if str(train.get("tune", "full")).strip() != "lora":
+        return {}
+    return {"lora": {"rank": int(train.get("lora_rank", 8)), "alpha": float(train.get("lora_alpha", 16.0))}}
+
+
+TUNE_MODES = "full, head, last:N, lora"
 
 
 def freeze_stages_for(cfg: DictConfig) -> int | str:
     """``train.tune`` as the trunk's ``freeze_stages``: ``full`` trains every stage (or what
     ``model.freeze_stages`` says), ``head`` freezes the whole trunk (only the head learns), ``last:N``
     trains only the last N stages (the stem and earlier stages keep their pretrained weights)."""
-    from cbir.models.trunks import stage_count
+    from cbir.models.trunks import is_vit, stage_count
 
     tune = str((cfg.get("train") or {}).get("tune", "full") or "full").strip()
     freeze = cfg.model.get("freeze_stages", 0)
@@ -77,6 +87,11 @@ def freeze_stages_for(cfg: DictConfig) -> int | str:
     stages = stage_count(cfg.model.backbone)
     if tune == "head":
         return "all"
+    if tune == "lora":  # the trunk stays frozen; adapters are added on top (build_embedder_from_config)
+        if not is_vit(cfg.model.backbone):
+            raise ConfigError(f"train.tune=lora adapts a ViT's attention and MLP layers; model={cfg.model.backbone} "
+                              "is a CNN: use train.tune=last:N or head, or model=dinov2_vits14")
+        return "all"
     mode, _, count = tune.partition(":")
     if mode == "last" and count.isdigit() and 1 <= int(count) <= stages:
         return stages - int(count)
@@ -84,7 +99,15 @@ def freeze_stages_for(cfg: DictConfig) -> int | str:
 
 
 def build_embedder_from_config(cfg: DictConfig) -> Embedder:
-    return embedder_from_model_config(model_config(cfg), cfg.model.pretrained)
+    """The Embedder to train: ``model_config(cfg)`` built with its pretrained weights, with LoRA adapters on
+    the trunk for ``train.tune=lora``."""
+    model_cfg = model_config(cfg)
+    embedder = embedder_from_model_config(model_cfg, cfg.model.pretrained)
+    if model_cfg.get("lora"):
+        from cbir.models.lora import add_lora
+
+        add_lora(embedder.backbone.body, **model_cfg["lora"])
+    return embedder
 
 
 def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
