@@ -93,6 +93,13 @@ def run_index_command(action: str, cfg: DictConfig) -> None:
             ids = [int(i) for i in ids]
         except (TypeError, ValueError):
             raise ConfigError(f"cbir index remove: id={cfg.id}: ids are whole numbers") from None
+        unknown = [str(i) for i in ids if i not in index.store.rows]
+        stored = index.store.paths() if paths else set()
+        unknown += [p for p in paths if p not in stored]
+        if unknown:  # nothing is removed: a typo must not pass for done
+            raise ConfigError(f"cbir index remove: {len(unknown)} of the given ids/paths are not in {cfg.index} "
+                              f"(first: {unknown[0]}); nothing removed. `cbir index info index={cfg.index}` "
+                              "describes the index")
         removed = index.remove(ids) + index.remove_paths(paths)
         index.save(index.path)
         print(f"index {cfg.index}: removed {removed} images; {len(index)} left")

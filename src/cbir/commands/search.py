@@ -29,6 +29,9 @@ def search_config(argv: Sequence[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}=... is required (python search.py bundle=DIR query=IMAGE)")
+    for key in ("k", "batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r}: must be a whole number >= 1")
     return cfg
 
 
@@ -42,6 +45,7 @@ def run_search(cfg: DictConfig) -> list[dict]:
     searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
                              device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
     files = query_sources(queries)
+    grids = grid_paths(cfg.grid, files) if cfg.grid else {}
     results = []
     for start in range(0, len(files), searcher.batch_size):
         batch = files[start:start + searcher.batch_size]
@@ -50,17 +54,34 @@ def run_search(cfg: DictConfig) -> list[dict]:
             label = query.parent.name if isinstance(query, Path) else dataset_label(searcher, query)
             results.append({"query": str(query), "hits": [hit.to_json() for hit in hits]})
             if cfg.grid:
-                grid = Path(cfg.grid)
-                stem = query.stem if isinstance(query, Path) else query.replace(":", "_").replace("/", "_")
-                target = grid / f"{stem}.png" if len(files) > 1 or grid.suffix.lower() != ".png" else grid
                 # a folder-of-classes or dataset query knows its label: borders mark right and wrong hits
                 known = label if any(hit.label == label for hit in hits) or not isinstance(query, Path) else None
-                save_grid(image, hits, target, query_label=known, load=searcher.load_source)
+                save_grid(image, hits, grids[str(query)], query_label=known, load=searcher.load_source)
+                results[-1]["grid"] = str(grids[str(query)])
             if not cfg.json:
                 print(format_hits(str(query), hits) + "\n")
     if cfg.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     return results
+
+
+def grid_paths(grid: str, queries: list[Path | str]) -> dict[str, Path]:
+    """Where each query's result grid goes: ``grid`` itself for one query and a ``.png`` name, else
+    ``grid/<query name>.png``, numbered (``shoe-2.png``) when queries from different folders share a name."""
+    grid = Path(grid)
+    if len(queries) == 1 and grid.suffix.lower() == ".png":
+        return {str(queries[0]): grid}
+    targets: dict[str, Path] = {}
+    used: set[str] = set()
+    for query in queries:
+        stem = query.stem if isinstance(query, Path) else query.replace(":", "_").replace("/", "_")
+        name, n = f"{stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        used.add(name)
+        targets[str(query)] = grid / name
+    return targets
 
 
 def query_sources(queries: list[str]) -> list[Path | str]:

@@ -25,18 +25,29 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
     cfg = key_value_config("serve", argv, "serve")
     if OmegaConf.is_missing(cfg, "bundle"):
         raise ConfigError("bundle=... is required (python -m cbir.serve bundle=DIR; make one with export.py)")
+    if cfg.api_key is None and os.environ.get("CBIR_API_KEY"):
+        cfg.api_key = os.environ["CBIR_API_KEY"]
     for key in ("port", "k", "max_pixels", "thumbnail_size", "thumbnail_cache", "max_batch", "batch_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a whole number >= 0")
     if cfg.max_batch < 1:
         raise ConfigError(f"max_batch={cfg.max_batch}: must be at least 1 (1 = no micro-batching)")
+    from cbir.search import MAX_K
+
+    for key, low, high in (("port", 1, 65535), ("k", 1, MAX_K), ("max_pixels", 1, None), ("thumbnail_size", 1, None),
+                           ("batch_size", 1, None)):
+        if cfg[key] < low or (high is not None and cfg[key] > high):
+            raise ConfigError(f"{key}={cfg[key]}: must lie in {low}..{high if high is not None else 'any'}")
+    if cfg.api_key is not None:
+        cfg.api_key = str(cfg.api_key)
+        if not cfg.api_key.isascii() or not cfg.api_key.isprintable() or not cfg.api_key.strip():
+            raise ConfigError("api_key: use printable ASCII characters (HTTP headers cannot carry others, so no "
+                              "client could ever send it)")
     for key in ("max_upload_mb", "batch_window_ms"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a number >= 0")
     if cfg.paths not in PATH_STYLES:
         raise ConfigError(f"paths={cfg.paths!r}: choose from {', '.join(PATH_STYLES)}")
-    if cfg.api_key is None and os.environ.get("CBIR_API_KEY"):
-        cfg.api_key = os.environ["CBIR_API_KEY"]
     return cfg
 
 

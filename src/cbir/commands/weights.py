@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from cbir.commands.args import guarded
 from cbir.errors import ConfigError
 
-USAGE = "usage: cbir weights fetch NAME [NAME ...]   (mobilenet_v2, imgsim, dinov2)"
+USAGE = "usage: cbir weights fetch NAME [NAME ...]   (mobilenet_v2, imgsim, dinov2, efficientnet_lite0)"
 
 
 def _main(argv: Sequence[str]) -> int:

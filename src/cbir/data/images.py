@@ -1,8 +1,9 @@
 """The one image decoder and the one list of image file types, for training data, collections to index,
 queries and thumbnails alike.
 
-Every decoded image is HxWx3 uint8 RGB: grey is replicated to three channels and transparency is
-composited onto white. The content decides the format, never the file name.
+Every decoded image is HxWx3 uint8 RGB, turned upright by its EXIF orientation (as viewers and the
+thumbnails show it): grey is replicated to three channels, 16/32-bit and float grey scaled to 8 bits, and
+transparency composited onto white. The content decides the format, never the file name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cbir.data.catalog import ArrayRef, Catalog
 from cbir.errors import BadImageError
@@ -37,12 +38,37 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 
 def image_to_rgb(image: Image.Image) -> np.ndarray:
-    """HxWx3 uint8 RGB pixels of a decoded PIL image, transparency composited onto white."""
+    """HxWx3 uint8 RGB pixels of a decoded PIL image, transparency composited onto white; 16-bit, 32-bit
+    integer and float greyscale scaled to 8 bits (see :func:`scale_to_8bit`)."""
+    if image.mode.startswith(("I", "F")):
+        grey = scale_to_8bit(np.asarray(image))
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return np.asarray(image.convert("RGB"))
+
+
+def scale_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Greyscale of any depth as uint8: integers up to 255 as they are, up to 65535 as 16-bit (``/257``),
+    wider ones and floats outside [0, 1] stretched from their minimum to their maximum; floats in [0, 1]
+    times 255. (PIL's own ``convert("RGB")`` clips these modes at 255: a 16-bit image turns white.)"""
+    values = np.asarray(values)
+    if values.size == 0:
+        return values.astype(np.uint8)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    data = np.nan_to_num(values.astype(np.float64), nan=low, posinf=high, neginf=low)
+    if values.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
+        scaled = data * 255.0
+    elif values.dtype.kind in "iu" and low >= 0 and high <= 255:
+        scaled = data
+    elif values.dtype.kind in "iu" and low >= 0 and high <= 65535:
+        scaled = data / 257.0
+    else:
+        scaled = (data - low) * (255.0 / (high - low)) if high > low else np.zeros_like(data)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
@@ -59,11 +85,16 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
         handle = io.BytesIO(source)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise BadImageError(f"{what} {label}: is a folder, not an image file")
         if not path.is_file():
             raise BadImageError(f"{what} {label}: file does not exist")
         if path.stat().st_size == 0:
             raise BadImageError(f"{what} {label}: empty file (0 bytes)")
-        handle = path.open("rb")
+        try:
+            handle = path.open("rb")
+        except OSError as exc:  # permissions, a folder, a vanished file
+            raise BadImageError(f"{what} {label}: cannot read file ({exc.strerror or exc})") from None
     try:
         with handle, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -73,7 +104,7 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                     raise ImageTooLargeError(f"{what} {label}: {width}x{height} pixels is more than the limit "
                                              f"of {max_pixels:,} pixels")
                 image.load()
-                pixels = image_to_rgb(image)
+                pixels = image_to_rgb(ImageOps.exif_transpose(image))  # upright, as viewers show it
     except BadImageError:
         raise
     except UnidentifiedImageError:

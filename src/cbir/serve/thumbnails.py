@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from cbir.data.images import image_to_rgb
 from cbir.errors import CbirError
 from cbir.search import Searcher
 
@@ -51,7 +52,10 @@ class Thumbnails:
                 with Image.open(source) as image:
                     image.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
                     image.load()
-                    return ImageOps.exif_transpose(image).copy()
+                    upright = ImageOps.exif_transpose(image)
+                    if upright.mode.startswith(("I", "F")):  # 16/32-bit, float: scaled as the model sees them
+                        return Image.fromarray(image_to_rgb(upright))
+                    return upright.copy()
             except (OSError, SyntaxError, ValueError) as exc:
                 raise ThumbnailNotFound(f"indexed image {image_id} cannot be read any more ({exc})") from None
         try:  # a row of a dataset array (or a file that is gone): the Searcher reads it or says why not

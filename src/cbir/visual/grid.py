@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbir.data.images import decode_image
 from cbir.errors import CbirError
 from cbir.io import atomic_path
 
@@ -70,12 +71,7 @@ def render_grid(query_image: np.ndarray, hits: Sequence[Tile], *, query_label: s
         x = pad + (thumb + pad) * (1 + n % columns)
         y = pad + (thumb + caption + pad) * (n // columns)
         try:
-            if load is not None:
-                picture = Image.fromarray(load(hit.path))
-            else:
-                with Image.open(hit.path) as image:
-                    image.load()
-                    picture = image.copy()
+            picture = Image.fromarray(load(hit.path) if load is not None else decode_image(hit.path, max_pixels=None))
         except (OSError, TypeError, ValueError, CbirError) as exc:  # a missing picture never stops the grid
             log.warning("result grid: cannot show %s (%s)", hit.path, exc)
             picture = Image.new("RGB", (thumb, thumb), "#dddddd")

@@ -1,0 +1,79 @@
+"""Options that used to be accepted and then fail every request, or end in a traceback (issue 15: D7, D12,
+D13, D18, D19, D21): each is refused up front with one line naming the option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers.vectors import clustered
+
+from cbir.commands import index as index_command
+from cbir.commands.search import grid_paths, search_config
+from cbir.commands.serve import serve_config
+from cbir.data.images import decode_image
+from cbir.errors import BadImageError, ConfigError
+from cbir.index.builder import IndexOptions
+from cbir.index.store import CbirIndex, load_index
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("k=0", "k=0: must lie in 1..1000"), ("k=5000", "k=5000: must lie in 1..1000"),
+    ("max_pixels=0", "max_pixels=0: must lie in 1.."), ("port=99999", "port=99999: must lie in 1..65535"),
+    ("port=abc", "port='abc': must be a whole number"), ("api_key=clé", "printable ASCII"),
+])
+def test_serve_refuses_options_no_request_could_work_with(option, message):
+    with pytest.raises(ConfigError, match=message):
+        serve_config(["bundle=somewhere", option])
+
+
+def test_serve_takes_a_plain_api_key_and_the_environment_one(monkeypatch):
+    assert serve_config(["bundle=b", "api_key=s3cret-Key_1"]).api_key == "s3cret-Key_1"
+    monkeypatch.setenv("CBIR_API_KEY", "naïve")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        serve_config(["bundle=b"])
+
+
+@pytest.mark.parametrize("option", ["k=abc", "k=0", "batch_size=-1", "k=1.5"])
+def test_search_refuses_a_k_that_is_not_a_count(option):
+    with pytest.raises(ConfigError, match="must be a whole number >= 1"):
+        search_config(["bundle=b", "query=q.jpg", option])
+
+
+def test_result_grids_of_queries_that_share_a_file_name_do_not_overwrite_each_other(tmp_path):
+    queries = [Path("a/shoe.jpg"), Path("b/shoe.jpg"), Path("c/shoe.png"), "fashion_mnist:test/3"]
+    targets = grid_paths(str(tmp_path / "grids"), queries)
+    assert len(set(targets.values())) == 4
+    assert targets["a/shoe.jpg"].name == "shoe.png" and targets["b/shoe.jpg"].name == "shoe-2.png"
+    assert targets["fashion_mnist:test/3"].name == "fashion_mnist_test_3.png"
+    assert grid_paths(str(tmp_path / "one.png"), [Path("x.jpg")]) == {"x.jpg": tmp_path / "one.png"}
+
+
+def test_unreadable_query_file_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(BadImageError, match="is a folder, not an image file"):
+        decode_image(tmp_path, what="query")
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"\xff\xd8 some bytes")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", denied)  # root reads anything: simulate a file it may not read
+    with pytest.raises(BadImageError, match=r"query .*x.jpg: cannot read file \(Permission denied\)"):
+        decode_image(image, what="query")
+
+
+def test_index_remove_with_an_unknown_id_or_path_removes_nothing_and_says_so(tmp_path, capsys):
+    vectors = clustered(60)
+    built = CbirIndex.build(vectors, [f"img/{i}.png" for i in range(60)], [f"c{i % 3}" for i in range(60)],
+                            options=IndexOptions(kind="flat"))
+    built.save(tmp_path / "index")
+    with pytest.raises(SystemExit) as stop:
+        index_command.main(["remove", f"index={tmp_path / 'index'}", "id=[3,999]"])
+    assert stop.value.code != 0
+    assert "999" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        index_command.main(["remove", f"index={tmp_path / 'index'}", "path=img/nope.png"])
+    assert len(load_index(tmp_path / "index")) == 60  # nothing removed
+    assert index_command.main(["remove", f"index={tmp_path / 'index'}", "id=[3]", "path=img/4.png"]) == 0
+    assert len(load_index(tmp_path / "index")) == 58
