@@ -77,3 +77,48 @@ def test_index_remove_with_an_unknown_id_or_path_removes_nothing_and_says_so(tmp
     assert len(load_index(tmp_path / "index")) == 60  # nothing removed
     assert index_command.main(["remove", f"index={tmp_path / 'index'}", "id=[3]", "path=img/4.png"]) == 0
     assert len(load_index(tmp_path / "index")) == 58
+
+
+def test_a_damaged_checkpoint_to_resume_is_one_line(tmp_path):
+    from cbir.commands.train import _resume_path
+    from cbir.errors import CheckpointError
+    from omegaconf import OmegaConf
+
+    damaged = tmp_path / "last.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*last.ckpt"):
+        _resume_path(OmegaConf.create({"ckpt_path": str(damaged)}))
+    import torch
+
+    torch.save({"weights": 1}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="is not a training checkpoint"):
+        _resume_path(OmegaConf.create({"ckpt_path": str(tmp_path / "other.ckpt")}))
+
+
+def test_export_never_deletes_what_is_not_a_bundle(tmp_path):
+    from cbir.export.bundle import BundleError, check_bundle_target
+
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"x")
+    with pytest.raises(BundleError, match="is a file, not a folder"):
+        check_bundle_target(a_file, overwrite=True)
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(BundleError, match="holds no manifest.json"):
+        check_bundle_target(mine, overwrite=True)
+    with pytest.raises(BundleError, match="not empty"):
+        check_bundle_target(mine, overwrite=False)
+    assert (mine / "holiday.jpg").read_bytes() == b"precious"
+    (mine / "manifest.json").write_text("{}")
+    check_bundle_target(mine, overwrite=True)  # a bundle folder may be replaced
+    check_bundle_target(tmp_path / "new", overwrite=False)
+
+
+def test_a_named_fashion_mnist_folder_is_not_swapped_for_another_copy(tmp_path, monkeypatch):
+    from cbir.data.readers import fashion_mnist
+    from cbir.errors import DataError
+
+    monkeypatch.setattr(fashion_mnist, "host_reachable", lambda *a, **k: False)
+    with pytest.raises(DataError, match=f"looked in {tmp_path / 'nonexistent'}\\)"):
+        fashion_mnist.read_fashion_mnist(tmp_path / "nonexistent")

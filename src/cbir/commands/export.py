@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir.commands.runner import run_hydra
 from cbir.errors import ConfigError
-from cbir.export.bundle import export_bundle, load_bundle
+from cbir.export.bundle import check_bundle_target, export_bundle, load_bundle
 from cbir.models.checkpoint import load_checkpoint_model, resolve_checkpoint
 from cbir.models.from_config import embedder_from_model_config
 from cbir.models.wise import interpolate_trunk
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def export(cfg: DictConfig) -> Path:
     """Write the bundle to ``cfg.out``; with ``cfg.index.collection`` also build its index."""
     _refuse_launched_ranks()
+    check_bundle_target(Path(cfg.out), bool(cfg.overwrite))  # before minutes of loading and exporting
     if cfg.get("ckpt_path"):
         ckpt = resolve_checkpoint(cfg.ckpt_path)  # a run folder → its best checkpoint
         embedder, model_config = load_checkpoint_model(ckpt)
@@ -36,8 +37,9 @@ def export(cfg: DictConfig) -> Path:
             log.info("WiSE-FT: %d trunk tensors averaged with the %s weights (alpha=%g)", counts["averaged"],
                      pretrained, float(alpha))
     else:
-        embedder = factory.build_embedder_from_config(cfg)
         model_config = factory.model_config(cfg)
+        model_config.pop("lora", None)  # untrained: no adapters to merge, the bundle is the plain trunk
+        embedder = embedder_from_model_config(model_config, cfg.model.pretrained)
         config = None
         source = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"
     query_preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True) if cfg.get("preprocess") else None

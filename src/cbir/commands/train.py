@@ -95,7 +95,23 @@ def _resume_path(cfg: DictConfig) -> str | None:
         return None
     if path != "last" and not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
+    if path != "last":
+        _check_readable_checkpoint(Path(path))
     return path
+
+
+def _check_readable_checkpoint(path: Path) -> None:
+    """Read the checkpoint once before training starts: a damaged or foreign file is one line, not a
+    traceback from inside Lightning after the data and model were set up."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure is a damaged file
+        raise CheckpointError(f"ckpt_path: cannot read checkpoint {path} ({' '.join(str(exc).split())[:200]}); "
+                              "is the file complete? resume from another checkpoint, e.g. last.ckpt") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
+        raise CheckpointError(f"ckpt_path: {path} is not a training checkpoint (no weights or epoch to resume)")
 
 
 def _monitor(trainer: pl.Trainer) -> str:

@@ -138,8 +138,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
     difference exceeds ``tolerance``."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise BundleError(f"out={out_dir}: folder exists and is not empty (choose another or pass overwrite)")
+    check_bundle_target(out_dir, overwrite)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BundleError(f"runtimes: unknown {unknown}; choose from: {', '.join(RUNTIMES)}")
@@ -175,6 +174,21 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         }
         _write_json(staging / "manifest.json", manifest)
     return out_dir
+
+
+def check_bundle_target(out_dir: Path, overwrite: bool) -> None:
+    """``out`` must be a new or empty folder; with ``overwrite``, also a folder that holds a bundle (its
+    ``manifest.json``) — never a file or a folder of someone else's files, which overwriting would delete."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleError(f"out={out_dir}: is a file, not a folder; choose a folder path for the bundle")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise BundleError(f"out={out_dir}: folder exists and is not empty (choose another, or overwrite=true to "
+                          "replace the bundle in it)")
+    if not (out_dir / "manifest.json").is_file():
+        raise BundleError(f"out={out_dir}: overwrite=true replaces only a bundle folder, and this one holds no "
+                          "manifest.json: its files are not a bundle and are left alone; choose another folder")
 
 
 def _write_runtime_copy(runtime: str, embedder: nn.Module, folder: Path, sample: torch.Tensor,

@@ -29,12 +29,12 @@ _FASHION_MNIST_FILES = {
 def read_fashion_mnist(root: str | os.PathLike | None = None, download: bool = True) -> Catalog:
     """Fashion-MNIST as arrays: splits ``train`` (60k) and ``test`` (10k), 28x28 grey.
 
-    Looks in ``root`` (if given), the Debian package's ``/usr/share/datasets/fashion-mnist``, and
+    Looks in ``root`` when it is given (and only there: a folder the user named is never swapped for a
+    copy found elsewhere), else in the Debian package's ``/usr/share/datasets/fashion-mnist`` and
     ``data/fashion-mnist`` (torchvision's download layout included); downloads with torchvision only
     when none has the files and ``download`` is true.
     """
-    candidates = [Path(root)] if root else []
-    candidates += [FASHION_MNIST_DEBIAN_DIR, Path("data/fashion-mnist")]
+    candidates = [Path(root)] if root else [FASHION_MNIST_DEBIAN_DIR, Path("data/fashion-mnist")]
     folder = next((c for c in candidates if _find_idx_folder(c) is not None), None)
     if folder is None and download:
         folder = _download_fashion_mnist(Path(root) if root else Path("data/fashion-mnist"))
