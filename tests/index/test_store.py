@@ -294,3 +294,18 @@ def test_torch_exact_search_matches_faiss(vectors):
     ref_scores, ref_positions = faiss.knn(vectors[:40], vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
     assert np.mean(positions == ref_positions) > 0.99
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_a_large_k_is_filled_not_cut_by_the_probed_lists(vectors, kind):
+    """D3: nprobe (IVF) or efSearch (HNSW) limits how many hits come back; a k beyond that widens the
+    search instead of returning fewer hits in silence."""
+    index = build(vectors, kind)
+    scores, ids = index.search(vectors[:4], 1000)
+    assert (ids >= 0).sum(axis=1).tolist() == [1000] * 4
+    assert len(set(ids[0].tolist())) == 1000
+    assert np.all(np.diff(scores, axis=1) <= 1e-5)  # still best first
+    _, ids = index.search(vectors[:2], len(vectors) + 50)
+    assert (ids >= 0).sum(axis=1).tolist() == [len(vectors)] * 2  # everything it has, then -1
+    _, small = index.search(vectors[:4], 10)
+    assert (small >= 0).all()

@@ -159,7 +159,45 @@ class CbirIndex:
                 scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
                 found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
             return scores, found
-        return engine.search(queries, k)
+        scores, ids = engine.search(queries, k)
+        if backend == "faiss-cpu":
+            scores, ids = self._fill_short_rows(queries, k, scores, ids)
+        return scores, ids
+
+    def _fill_short_rows(self, queries: np.ndarray, k: int, scores: np.ndarray,
+                         ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An IVF index returns only what its probed lists hold, HNSW only ``efSearch`` candidates: a large
+        ``k`` would be cut silently. Rows with fewer than ``min(k, size)`` hits are searched again with
+        ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubled until they fill or every list is probed."""
+        wanted = min(k, len(self))
+        short = (ids >= 0).sum(axis=1) < wanted
+        for params in self._widening_params(k):
+            if not short.any():
+                break
+            more_scores, more_ids = self.index.search(queries[short], k, params=params)
+            scores[short], ids[short] = more_scores, more_ids
+            short = (ids >= 0).sum(axis=1) < wanted
+        return scores, ids
+
+    def _widening_params(self, k: int):
+        """Search parameters that look further each time: IVF ``nprobe`` ×2 up to ``nlist``, HNSW
+        ``efSearch`` ≥ k then ×2 (at most 8 rounds)."""
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            ivf = None
+        if ivf is not None:
+            nprobe = max(1, int(ivf.nprobe))
+            while nprobe < ivf.nlist:
+                nprobe = min(ivf.nlist, nprobe * 2)
+                yield faiss.SearchParametersIVF(nprobe=nprobe)
+            return
+        hnsw = _hnsw_of(self.index)
+        if hnsw is not None:
+            ef = max(int(hnsw.hnsw.efSearch), k)
+            for _ in range(8):
+                yield faiss.SearchParametersHNSW(efSearch=ef)
+                ef *= 2
 
     def search_backend(self) -> tuple[str, object]:
         """Where searches run: ``faiss-gpu`` (a GPU copy of the index), ``torch-cuda`` (exact search as a
@@ -304,3 +342,16 @@ class CbirIndex:
 def load_index(folder: str | os.PathLike) -> CbirIndex:
     """:meth:`CbirIndex.load`: an index folder written by :meth:`CbirIndex.save`."""
     return CbirIndex.load(folder)
+
+
+def _hnsw_of(index: faiss.Index):
+    """The HNSW index inside ``index`` (an id map or a pre-transform around it), or None."""
+    current = faiss.downcast_index(index)
+    for _ in range(4):
+        if isinstance(current, faiss.IndexHNSW):
+            return current
+        inner = getattr(current, "index", None)
+        if inner is None:
+            return None
+        current = faiss.downcast_index(inner)
+    return None
