@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.data.catalog import ArrayRef
+from cbir.data.catalog import ArrayRef, parse_array_source
 from cbir.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -186,15 +186,6 @@ class Searcher:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
                 "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
                 "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec}
-
-
-def parse_array_source(source: str) -> tuple[str, str, int] | None:
-    """``fashion_mnist:train_images/12`` → ("fashion_mnist", "train_images", 12); None for a file path."""
-    name, sep, rest = source.partition(":")
-    if not sep or "/" not in rest or not name.isidentifier() or Path(source).exists():
-        return None
-    array, _, row = rest.rpartition("/")
-    return (name, array, int(row)) if row.isdigit() and array else None
 
 
 def _field(record, name: str):

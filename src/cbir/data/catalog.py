@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -90,6 +91,16 @@ def record_source(catalog: Catalog, record: Record) -> str:
     if isinstance(record.source, ArrayRef):
         return f"{catalog.name}:{record.source.array}/{record.source.index}"
     return str(record.source)
+
+
+def parse_array_source(source: str) -> tuple[str, str, int] | None:
+    """``fashion_mnist:train_images/12`` → ("fashion_mnist", "train_images", 12), the inverse of
+    :func:`record_source` for array-backed records; None for a file path."""
+    name, sep, rest = source.partition(":")
+    if not sep or "/" not in rest or not name.isidentifier() or Path(source).exists():
+        return None
+    array, _, row = rest.rpartition("/")
+    return (name, array, int(row)) if row.isdigit() and array else None
 
 
 def record_label(catalog: Catalog, record: Record) -> str | None:

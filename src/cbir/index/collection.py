@@ -4,7 +4,8 @@
 Specs, in the order they are tried:
 
 - an existing folder: every image under it, recursively; the label is the image's parent folder relative
-  to the root (``cats/tabby/1.jpg`` → ``cats/tabby``), none for images directly in the root;
+  to the root (``cats/tabby/1.jpg`` → ``cats/tabby``), none for images directly in the root; paths are
+  stored absolute (a folder or CSV given relative to the current folder is resolved first);
 - an existing ``.csv`` file: rows ``path[,label]`` (more columns: :func:`cbir.data.readers.csv.read_csv`);
 - ``<data config>[:<selector>]``: a shipped data config (``emoji:test``, ``fashion_mnist:train``,
   ``emoji:test@google``), its reader's records matching the selector (all records without one).
@@ -51,6 +52,10 @@ def read_collection(spec: str | os.PathLike, config_dir: str | os.PathLike | Non
     are looked up, default the shipped ones); an empty one is a DataError."""
     text = str(spec)
     path = Path(text)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+        # stored paths must not depend on the folder the command ran in: a later `add` from elsewhere
+        # would index the same images again, and the service could not find them
+        path = path.resolve()
     if path.is_dir():
         catalog = read_image_tree(path)
         indices = np.arange(len(catalog.records))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from cbir.data.catalog import parse_array_source
 from cbir.errors import ConfigError, DataError
 from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.collection import Collection, read_collection
@@ -121,6 +122,8 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
     known = index.store.paths()
+    # indexes built before paths were stored absolute hold them relative to the folder of that run
+    known |= {str(Path(p).resolve()) for p in known if parse_array_source(p) is None and not Path(p).is_absolute()}
     new = np.array([i for i in collection.indices if collection.source(int(i)) not in known], dtype=np.int64)
     if len(new) == 0:
         log.info("index: every image of %s is indexed already", collection.spec)
