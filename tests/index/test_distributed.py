@@ -295,7 +295,7 @@ def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_pat
                                num_workers=0, shard_size=6, progress=False)
     assert index.kind == "ondisk" and len(index) == 20
     assert sorted(p.name for p in (bundle_dir / "index").iterdir()) == [
-        "embeddings", "ids.jsonl", "index.faiss", "index.json", "lists.ivfdata"]
+        "embeddings", "ids-000001.jsonl", "index-000001.faiss", "index.json", "lists.ivfdata"]
     query = sorted(images.rglob("*.png"))[3]
     run = subprocess.run([sys.executable, str(ROOT / "search.py"), f"bundle={bundle_dir}", f"query={query}",
                           "k=2", "--json"], capture_output=True, text=True, cwd=tmp_path)

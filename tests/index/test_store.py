@@ -154,11 +154,17 @@ def test_load_errors_name_the_problem(vectors, tmp_path):
         load_index(tmp_path / "nothing")
     index = build(vectors[:100], "flat")
     index.save(tmp_path / "ix")
-    (tmp_path / "ix" / "ids.jsonl").write_text("\n".join((tmp_path / "ix" / "ids.jsonl").read_text().splitlines()[:-1]))
+    ids_file = tmp_path / "ix" / "ids-000001.jsonl"
+    ids_file.write_text("\n".join(ids_file.read_text().splitlines()[:-1]))
+    with pytest.raises(IndexFilesError, match="ids-000001.jsonl fails its integrity check"):
+        load_index(tmp_path / "ix")
+    info = json.loads((tmp_path / "ix" / "index.json").read_text())
+    info["sha256"].pop("ids-000001.jsonl")  # a hand-edited index.json: the counts still catch it
+    (tmp_path / "ix" / "index.json").write_text(json.dumps(info))
     with pytest.raises(IndexFilesError, match="disagree"):
         load_index(tmp_path / "ix")
-    (tmp_path / "ix" / "ids.jsonl").unlink()
-    with pytest.raises(IndexFilesError, match="lacks ids.jsonl"):
+    ids_file.unlink()
+    with pytest.raises(IndexFilesError, match="lacks ids-000001.jsonl"):
         load_index(tmp_path / "ix")
 
 

@@ -64,6 +64,7 @@ def settings(cfg: DictConfig) -> dict:
 def run_index_command(action: str, cfg: DictConfig) -> None:
     from cbir.index import add_to_index, build_bundle_index, build_collection_index, load_index
     from cbir.index.pipeline import split_options
+    from cbir.index.store import index_writer
 
     if action == "build":
         require(cfg, action, "collection", "out")
@@ -76,35 +77,43 @@ def run_index_command(action: str, cfg: DictConfig) -> None:
             print(f"index {cfg.out}: {index.describe()}")
         return
     require(cfg, action, "index")
-    index = load_index(cfg.index)
+    if action == "info":
+        index = load_index(cfg.index)
+        print(json.dumps(index.info, indent=1) if cfg.json else f"index {cfg.index}: {index.describe()}")
+        return
     if action == "add":
         require(cfg, action, "collection")
-        embedder, _ = load_model(cfg)
-        extraction_options, _ = split_options(settings(cfg))
-        ids, extraction = add_to_index(index, embedder, cfg.collection, index.path / "embeddings", extraction_options)
-        index.save(index.path)
-        print(f"index {cfg.index}: added {len(ids)} images ({len(extraction.skipped)} unreadable, skipped); "
-              f"{len(index)} in all")
-    elif action == "remove":
-        ids, paths = _as_list(cfg.id), [str(p) for p in _as_list(cfg.path)]
-        if not ids and not paths:
-            raise ConfigError("cbir index remove: name the images to remove with id=N|[N,...] and/or path=P|[P,...]")
-        try:
-            ids = [int(i) for i in ids]
-        except (TypeError, ValueError):
-            raise ConfigError(f"cbir index remove: id={cfg.id}: ids are whole numbers") from None
-        unknown = [str(i) for i in ids if i not in index.store.rows]
-        stored = index.store.paths() if paths else set()
-        unknown += [p for p in paths if p not in stored]
-        if unknown:  # nothing is removed: a typo must not pass for done
-            raise ConfigError(f"cbir index remove: {len(unknown)} of the given ids/paths are not in {cfg.index} "
-                              f"(first: {unknown[0]}); nothing removed. `cbir index info index={cfg.index}` "
-                              "describes the index")
-        removed = index.remove(ids) + index.remove_paths(paths)
-        index.save(index.path)
-        print(f"index {cfg.index}: removed {removed} images; {len(index)} left")
-    else:
-        print(json.dumps(index.info, indent=1) if cfg.json else f"index {cfg.index}: {index.describe()}")
+        embedder, _ = load_model(cfg)  # before the lock: a slow model load does not hold other writers up
+    with index_writer(cfg.index) as index:  # one writer at a time; a second waits, then sees this one's images
+        if action == "add":
+            extraction_options, _ = split_options(settings(cfg))
+            ids, extraction = add_to_index(index, embedder, cfg.collection, index.path / "embeddings",
+                                           extraction_options)
+            index.save(index.path)
+            print(f"index {cfg.index}: added {len(ids)} images ({len(extraction.skipped)} unreadable, skipped); "
+                  f"{len(index)} in all")
+        else:
+            _remove(cfg, index)
+
+
+def _remove(cfg: DictConfig, index) -> None:
+    ids, paths = _as_list(cfg.id), [str(p) for p in _as_list(cfg.path)]
+    if not ids and not paths:
+        raise ConfigError("cbir index remove: name the images to remove with id=N|[N,...] and/or path=P|[P,...]")
+    try:
+        ids = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise ConfigError(f"cbir index remove: id={cfg.id}: ids are whole numbers") from None
+    unknown = [str(i) for i in ids if i not in index.store.rows]
+    stored = index.store.paths() if paths else set()
+    unknown += [p for p in paths if p not in stored]
+    if unknown:  # nothing is removed: a typo must not pass for done
+        raise ConfigError(f"cbir index remove: {len(unknown)} of the given ids/paths are not in {cfg.index} "
+                          f"(first: {unknown[0]}); nothing removed. `cbir index info index={cfg.index}` "
+                          "describes the index")
+    removed = index.remove(ids) + index.remove_paths(paths)
+    index.save(index.path)
+    print(f"index {cfg.index}: removed {removed} images; {len(index)} left")
 
 
 def _as_list(value) -> list:

@@ -1,13 +1,21 @@
 """The index on disk and in memory: FAISS index + id store + description.
 
-A saved index is a folder with three files, each written atomically (temp + rename):
+A saved index is a folder; every save writes a complete new *generation* beside the old one and switches
+to it with one atomic rename:
 
-- ``index.faiss``: the FAISS index (always a CPU index), whose ids are the store's ids;
-- ``ids.jsonl``: one line per image, ``{"id", "path", "label", "meta"}``;
-- ``index.json``: kind, factory string, search parameters, measured recall, dimension, count (written
-  last; :meth:`CbirIndex.load` checks the three agree);
+- ``index-<generation>.faiss``: the FAISS index (always a CPU index), whose ids are the store's ids;
+- ``ids-<generation>.jsonl``: one line per image, ``{"id", "path", "label", "meta"}``;
+- ``index.json``: kind, factory string, search parameters, measured recall, dimension, count, and which
+  files are the current generation with their SHA-256. It is written last (temp + rename), so it is the
+  switch: a crash before it leaves the old generation current, after it the new one; the next save
+  removes the files of older generations and half-written temporaries. :meth:`CbirIndex.load` checks the
+  hashes (a flipped bit is one line naming the file) and that the files agree.
 - ``lists.ivfdata`` for ``kind=ondisk`` only: the inverted lists, memory-mapped read-only when loaded
   (:mod:`cbir.index.ondisk`); such an index is rebuilt, not edited.
+
+Writers take ``.cbir-index.lock`` in the folder (:func:`index_writer`): a second ``add`` or ``remove`` waits
+for the first and then works on what the first saved, so neither run's images are lost. Folders written
+before generations (``index.faiss``, ``ids.jsonl``) load as they are and are converted by the next save.
 
 Ids are stable: they are assigned once (``next_id`` grows) and survive ``add`` and ``remove``.
 """
@@ -17,7 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -27,11 +36,13 @@ import torch
 from cbir.index.builder import GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param, torch_exact_search
 from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
-from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json
+from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"
+INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"  # the first two: pre-generation names
+LOCK_FILE = ".cbir-index.lock"
+CRASH_ENV = "CBIR_INDEX_CRASH_AT"  # fault-injection tests: exit abruptly at this save step
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
 
 
@@ -288,17 +299,26 @@ class CbirIndex:
 
     # -- files --------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
+        """Write a new generation into ``folder`` and switch to it (see the module docstring)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.info["ntotal"] = int(self.index.ntotal)
-        self.info["dim"] = self.embedding_dim
-        self.info["next_id"] = int(self.store.next_id)
+        generation = max(int(self.info.get("generation", 0)), _current_generation(folder)) + 1
+        names = {"index": f"index-{generation:06d}.faiss", "ids": f"ids-{generation:06d}.jsonl"}
+        info = dict(self.info, ntotal=int(self.index.ntotal), dim=self.embedding_dim,
+                    next_id=int(self.store.next_id), generation=generation, files=names)
         if self.kind == "ondisk":
             place_lists_beside(self.index, folder)
-        with atomic_path(folder / INDEX_FILE) as temp:
+        _crash_point("index")
+        with atomic_path(folder / names["index"]) as temp:
             faiss.write_index(self.index, str(temp))
-        self.store.save(folder / IDS_FILE)
-        atomic_write_json(folder / INFO_FILE, self.info)
+        _crash_point("ids")
+        self.store.save(folder / names["ids"])
+        info["sha256"] = {name: sha256_file(folder / name) for name in names.values()}
+        _crash_point("info")
+        atomic_write_json(folder / INFO_FILE, info)  # the switch
+        self.info = info
+        _crash_point("cleanup")
+        _remove_stale_files(folder, set(names.values()))
         self.path = folder
         return folder
 
@@ -307,24 +327,35 @@ class CbirIndex:
         folder = Path(folder)
         if not folder.is_dir():
             raise IndexFilesError(f"index folder {folder} does not exist (build one with `cbir index build`)")
-        missing = [name for name in (INDEX_FILE, IDS_FILE, INFO_FILE) if not (folder / name).is_file()]
+        if not (folder / INFO_FILE).is_file():
+            raise IndexFilesError(f"index folder {folder} lacks {INFO_FILE}: it is not a cbir index or its "
+                                  "build did not finish; build it again")
+        try:
+            info = json.loads((folder / INFO_FILE).read_text())
+        except ValueError as exc:
+            raise IndexFilesError(f"{folder / INFO_FILE}: not readable JSON ({exc}); build the index again") from None
+        names = info.get("files") or {"index": INDEX_FILE, "ids": IDS_FILE}
+        missing = [name for name in names.values() if not (folder / name).is_file()]
         if missing:
             raise IndexFilesError(f"index folder {folder} lacks {', '.join(missing)}: it is not a cbir index "
                                   "or its build did not finish; build it again")
+        for name, expected in (info.get("sha256") or {}).items():
+            if sha256_file(folder / name) != expected:
+                raise IndexFilesError(f"index folder {folder}: {name} fails its integrity check (SHA-256 differs "
+                                      "from index.json: the file changed on disk); build the index again")
         try:
-            info = json.loads((folder / INFO_FILE).read_text())
             if info.get("kind") == "ondisk":
-                index = read_ondisk_index(folder / INDEX_FILE)
+                index = read_ondisk_index(folder / names["index"])
             else:
-                index = faiss.read_index(str(folder / INDEX_FILE))
+                index = faiss.read_index(str(folder / names["index"]))
         except (ValueError, RuntimeError) as exc:
             raise IndexFilesError(f"index folder {folder}: cannot read it ({' '.join(str(exc).split())[:200]}); "
                                   "build it again") from None
-        store = IdStore.load(folder / IDS_FILE, int(info.get("next_id", 0)))
+        store = IdStore.load(folder / names["ids"], int(info.get("next_id", 0)))
         if not index.ntotal == len(store) == info.get("ntotal") or index.d != info.get("dim"):
             raise IndexFilesError(
-                f"index folder {folder}: files disagree (index.faiss: {index.ntotal} vectors of {index.d}-d, "
-                f"ids.jsonl: {len(store)} images, index.json: {info.get('ntotal')} of {info.get('dim')}-d); "
+                f"index folder {folder}: files disagree ({names['index']}: {index.ntotal} vectors of {index.d}-d, "
+                f"{names['ids']}: {len(store)} images, index.json: {info.get('ntotal')} of {info.get('dim')}-d); "
                 "they come from different builds: build the index again")
         loaded = cls(index, store, info)
         loaded.path = folder
@@ -342,6 +373,51 @@ class CbirIndex:
 def load_index(folder: str | os.PathLike) -> CbirIndex:
     """:meth:`CbirIndex.load`: an index folder written by :meth:`CbirIndex.save`."""
     return CbirIndex.load(folder)
+
+
+@contextmanager
+def index_writer(folder: str | os.PathLike, timeout: float = 600.0) -> Iterator[CbirIndex]:
+    """The index in ``folder``, loaded after taking the folder's writer lock and held until the block ends:
+    changes saved inside the block are never lost to a concurrent writer, which waits (up to ``timeout``
+    seconds, then a clear error) and then loads what this one saved."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IndexFilesError(f"index folder {folder} does not exist (build one with `cbir index build`)")
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise IndexFilesError(f"index folder {folder}: another process has been changing it for {timeout:.0f}s "
+                              f"(lock {folder / LOCK_FILE}); try again when it has finished") from None
+    try:
+        yield CbirIndex.load(folder)
+    finally:
+        lock.release()
+
+
+def _current_generation(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / INFO_FILE).read_text()).get("generation", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _remove_stale_files(folder: Path, keep: set[str]) -> None:
+    """Files of older generations, pre-generation files and temporaries left by a crashed save."""
+    stale = [*folder.glob("index-*.faiss"), *folder.glob("ids-*.jsonl"), *folder.glob(".index-*.tmp"),
+             *folder.glob(".ids-*.tmp"), folder / INDEX_FILE, folder / IDS_FILE]
+    for path in stale:
+        if path.name not in keep and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the crash tests: with ``CBIR_INDEX_CRASH_AT=<step>`` the process dies here, as a
+    ``kill -9`` would (no cleanup, no exception handlers)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(70)
 
 
 def _hnsw_of(index: faiss.Index):
