@@ -12,6 +12,7 @@ The CLI (``search.py``, ``cbir search``), the Python API and the HTTP service al
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ class Searcher:
         self.preprocess_spec = spec
         self.preprocessor = build_preprocessor(spec)
         self._datasets: dict = {}  # array-backed datasets opened for their pixels, by name
+        self._datasets_lock = threading.Lock()
         if device:
             bundle.embedder.to(device)
 
@@ -104,12 +106,20 @@ class Searcher:
     # -- queries -----------------------------------------------------------------------------------
     def embed_images(self, images: Sequence[np.ndarray], preprocess=None) -> np.ndarray:
         """(N, D) float32 query embeddings of RGB uint8 images, after query preprocessing."""
+        return self.embed_clean(self.clean_images(images, preprocess))
+
+    def clean_images(self, images: Sequence[np.ndarray], preprocess=None) -> list[np.ndarray]:
+        """The query preprocessing alone (``preprocess``: a spec, None = the bundle's own), so a service can
+        run it outside the inference worker."""
         from cbir.preprocess import build_preprocessor
 
         preprocessor = self.preprocessor if preprocess is None else build_preprocessor(preprocess)
-        cleaned = [preprocessor(image) for image in images]
-        chunks = [self.bundle.embed(cleaned[start:start + self.batch_size], device=self.device, bf16=self.bf16)
-                  for start in range(0, len(cleaned), self.batch_size)]
+        return [preprocessor(image) for image in images]
+
+    def embed_clean(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, D) float32 embeddings of images that were preprocessed already."""
+        chunks = [self.bundle.embed(images[start:start + self.batch_size], device=self.device, bf16=self.bf16)
+                  for start in range(0, len(images), self.batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
 
     def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[list[Hit]]:
@@ -175,11 +185,14 @@ class Searcher:
         return load_image(catalog, ArrayRef(array, row))
 
     def dataset_catalog(self, name: str):
-        """The catalog of data config ``name`` (read once), for array-backed image sources."""
+        """The catalog of data config ``name``, read once even when many threads ask at the same moment
+        (50 cold thumbnail requests used to read the whole dataset 50 times), for array-backed sources."""
         if name not in self._datasets:
-            from cbir.data.readers import read_data_config
+            with self._datasets_lock:
+                if name not in self._datasets:
+                    from cbir.data.readers import read_data_config
 
-            self._datasets[name] = read_data_config(name)
+                    self._datasets[name] = read_data_config(name)
         return self._datasets[name]
 
     def info(self) -> dict:

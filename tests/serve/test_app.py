@@ -269,6 +269,73 @@ def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collect
     assert batching["batches"] < len(files)  # several queries shared a forward pass
 
 
+# -- resource limits (issue 15 D4, D5) ------------------------------------------------------------------------
+
+class SlowCleaning:
+    """Wraps a Searcher so that preprocessing ``slow`` takes ``seconds`` (as NLM on a 36 Mpx photo does)."""
+
+    def __init__(self, searcher, seconds: float) -> None:
+        self._searcher, self.seconds = searcher, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._searcher, name)
+
+    def clean_images(self, images, preprocess=None):
+        import time
+
+        if preprocess is not None:
+            time.sleep(self.seconds)
+        return self._searcher.clean_images(images, preprocess)
+
+
+def test_slow_preprocessing_does_not_hold_up_other_queries(searcher, collection):
+    slow = SlowCleaning(searcher, seconds=3.0)
+    app = create_app(slow, max_batch=8)
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+
+    async def timed(http, **form):
+        import time
+
+        started = time.perf_counter()
+        response = await http.post("/search", files={"image": ("q.png", data)}, data=form)
+        return response, time.perf_counter() - started
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            slow_task = asyncio.create_task(timed(http, preprocess="clahe"))
+            await asyncio.sleep(0.3)  # the slow one is cleaning its image now
+            normal = [await timed(http) for _ in range(3)]
+            result = await slow_task
+            await app.state.batcher.close()
+            return result, normal
+
+    (slow_response, slow_seconds), normal = asyncio.run(run())
+    assert slow_response.status_code == 200 and slow_seconds >= 3.0
+    assert all(response.status_code == 200 for response, _ in normal)
+    assert max(seconds for _, seconds in normal) < 2.0  # answered while the slow clean-up ran
+
+
+def test_too_many_uploads_at_once_get_503_with_retry_after(searcher, collection):
+    slow = SlowCleaning(searcher, seconds=1.5)
+    app = create_app(slow, max_decodes=1, max_waiting=1)
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            responses = await asyncio.gather(*[
+                http.post("/search", files={"image": ("q.png", data)}, data={"preprocess": "clahe"})
+                for _ in range(4)])
+            await app.state.batcher.close()
+            return responses
+
+    codes = sorted(r.status_code for r in asyncio.run(run()))
+    assert codes == [200, 200, 503, 503]  # one decoding, one waiting, the rest refused
+    refused = next(r for r in asyncio.run(run()) if r.status_code == 503)
+    assert refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]
+
+
 # -- command line ------------------------------------------------------------------------------------------
 
 def test_serve_config(monkeypatch):

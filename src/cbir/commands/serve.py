@@ -27,7 +27,8 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
         raise ConfigError("bundle=... is required (python -m cbir.serve bundle=DIR; make one with export.py)")
     if cfg.api_key is None and os.environ.get("CBIR_API_KEY"):
         cfg.api_key = os.environ["CBIR_API_KEY"]
-    for key in ("port", "k", "max_pixels", "thumbnail_size", "thumbnail_cache", "max_batch", "batch_size"):
+    for key in ("port", "k", "max_pixels", "thumbnail_size", "thumbnail_cache", "max_batch", "batch_size",
+                "max_decodes", "max_waiting"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a whole number >= 0")
     if cfg.max_batch < 1:
@@ -35,7 +36,7 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
     from cbir.search import MAX_K
 
     for key, low, high in (("port", 1, 65535), ("k", 1, MAX_K), ("max_pixels", 1, None), ("thumbnail_size", 1, None),
-                           ("batch_size", 1, None)):
+                           ("batch_size", 1, None), ("max_decodes", 1, None)):
         if cfg[key] < low or (high is not None and cfg[key] > high):
             raise ConfigError(f"{key}={cfg[key]}: must lie in {low}..{high if high is not None else 'any'}")
     if cfg.api_key is not None:
@@ -62,7 +63,8 @@ def build_app(cfg: DictConfig):
     return create_app(searcher, api_key=cfg.api_key or None, max_upload_bytes=int(float(cfg.max_upload_mb) * 2**20),
                       max_pixels=int(cfg.max_pixels), thumbnail_size=int(cfg.thumbnail_size),
                       thumbnail_cache=int(cfg.thumbnail_cache), batch_window_ms=float(cfg.batch_window_ms),
-                      max_batch=int(cfg.max_batch), default_k=int(cfg.k), path_style=str(cfg.paths))
+                      max_batch=int(cfg.max_batch), default_k=int(cfg.k), path_style=str(cfg.paths),
+                      max_decodes=int(cfg.max_decodes), max_waiting=int(cfg.max_waiting))
 
 
 def run_server(cfg: DictConfig) -> None:

@@ -19,9 +19,11 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
+import anyio
 import anyio.to_thread
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -53,9 +55,9 @@ MULTIPART_SLACK_BYTES = 64 * 1024  # boundaries, headers and the small form fiel
 class ApiError(Exception):
     """A user mistake answered with ``status`` and ``{"error": message, "detail": detail}``."""
 
-    def __init__(self, status: int, message: str, detail=None) -> None:
+    def __init__(self, status: int, message: str, detail=None, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
+        self.status, self.message, self.detail, self.headers = status, message, detail, headers
 
 
 def error_response(status: int, message: str, detail=None, headers=None) -> JSONResponse:
@@ -111,7 +113,7 @@ def preprocess_choices() -> dict[str, object]:
     return {name: preset("preprocess", name) for name in group_options("preprocess")}
 
 
-def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optional[str]:
+def display_path(path: str | None, root: Path | None, style: str) -> str | None:
     """What a client sees of an indexed image's path: relative to the collection root (default), the
     file name only, or (when configured) the server's absolute path."""
     if path is None or style == "absolute":
@@ -126,11 +128,11 @@ def display_path(path: Optional[str], root: Optional[Path], style: str) -> Optio
     return Path(path).name if "/" in path or "\\" in path else path
 
 
-def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
+def create_app(searcher: Searcher, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                thumbnail_size: int = 256, thumbnail_cache: int = 2048, batch_window_ms: float = 0.0,
                max_batch: int = 16, default_k: int = 10, path_style: str = "relative",
-               title: str = "cbir image search") -> FastAPI:
+               max_decodes: int = 4, max_waiting: int = 16, title: str = "cbir image search") -> FastAPI:
     """A FastAPI app that answers queries with ``searcher`` (loaded once, shared read-only).
 
     ``max_batch > 1`` embeds concurrent queries together (``batch_window_ms > 0`` also waits that long
@@ -138,8 +140,13 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
     if path_style not in PATH_STYLES:
         raise ConfigError(f"serve.paths={path_style!r}: choose from {', '.join(PATH_STYLES)}")
     choices = preprocess_choices()
-    Preprocess = enum.Enum("Preprocess", {name: name for name in choices}, type=str)  # noqa: N806
-    batcher = QueryBatcher(searcher, window_ms=batch_window_ms, max_batch=max_batch, preprocess_specs=choices)
+    Preprocess = enum.Enum("Preprocess", {name: name for name in choices}, type=str)
+    batcher = QueryBatcher(searcher, window_ms=batch_window_ms, max_batch=max_batch)
+    # decoding and preprocessing: at most max_decodes at once (a 6000x6000 upload decodes to ~100 MB), at
+    # most max_waiting queued behind them; beyond that a 503 with Retry-After rather than memory or latency
+    # growing with the number of clients
+    decode_limiter = anyio.CapacityLimiter(max_decodes)
+    admitted = {"count": 0}  # in the decode stage or waiting for it (changed on the event loop only)
     thumbnails = Thumbnails(searcher, size=thumbnail_size, capacity=thumbnail_cache)
     index_meta = getattr(searcher.index, "metadata", None) or {}
     collection = index_meta.get("collection")
@@ -159,7 +166,7 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required when the service runs with an API key")
 
-    def require_key(given: Annotated[Optional[str], Depends(key_header)]) -> None:
+    def require_key(given: Annotated[str | None, Depends(key_header)]) -> None:
         if api_key and not (given and hmac.compare_digest(given.encode(), api_key.encode())):
             raise ApiError(401, "missing or wrong API key: send it in the X-API-Key header "
                                 "(the web page: open it with ?key=...)")
@@ -167,7 +174,7 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
     # -- errors: always {"error", "detail"} ---------------------------------------------------------
     @app.exception_handler(ApiError)
     async def on_api_error(_request, exc: ApiError):
-        headers = {"WWW-Authenticate": "X-API-Key"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "X-API-Key"} if exc.status == 401 else exc.headers
         return error_response(exc.status, exc.message, exc.detail, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -199,10 +206,10 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
                          413: {"description": "upload or image too large"},
                          422: {"description": "not an image, or k/preprocess invalid"}})
     async def search(image: Annotated[UploadFile, File(description="the query image (any format Pillow decodes)")],
-                     k: Annotated[Optional[int], Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
-                     preprocess: Annotated[Optional[Preprocess], Form(
+                     k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
+                     preprocess: Annotated[Preprocess | None, Form(
                          description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
-                     k_query: Annotated[Optional[int], Query(alias="k", ge=1, le=MAX_K,
+                     k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
                                                              description="k as a query parameter")] = None):
         started = time.perf_counter()
         data = await image.read(max_upload_bytes + 1)
@@ -210,19 +217,32 @@ def create_app(searcher: Searcher, *, api_key: Optional[str] = None,
             raise ApiError(413, f"image larger than the limit of {max_upload_bytes:,} bytes: send a smaller one",
                            {"limit_bytes": max_upload_bytes})
         name = Path(image.filename or "upload").name[:100]
+        if admitted["count"] >= max_decodes + max_waiting:
+            raise ApiError(503, f"busy: {max_decodes} queries are being decoded and {max_waiting} wait; retry in a "
+                                "moment", {"retry_after_seconds": 1}, headers={"Retry-After": "1"})
+        spec = choices.get(preprocess.value) if preprocess else None
+
+        def decode_and_clean() -> tuple[np.ndarray, tuple[int, int]]:
+            pixels = read_query_image(data, name=name, max_pixels=max_pixels)
+            return searcher.clean_images([pixels], spec)[0], (int(pixels.shape[1]), int(pixels.shape[0]))
+
+        admitted["count"] += 1
         try:
-            pixels = await anyio.to_thread.run_sync(
-                lambda: read_query_image(data, name=name, max_pixels=max_pixels))
+            cleaned, (width, height) = await anyio.to_thread.run_sync(decode_and_clean, limiter=decode_limiter)
         except BadImageError as exc:
             too_big = isinstance(exc, ImageTooLargeError)
             raise ApiError(413 if too_big else 422, str(exc), {"max_pixels": max_pixels} if too_big else None) \
                 from None
-        chosen_k = k if k is not None else (k_query if k_query is not None else default_k)
-        try:
-            hits = await batcher.search(pixels, chosen_k, preprocess.value if preprocess else None)
         except CbirError as exc:
             raise ApiError(422, str(exc)) from None
-        return {"query": {"name": name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])},
+        finally:
+            admitted["count"] -= 1
+        chosen_k = k if k is not None else (k_query if k_query is not None else default_k)
+        try:
+            hits = await batcher.search(cleaned, chosen_k)
+        except CbirError as exc:
+            raise ApiError(422, str(exc)) from None
+        return {"query": {"name": name, "width": width, "height": height},
                 "k": chosen_k, "preprocess": preprocess.value if preprocess else None,
                 "took_ms": round((time.perf_counter() - started) * 1000, 2),
                 "results": [hit_json(hit) for hit in hits]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -22,22 +21,21 @@ from cbir.search import Hit, Searcher
 
 @dataclass
 class _Query:
-    image: np.ndarray
+    image: np.ndarray  # preprocessed already (the request's own thread did it, not this worker)
     k: int
-    preprocess: str | None  # a conf/preprocess option name; None = the bundle's own
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
 
 class QueryBatcher:
-    """Runs queries through one :class:`Searcher`, batching concurrent ones when ``max_batch > 1``."""
+    """Embeds and searches query images through one :class:`Searcher`, batching concurrent ones when
+    ``max_batch > 1``. Images arrive preprocessed (:meth:`Searcher.clean_images`): a slow clean-up of one
+    large upload never holds up the other queries' forward pass."""
 
-    def __init__(self, searcher: Searcher, *, window_ms: float = 0.0, max_batch: int = 16,
-                 preprocess_specs: dict[str, object] | None = None) -> None:
+    def __init__(self, searcher: Searcher, *, window_ms: float = 0.0, max_batch: int = 16) -> None:
         self.searcher = searcher
         self.window_s = max(0.0, float(window_ms)) / 1000.0
         self.max_batch = max(1, int(max_batch))
-        self.preprocess_specs = preprocess_specs or {}
         self._queue: asyncio.Queue[_Query] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -48,16 +46,17 @@ class QueryBatcher:
     def enabled(self) -> bool:
         return self.max_batch > 1
 
-    async def search(self, image: np.ndarray, k: int, preprocess: str | None = None) -> list[Hit]:
-        """The top-``k`` hits of one decoded query image."""
+    async def search(self, image: np.ndarray, k: int) -> list[Hit]:
+        """The top-``k`` hits of one decoded, preprocessed query image."""
         if not self.enabled:
-            spec = self.preprocess_specs.get(preprocess) if preprocess else None
-            hits = await anyio.to_thread.run_sync(self.searcher.search_images, [image], k, spec)
-            return hits[0]
+            return (await anyio.to_thread.run_sync(self._search_images, [image], k))[0]
         self._ensure_worker()
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Query(image, k, preprocess, future))
+        self._queue.put_nowait(_Query(image, k, future))
         return await future
+
+    def _search_images(self, images: list[np.ndarray], k: int) -> list[list[Hit]]:
+        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,28 +88,22 @@ class QueryBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            groups: dict[str | None, list[_Query]] = defaultdict(list)
-            for query in batch:  # one forward pass per preprocessing choice
-                groups[query.preprocess].append(query)
-            for name, queries in groups.items():
-                live = [q for q in queries if not q.future.cancelled()]
-                if not live:
-                    continue
-                try:
-                    results = await anyio.to_thread.run_sync(self._search_batch, live, name)
-                except Exception as exc:  # noqa: BLE001 - handed to each waiting request, not swallowed
-                    for query in live:
-                        if not query.future.done():
-                            query.future.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.batched_queries += len(live)
-                for query, hits in zip(live, results):
+            live = [q for q in batch if not q.future.cancelled()]
+            if not live:
+                continue
+            try:
+                results = await anyio.to_thread.run_sync(self._search_batch, live)
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request, not swallowed
+                for query in live:
                     if not query.future.done():
-                        query.future.set_result(hits)
+                        query.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batched_queries += len(live)
+            for query, hits in zip(live, results):
+                if not query.future.done():
+                    query.future.set_result(hits)
 
-    def _search_batch(self, queries: list[_Query], preprocess: str | None) -> list[list[Hit]]:
-        spec = self.preprocess_specs.get(preprocess) if preprocess else None
-        embeddings = self.searcher.embed_images([q.image for q in queries], spec)
-        hits = self.searcher.search_embeddings(embeddings, max(q.k for q in queries))
+    def _search_batch(self, queries: list[_Query]) -> list[list[Hit]]:
+        hits = self._search_images([q.image for q in queries], max(q.k for q in queries))
         return [row[:q.k] for q, row in zip(queries, hits)]  # top-k is a prefix of top-max(k)
