@@ -122,3 +122,32 @@ def test_a_named_fashion_mnist_folder_is_not_swapped_for_another_copy(tmp_path, 
     monkeypatch.setattr(fashion_mnist, "host_reachable", lambda *a, **k: False)
     with pytest.raises(DataError, match=f"looked in {tmp_path / 'nonexistent'}\\)"):
         fashion_mnist.read_fashion_mnist(tmp_path / "nonexistent")
+
+
+def test_resuming_last_with_nothing_to_resume_is_an_error(tmp_path):
+    from cbir.commands.train import _resume_path
+    from cbir.errors import CheckpointError
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"ckpt_dir": str(tmp_path / "checkpoints")}})
+    with pytest.raises(CheckpointError, match="ckpt_path=last: this run folder has no"):
+        _resume_path(cfg)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "true"])
+def test_a_learning_rate_that_is_not_a_number_is_one_line(value):
+    from cbir.training.factory import optimizer_factory
+    from helpers.configs import compose_config
+
+    cfg = compose_config("train", [f"optimizer.lr={value}"])
+    with pytest.raises(ConfigError, match="optimizer.lr=.*must be a number >= 0"):
+        optimizer_factory(cfg.optimizer)
+
+
+def test_export_of_an_untrained_model_composes_without_a_data_config():
+    from helpers.configs import compose_config
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("export", ["model=mobilenet_v2", "out=bundle"])
+    assert OmegaConf.to_container(cfg.model, resolve=True)["image_size"] == 224
+    assert compose_config("export", ["model=mobilenet_v2", "out=b", "data.image_size=64"]).model.image_size == 64

@@ -93,10 +93,15 @@ def _resume_path(cfg: DictConfig) -> str | None:
     path = cfg.get("ckpt_path")
     if path in (None, ""):
         return None
-    if path != "last" and not Path(path).is_file():
+    if path == "last":
+        last = Path(cfg.paths.ckpt_dir) / "last.ckpt"
+        if not last.is_file():
+            raise CheckpointError(f"ckpt_path=last: this run folder has no {last} to resume; point hydra.run.dir at "
+                                  "the run to continue, or pass ckpt_path=<its checkpoints/last.ckpt>")
+        path = str(last)
+    if not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
-    if path != "last":
-        _check_readable_checkpoint(Path(path))
+    _check_readable_checkpoint(Path(path))
     return path
 
 

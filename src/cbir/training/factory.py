@@ -208,6 +208,10 @@ def cross_batch_memory(loss, miner, embedding_size: int, memory_size: int):
 def optimizer_factory(optimizer_cfg: DictConfig):
     """The optimiser partial, and the lr of loss parameters (``optimizer.loss_lr``; null = 100 x lr)."""
     options = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    for key in ("lr", "loss_lr", "weight_decay", "momentum"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"optimizer.{key}={value!r}: must be a number >= 0 (e.g. optimizer.{key}=3e-4)")
     loss_lr = options.pop("loss_lr", None)
     if loss_lr is None:
         loss_lr = LOSS_LR_MULTIPLIER * float(options["lr"])
