@@ -233,3 +233,48 @@ def test_array_backed_hits_load_their_pixels(searcher, tiny_fashion_mnist, monke
     assert tile.std() > 0  # the image was drawn, not the grey placeholder
     with pytest.raises(SearchError, match="no indexed image"):
         searcher.image_source(10**9)
+
+
+# -- k-NN classification -----------------------------------------------------------------------------
+
+def test_vote_weights_by_similarity_and_breaks_ties_by_rank():
+    from cbir.search import Hit, vote
+
+    hits = [Hit(1, 0.9, 1, "a", "cat"), Hit(2, 0.5, 2, "b", "dog"), Hit(3, 0.45, 3, "c", "dog"),
+            Hit(4, 0.3, 4, "d", None), Hit(5, -0.2, 5, "e", "bird")]
+    prediction = vote(hits)
+    assert prediction.label == "dog" and prediction.votes == {"dog": 0.95, "cat": 0.9, "bird": 0.0}
+    assert prediction.confidence == pytest.approx(0.95 / 1.85, abs=1e-6)
+    tie = vote([Hit(1, 0.5, 1, "a", "x"), Hit(2, 0.5, 2, "b", "y")])
+    assert tie.label == "x" and tie.confidence == pytest.approx(0.5)
+    assert vote([Hit(1, 0.5, 1, "a", None)]).label is None
+
+
+def test_classify_labels_each_indexed_image_by_its_class(searcher, tiny_folder):
+    from cbir.search import read_query_image
+
+    files = sorted(tiny_folder.rglob("*.png"))
+    predictions = searcher.classify([read_query_image(f) for f in files], k=1)  # itself: the nearest hit
+    assert [p.label for p in predictions] == [f.parent.name for f in files]
+    assert all(p.confidence == 1.0 and len(p.hits) == 1 for p in predictions)
+    wider = searcher.classify([read_query_image(files[0])], k=6)[0]
+    assert sum(wider.votes.values()) == pytest.approx(sum(max(h.score, 0) for h in wider.hits if h.label), abs=1e-5)
+
+
+def test_classify_cli_and_an_unlabelled_index(searcher_parts, tiny_folder, tmp_path, capsys):
+    import json
+
+    from cbir.commands import classify
+
+    bundle, _, root = searcher_parts
+    query = sorted(tiny_folder.rglob("*.png"))[0]
+    assert classify.main([f"bundle={root / 'bundle'}", f"query={query}", "k=1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result[0]["label"] == query.parent.name and result[0]["hits"][0]["path"] == str(query)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(tiny_folder.rglob("*.png"))[:3]:
+        (flat / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    index = build_bundle_index(bundle, str(flat), tmp_path / "unlabelled", kind="flat", num_workers=0, progress=False)
+    with pytest.raises(SearchError, match="holds no labels"):
+        Searcher(bundle, index).classify([read_query_image(query)], k=2)

@@ -4,10 +4,11 @@
     cbir eval   [overrides...]           same as python eval.py
     cbir export [overrides...]           same as python export.py (bundle, optionally an index)
     cbir search bundle=B query=Q [k=10] [index=I] [--json] [grid=out.png]   same as python search.py
+    cbir classify bundle=B query=Q [k=10] [index=I] [--json]   k-NN label of each query from the index's labels
     cbir serve  bundle=B [index=I] [host=127.0.0.1] [port=8000] [api_key=K]  same as python -m cbir.serve
     cbir index  build|add|remove|info ...  embed a collection into a FAISS index (cbir index --help)
-    cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim)
-    cbir data fetch fashion_mnist|emoji  check for / download a benchmark dataset
+    cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim, dinov2, ...)
+    cbir data fetch fashion_mnist|emoji|icons  check for / download a benchmark dataset
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-VERBS = {"train": "train", "eval": "eval", "export": "export", "search": "search", "serve": "serve",
+VERBS = {"train": "train", "eval": "eval", "export": "export", "search": "search", "classify": "classify",
+         "serve": "serve",
          "index": "index", "weights": "weights", "data": "data"}
 
 

@@ -33,8 +33,8 @@ from cbir.errors import BadImageError, CbirError, ConfigError
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "SearchError", "Searcher",
-           "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
+           "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image", "vote"]
 
 
 class SearchError(CbirError):
@@ -51,6 +51,41 @@ class Hit:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Prediction:
+    """k-NN classification of one query: the label with the most similarity-weighted votes among its top-k
+    labelled hits, its share of the votes (``confidence``), every label's weight, and the hits behind it."""
+
+    label: str | None
+    confidence: float
+    votes: dict[str, float]
+    hits: list[Hit]
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "confidence": self.confidence, "votes": self.votes,
+                "hits": [hit.to_json() for hit in self.hits]}
+
+
+def vote(hits: Sequence[Hit]) -> Prediction:
+    """Weighted vote over ``hits``: each labelled hit adds ``max(score, 0)`` (cosine similarity) to its label,
+    so near neighbours count more than far ones; ties go to the label of the better-ranked hit. No labelled
+    hit: label None, confidence 0."""
+    votes: dict[str, float] = {}
+    first_rank: dict[str, int] = {}
+    for hit in hits:
+        if hit.label is None:
+            continue
+        votes[hit.label] = votes.get(hit.label, 0.0) + max(float(hit.score), 0.0)
+        first_rank.setdefault(hit.label, hit.rank)
+    if not votes:
+        return Prediction(None, 0.0, {}, list(hits))
+    label = max(votes, key=lambda name: (votes[name], -first_rank[name]))
+    total = sum(votes.values())
+    confidence = votes[label] / total if total > 0 else 1.0 / len(votes)
+    ordered = dict(sorted(votes.items(), key=lambda item: -item[1]))
+    return Prediction(label, round(confidence, 6), {k: round(v, 6) for k, v in ordered.items()}, list(hits))
 
 
 def read_query_image(source: str | Path | bytes, *, name: str | None = None,
@@ -129,6 +164,14 @@ class Searcher:
             return []
         embeddings = self.embed_images(images, preprocess)
         return self.search_embeddings(embeddings, k)
+
+    def classify(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[Prediction]:
+        """k-NN classification: each image's label by a similarity-weighted vote of its top-``k`` hits
+        (:func:`vote`). The index must hold labels (a folder of class folders, a labelled CSV, a dataset)."""
+        if self.index.store.rows and all(row.get("label") is None for row in self.index.store.rows.values()):
+            raise SearchError(f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs "
+                              "a labelled collection (class sub-folders, a CSV with a label column, or a dataset)")
+        return [vote(hits) for hits in self.search_images(images, k, preprocess)]
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
         k = check_k(k)

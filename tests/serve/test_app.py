@@ -490,3 +490,14 @@ def test_thumbnails_of_array_backed_collections():
         thumbnails.get(7)
     thumbnails.get(0), thumbnails.get(1)
     assert list(thumbnails._cache) == [0, 1]  # LRU holds `capacity` entries
+
+
+def test_classify_endpoint_votes_a_label(client, collection):
+    query = sorted(collection.rglob("*.png"))[5]
+    response = client.post("/classify", files={"image": ("q.png", png_bytes(query))}, data={"k": "1"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["label"] == query.parent.name and body["confidence"] == 1.0
+    assert body["results"][0]["label"] == query.parent.name and list(body["votes"]) == [query.parent.name]
+    assert client.get("/health").json()["labelled"] is True
+    assert client.post("/classify", files={"image": ("q.png", b"not an image")}).status_code == 422

@@ -3,6 +3,7 @@
 ``create_app(searcher, ...)`` builds an app with no global state, so tests build one per fixture.
 
     POST /search        multipart ``image`` (+ ``k``, ``preprocess``) → ranked hits with thumbnail URLs
+    POST /classify      the same upload → its k-NN label (similarity-weighted vote), confidence and hits
     GET  /images/{id}   thumbnail of an indexed image, by id only (no client path ever reaches the disk)
     GET  /health        status, index size, model, embedding dimension (open even with an API key)
     GET  /              the web page (open; it sends the key it is given)
@@ -40,6 +41,7 @@ from cbir.search import (
     Searcher,
     parse_array_source,
     read_query_image,
+    vote,
 )
 from cbir.serve.batching import QueryBatcher
 from cbir.serve.thumbnails import ThumbnailNotFound, Thumbnails
@@ -147,6 +149,7 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     # growing with the number of clients
     decode_limiter = anyio.CapacityLimiter(max_decodes)
     admitted = {"count": 0}  # in the decode stage or waiting for it (changed on the event loop only)
+    labelled = any(row.get("label") is not None for row in searcher.index.store.rows.values())
     thumbnails = Thumbnails(searcher, size=thumbnail_size, capacity=thumbnail_cache)
     index_meta = getattr(searcher.index, "metadata", None) or {}
     collection = index_meta.get("collection")
@@ -200,17 +203,8 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                 "path": display_path(hit.path, collection_root, path_style),
                 "thumbnail_url": str(app.url_path_for("thumbnail", image_id=str(hit.id)))}
 
-    @app.post("/search", dependencies=[Depends(require_key)],
-              summary="the top-k indexed images most similar to an uploaded image",
-              responses={401: {"description": "API key missing or wrong"},
-                         413: {"description": "upload or image too large"},
-                         422: {"description": "not an image, or k/preprocess invalid"}})
-    async def search(image: Annotated[UploadFile, File(description="the query image (any format Pillow decodes)")],
-                     k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
-                     preprocess: Annotated[Preprocess | None, Form(
-                         description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
-                     k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
-                                                             description="k as a query parameter")] = None):
+    async def query_hits(image: UploadFile, k: int | None, k_query: int | None, preprocess) -> dict:
+        """Read, decode and clean one upload (bounded, off the inference worker), then its top-k hits."""
         started = time.perf_counter()
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -242,10 +236,46 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
             hits = await batcher.search(cleaned, chosen_k)
         except CbirError as exc:
             raise ApiError(422, str(exc)) from None
-        return {"query": {"name": name, "width": width, "height": height},
-                "k": chosen_k, "preprocess": preprocess.value if preprocess else None,
-                "took_ms": round((time.perf_counter() - started) * 1000, 2),
-                "results": [hit_json(hit) for hit in hits]}
+        return {"query": {"name": name, "width": width, "height": height}, "k": chosen_k,
+                "preprocess": preprocess.value if preprocess else None, "hits": hits, "started": started}
+
+    upload_responses = {401: {"description": "API key missing or wrong"},
+                        413: {"description": "upload or image too large"},
+                        422: {"description": "not an image, or k/preprocess invalid"},
+                        503: {"description": "too many uploads at once: retry after Retry-After seconds"}}
+
+    @app.post("/search", dependencies=[Depends(require_key)],
+              summary="the top-k indexed images most similar to an uploaded image", responses=upload_responses)
+    async def search(image: Annotated[UploadFile, File(description="the query image (any format Pillow decodes)")],
+                     k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
+                     preprocess: Annotated[Preprocess | None, Form(
+                         description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
+                     k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
+                                                             description="k as a query parameter")] = None):
+        found = await query_hits(image, k, k_query, preprocess)
+        return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
+                "took_ms": round((time.perf_counter() - found["started"]) * 1000, 2),
+                "results": [hit_json(hit) for hit in found["hits"]]}
+
+    @app.post("/classify", dependencies=[Depends(require_key)],
+              summary="the k-NN label of an uploaded image: a similarity-weighted vote of its top-k hits",
+              responses={**upload_responses, 422: {"description": "not an image, k/preprocess invalid, or an "
+                                                                  "index without labels"}})
+    async def classify(image: Annotated[UploadFile, File(description="the query image (any format Pillow decodes)")],
+                       k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"neighbours, 1..{MAX_K}")] = None,
+                       preprocess: Annotated[Preprocess | None, Form(
+                           description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
+                       k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
+                                                               description="k as a query parameter")] = None):
+        if not labelled:
+            raise ApiError(422, "the index holds no labels: k-NN classification needs a labelled collection "
+                                "(class sub-folders, a CSV with a label column, or a dataset)")
+        found = await query_hits(image, k, k_query, preprocess)
+        prediction = vote(found["hits"])
+        return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
+                "label": prediction.label, "confidence": prediction.confidence, "votes": prediction.votes,
+                "took_ms": round((time.perf_counter() - found["started"]) * 1000, 2),
+                "results": [hit_json(hit) for hit in found["hits"]]}
 
     @app.get("/images/{image_id}", name="thumbnail", dependencies=[Depends(require_key)],
              summary="a thumbnail of an indexed image, by its id",
@@ -265,7 +295,7 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     async def health():
         return {"status": "ok", "index_size": len(searcher.index), "model": info.get("backbone"),
                 "embedding_dim": int(info["embedding_dim"]), "index_type": info.get("index_type") or index_meta.get("factory"),
-                "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices),
+                "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices), "labelled": labelled,
                 "api_key_required": bool(api_key), "max_upload_bytes": max_upload_bytes,
                 "micro_batching": {"enabled": batcher.enabled, "window_ms": batch_window_ms,
                                    "max_batch": max_batch, "batches": batcher.batches,

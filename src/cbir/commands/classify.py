@@ -1,0 +1,51 @@
+"""``cbir classify``: the k-NN label of each query image, voted by its top-k hits in a labelled index.
+
+The same ``key=value`` arguments as ``search.py`` (conf/search.yaml): ``bundle=DIR query=IMAGE|FOLDER
+[index=DIR] [k=10] [json=true|--json] [preprocess=NAME]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.commands.args import guarded
+from cbir.commands.search import preprocess_spec, query_sources, search_config
+from cbir.search import Prediction, Searcher, read_query_image
+
+USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json] [preprocess=NAME]"""
+
+
+def run_classify(cfg: DictConfig) -> list[dict]:
+    queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
+    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
+                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+    files = query_sources(queries)
+    results = []
+    for start in range(0, len(files), searcher.batch_size):
+        batch = files[start:start + searcher.batch_size]
+        images = [read_query_image(q) if isinstance(q, Path) else searcher.load_source(q) for q in batch]
+        for query, prediction in zip(batch, searcher.classify(images, int(cfg.k))):
+            results.append({"query": str(query), **prediction.to_json()})
+            if not cfg.json:
+                print(format_prediction(str(query), prediction))
+    if cfg.json:
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def format_prediction(query: str, prediction: Prediction) -> str:
+    runners = ", ".join(f"{label} {weight:.2f}" for label, weight in list(prediction.votes.items())[1:3])
+    return (f"{query}: {prediction.label} (confidence {prediction.confidence:.2f} of {len(prediction.hits)} "
+            f"neighbours{'; then ' + runners if runners else ''})")
+
+
+def _main(argv: Sequence[str]) -> int:
+    run_classify(search_config(argv))
+    return 0
+
+
+main = guarded(_main, USAGE)
