@@ -182,3 +182,29 @@ def test_unique_by_id_keeps_first_and_sorts():
     unique, kept = unique_by_id(ids, values)
     assert unique.tolist() == [1, 2, 3]
     assert kept.tolist() == [10, 20, 30]
+
+
+def test_knn_classification_votes_by_similarity():
+    """Three gallery items: two of class 1 at similarity 0.6 and 0.5, one of class 0 at 0.9. With k=1 the
+    nearest decides (class 0); with k=3 the two class-1 votes (1.1) beat it (0.9)."""
+    import math
+
+    gallery = torch.tensor([[0.9, math.sqrt(1 - 0.81)], [0.6, -0.8], [0.5, math.sqrt(0.75)]])
+    gallery_labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    one = retrieval_metrics(query, torch.tensor([1]), gallery, gallery_labels, knn_k=1)
+    three = retrieval_metrics(query, torch.tensor([1]), gallery, gallery_labels, knn_k=3)
+    assert one["knn_accuracy"] == 0.0 and three["knn_accuracy"] == 1.0
+    assert "knn_accuracy" not in retrieval_metrics(query, torch.tensor([1]), gallery, gallery_labels)
+
+
+def test_knn_macro_f1_averages_over_classes():
+    # queries equal to gallery items: the nearest item is the query's twin, so k=1 predicts its label
+    gallery = torch.eye(4)
+    labels = torch.tensor([0, 0, 1, 2])
+    query = torch.eye(4)[[0, 1, 2, 3, 3]]
+    truth = torch.tensor([0, 0, 1, 2, 1])  # the last query is "wrong": its twin has label 2
+    scores = retrieval_metrics(query, truth, gallery, labels, knn_k=1)
+    assert scores["knn_accuracy"] == pytest.approx(0.8)
+    # class 0: F1 1; class 1: tp 1, fn 1 → 2/3; class 2: tp 1, fp 1 → 2/3
+    assert scores["knn_macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)

@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
     specs = protocol_specs(cfg.data, cfg.protocol)
-    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))
+    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks), knn_k=cfg.metrics.get("knn_k"))
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     results = []
     for spec in specs:

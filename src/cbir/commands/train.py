@@ -75,7 +75,7 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, outp
 
 def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> float:
     """``train.fit=false``: the untrained evaluation alone, same table and results.json as a training run."""
-    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks))  # no loss/optimiser: nothing is fitted
+    module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks), knn_k=cfg.metrics.get("knn_k"))  # no loss/optimiser: nothing is fitted
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {_untrained_name(cfg): dict(module.last_eval_metrics)}

@@ -7,6 +7,10 @@ Reality Check", 2020):
 * ``recall_at_k``: fraction of queries with at least one same-label item among their k nearest.
 * ``r_precision``: precision among the R nearest, R = number of same-label gallery items.
 * ``map_at_r``: mean average precision over the R nearest (MAP@R).
+* ``knn_accuracy``, ``knn_macro_f1`` (with ``knn_k``): k-NN classification — each query's label is the
+  similarity-weighted vote of its ``knn_k`` nearest gallery items (negative similarities count 0; ties go
+  to the label of the better-ranked item), as :meth:`cbir.Searcher.classify` does; accuracy over queries,
+  and F1 averaged over the query classes.
 
 Similarity is the inner product (cosine similarity for the L2-normalised embeddings an ``Embedder``
 returns). Ties are broken by gallery position (earlier first), exactly as a stable sort would, so results
@@ -45,6 +49,7 @@ def retrieval_metrics(
     gallery_ids: torch.Tensor | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     memory_budget_mb: float = 256.0,
+    knn_k: int | None = None,
 ) -> dict[str, float]:
     """Compute retrieval metrics of ``query`` embeddings against ``gallery`` embeddings.
 
@@ -73,6 +78,10 @@ def retrieval_metrics(
     gallery = gallery.float()
     chunk = max(1, int(memory_budget_mb * 2**20 // (_BYTES_PER_PAIR * max(num_gallery, 1))))
 
+    if knn_k is not None and int(knn_k) < 1:
+        raise ValueError(f"knn_k must be >= 1, got {knn_k}")
+    classes = torch.unique(gallery_labels) if knn_k else None
+    predicted, truth = [], []
     totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
     totals.update({f"recall_at_{k}": 0.0 for k in ks})
     evaluated = 0
@@ -90,8 +99,11 @@ def retrieval_metrics(
             continue
         sims, relevant, num_relevant = sims[keep], relevant[keep], num_relevant[keep]
 
-        depth = min(max(ks[-1], int(num_relevant.max())), num_gallery)
+        depth = min(max(ks[-1], int(num_relevant.max()), int(knn_k or 0)), num_gallery)
         ranked = stable_topk_indices(sims, depth)
+        if knn_k:
+            predicted.append(_knn_vote(sims, ranked[:, :knn_k], gallery_labels, classes))
+            truth.append(query_labels[start:stop][keep])
         hits = relevant.gather(1, ranked)
         positions = torch.arange(depth, device=hits.device)
         within_r = positions[None, :] < num_relevant[:, None]
@@ -106,9 +118,36 @@ def retrieval_metrics(
         evaluated += int(keep.sum())
 
     result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
+    if knn_k:
+        result.update(_classification_scores(torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long),
+                                             torch.cat(truth) if truth else torch.zeros(0, dtype=torch.long)))
     result["num_queries"] = float(evaluated)
     result["num_queries_excluded"] = float(len(query) - evaluated)
     return result
+
+
+def _knn_vote(sims: torch.Tensor, top: torch.Tensor, gallery_labels: torch.Tensor,
+              classes: torch.Tensor) -> torch.Tensor:
+    """The similarity-weighted label vote of each row's ``top`` neighbours (positions into the gallery)."""
+    weights = sims.gather(1, top).float().clamp(min=0)
+    weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
+    # a vanishing bonus for better ranks: equal votes go to the label met first, as Searcher.classify does
+    weights = weights + 1e-6 * torch.linspace(1.0, 0.0, top.shape[1], device=weights.device)
+    class_index = torch.searchsorted(classes, gallery_labels[top])
+    votes = torch.zeros(len(top), len(classes), device=weights.device).scatter_add_(1, class_index, weights)
+    return classes[votes.argmax(dim=1)]
+
+
+def _classification_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    if len(truth) == 0:
+        return {"knn_accuracy": float("nan"), "knn_macro_f1": float("nan")}
+    f1s = []
+    for label in torch.unique(truth):
+        tp = ((predicted == label) & (truth == label)).sum().item()
+        fp = ((predicted == label) & (truth != label)).sum().item()
+        fn = ((predicted != label) & (truth == label)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"knn_accuracy": (predicted == truth).float().mean().item(), "knn_macro_f1": sum(f1s) / len(f1s)}
 
 
 def stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,17 +207,17 @@ def unique_by_id(ids: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tenso
 
 
 def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
-                        ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+                        ks: Sequence[int] = DEFAULT_KS, knn_k: int | None = None) -> dict[str, float]:
     """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
     otherwise query-vs-gallery by role (items in both sets are not matched with themselves)."""
     is_query = (roles & ROLE_QUERY).bool()
     is_gallery = (roles & ROLE_GALLERY).bool()
     if bool(is_query.all()) and bool(is_gallery.all()):
-        return retrieval_metrics(embeddings, labels, ks=ks)
+        return retrieval_metrics(embeddings, labels, ks=ks, knn_k=knn_k)
     if not (is_query.any() and is_gallery.any()):
         # only happens when evaluation is truncated (fast_dev_run, limit_*_batches)
         warnings.warn("evaluation saw no queries or no gallery items; metrics skipped", stacklevel=2)
         return {}
     ids = torch.arange(len(labels), device=labels.device)
     return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
-                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks)
+                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k)

@@ -8,7 +8,7 @@ from pathlib import Path
 from cbir.io import atomic_write_json
 
 COLUMNS = [("precision_at_1", "P@1"), ("recall_at_1", "R@1"), ("recall_at_2", "R@2"), ("recall_at_4", "R@4"),
-           ("recall_at_8", "R@8"), ("r_precision", "R-prec"), ("map_at_r", "MAP@R")]
+           ("recall_at_8", "R@8"), ("r_precision", "R-prec"), ("map_at_r", "MAP@R"), ("knn_accuracy", "kNN")]
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -165,6 +165,7 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         loss_lr=loss_lr,
         scheduler=_instantiate_optional(cfg.get("scheduler")),
         ks=tuple(cfg.metrics.ks),
+        knn_k=cfg.metrics.get("knn_k"),
         model_config=model_config(cfg),
         train_classes=train_classes,
         warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),

@@ -39,6 +39,7 @@ class MetricLearningModule(pl.LightningModule):
         warmup_epochs: int = 0,
         distill_weight: float = 0.0,
         layer_decay: float | None = None,
+        knn_k: int | None = None,
     ) -> None:
         """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
         their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
@@ -67,6 +68,7 @@ class MetricLearningModule(pl.LightningModule):
         # a frozen copy of the trunk as it comes (pretrained), made before any training step
         self.distill = SimilarityDistillation(embedder.backbone) if self.distill_weight > 0 else None
         self.ks = tuple(ks)
+        self.knn_k = int(knn_k) if knn_k else None  # also report k-NN classification (accuracy, macro-F1)
         # enough to rebuild the Embedder from a checkpoint without the training config (eval.py)
         self.save_hyperparameters({"model_config": model_config or {}})
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
@@ -251,7 +253,7 @@ class MetricLearningModule(pl.LightningModule):
         """Retrieval metrics of the gathered embeddings (items padded in by DDP counted once)."""
         _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
                                                     gathered["label"], gathered["role"])
-        return evaluate_embeddings(embeddings, labels, roles, self.ks)
+        return evaluate_embeddings(embeddings, labels, roles, self.ks, knn_k=self.knn_k)
 
 
 def contiguous_label_map(train_classes: Sequence[int] | None) -> torch.Tensor | None:
