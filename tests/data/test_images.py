@@ -59,3 +59,23 @@ def test_exif_orientation_turns_the_image_upright():
     assert pixels[10, 5].tolist() == [255, 0, 0] and pixels[10, 35].tolist() == [0, 0, 255]
     plain = decode_image(encoded(stored, "PNG"))  # no EXIF: as stored
     assert plain.shape == (40, 20, 3)
+
+
+def test_a_decompression_bomb_in_training_data_is_skipped_or_named(tmp_path):
+    """D8: a 400-megapixel PNG of 50 KB among training images: with on_bad_image=skip it is dropped and
+    reported, with fail it is one error naming it — never a crash from inside PIL."""
+    from cbir.data.catalog import Catalog, Record
+    from cbir.data.datasets import RecordDataset
+    from cbir.errors import BadImageError
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(good)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    catalog = Catalog("t", [Record(str(good), 0, "train"), Record(str(bomb), 0, "train")], ["a"])
+    skip = RecordDataset(catalog, [0, 1], lambda image: {"image": image}, on_bad_image="skip")
+    assert "image" in skip[0]
+    assert "bomb.png" in skip[1]["bad_image"] and "too many pixels" in skip[1]["bad_image"]
+    fail = RecordDataset(catalog, [1], lambda image: {"image": image}, on_bad_image="fail")
+    with pytest.raises(BadImageError, match="bomb.png"):
+        fail[0]
