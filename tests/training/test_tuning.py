@@ -166,3 +166,15 @@ def test_a_lora_run_saves_a_checkpoint_that_loads_and_exports_as_a_plain_model(t
     assert "lora" not in model_cfg and not any("lora" in k for k in embedder.state_dict())
     out = export_bundle(embedder, tmp_path / "bundle", model_config=model_cfg, runtimes=["torchscript"])
     assert (out / "manifest.json").is_file()
+
+
+def test_the_generic_recipe_composes_and_trains(tiny_folder, tmp_path):
+    """experiment=generic (the README's recipe for a folder of photos) runs end to end (tiny and fast here)."""
+    from cbir.commands.train import train
+
+    cfg = compose_config("train", ["experiment=generic", f"data.root={tiny_folder}"])
+    assert (cfg.model.backbone, cfg.model.pooling, cfg.train.tune) == ("dinov2_vits14", "cls", "last:1")
+    assert cfg.model.image_size == 224 and cfg.model.pretrained == "dinov2"
+    fast = compose_config("train", ["experiment=generic", *tiny_train_overrides(tiny_folder, tmp_path)[1:],
+                                    "data.image_size=28", "trainer.fast_dev_run=true"])
+    train(fast)
