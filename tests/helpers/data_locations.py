@@ -34,6 +34,23 @@ def data_location(option: str, folder: Path, tmp_path: Path) -> list[str]:
         root = write_unpacked(tmp_path / "emoji")
         # the fixture has 2 training classes, one of them held out for validation: one class per batch
         return [f"data.root={root}", "data.reader.fetch=false", "data.m_per_class=2", "data.batch_size=2"]
+    if option == "icons":
+        return [f"data.root={write_icon_themes(tmp_path / 'icons')}", "data.reader.fetch=false",
+                "data.reader.themes=[a,b,c]", "data.m_per_class=2", "data.batch_size=4"]
     if option == "pairs":
         return [f"data.path={write_pair_csv(folder, tmp_path / 'pairs.csv')}", "data.batch_size=4"]
     raise AssertionError(f"add a fixture for data={option}")
+
+
+def write_icon_themes(root: Path, names: int = 8, themes: tuple[str, ...] = ("a", "b", "c")) -> Path:
+    """``data/icons`` as ``cbir data fetch icons`` leaves it: ``<theme>/<name>.png`` and a ``.complete`` mark."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for theme in themes:
+        (root / theme).mkdir(parents=True, exist_ok=True)
+        for n in range(names):
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            Image.new("RGBA", (16, 16), (*colour, 255)).save(root / theme / f"icon-{n:02d}.png")
+        (root / theme / ".complete").write_text("test\n")
+    return root
