@@ -88,7 +88,8 @@ def test_train_export_search_serve_from_outside_the_repo(installed):
     run([cbir, "export", "model.pretrained=none", "model.image_size=32", "head.dim=16", f"out={work / 'bundle'}",
          f"index.collection={work / 'photos'}", "index.num_workers=0", "runtimes=[]",
          f"hydra.run.dir={work / 'export_run'}"], work, env)
-    assert (work / "bundle" / "manifest.json").is_file() and (work / "bundle" / "index" / "index.faiss").is_file()
+    assert (work / "bundle" / "manifest.json").is_file() and (work / "bundle" / "index" / "index.json").is_file()
+    assert len(list((work / "bundle" / "index").glob("index-*.faiss"))) == 1
 
     query = work / "photos" / "class_01" / "img_0.png"
     found = json.loads(run([cbir, "search", f"bundle={work / 'bundle'}", f"query={query}", "k=3", "--json"],

@@ -305,7 +305,10 @@ def test_torch_exact_search_matches_faiss(vectors):
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_a_large_k_is_filled_not_cut_by_the_probed_lists(vectors, kind):
     """D3: nprobe (IVF) or efSearch (HNSW) limits how many hits come back; a k beyond that widens the
-    search instead of returning fewer hits in silence."""
+    search instead of returning fewer hits in silence. With faiss.contrib.torch_utils imported (as
+    pytorch-metric-learning does), whose Index.search takes no search parameters."""
+    import faiss.contrib.torch_utils  # noqa: F401 - patches faiss.Index.search process-wide
+
     index = build(vectors, kind)
     scores, ids = index.search(vectors[:4], 1000)
     assert (ids >= 0).sum(axis=1).tolist() == [1000] * 4

@@ -182,10 +182,13 @@ class CbirIndex:
         ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubled until they fill or every list is probed."""
         wanted = min(k, len(self))
         short = (ids >= 0).sum(axis=1) < wanted
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces Index.search with a wrapper
+        # that takes no params; it keeps the NumPy method as search_numpy
+        search = getattr(self.index, "search_numpy", None) or self.index.search
         for params in self._widening_params(k):
             if not short.any():
                 break
-            more_scores, more_ids = self.index.search(queries[short], k, params=params)
+            more_scores, more_ids = search(queries[short], k, params=params)
             scores[short], ids[short] = more_scores, more_ids
             short = (ids >= 0).sum(axis=1) < wanted
         return scores, ids
