@@ -80,9 +80,10 @@ def test_index_remove_with_an_unknown_id_or_path_removes_nothing_and_says_so(tmp
 
 
 def test_a_damaged_checkpoint_to_resume_is_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
     from cbir.commands.train import _resume_path
     from cbir.errors import CheckpointError
-    from omegaconf import OmegaConf
 
     damaged = tmp_path / "last.ckpt"
     damaged.write_bytes(b"PK\x03\x04 truncated zip")
@@ -125,9 +126,10 @@ def test_a_named_fashion_mnist_folder_is_not_swapped_for_another_copy(tmp_path, 
 
 
 def test_resuming_last_with_nothing_to_resume_is_an_error(tmp_path):
+    from omegaconf import OmegaConf
+
     from cbir.commands.train import _resume_path
     from cbir.errors import CheckpointError
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"ckpt_dir": str(tmp_path / "checkpoints")}})
     with pytest.raises(CheckpointError, match="ckpt_path=last: this run folder has no"):
@@ -136,8 +138,9 @@ def test_resuming_last_with_nothing_to_resume_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("value", ["abc", "-1", "true"])
 def test_a_learning_rate_that_is_not_a_number_is_one_line(value):
-    from cbir.training.factory import optimizer_factory
     from helpers.configs import compose_config
+
+    from cbir.training.factory import optimizer_factory
 
     cfg = compose_config("train", [f"optimizer.lr={value}"])
     with pytest.raises(ConfigError, match="optimizer.lr=.*must be a number >= 0"):

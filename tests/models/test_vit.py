@@ -13,7 +13,7 @@ from cbir.models.embedder import Embedder
 from cbir.models.fusion import DOLGHead, FusionHead
 from cbir.models.pooling import GeM, GeMHead
 from cbir.models.trunks import build_trunk, stage_count
-from cbir.models.vit import ViTBackbone, ViTSpec, VisionTransformer
+from cbir.models.vit import VisionTransformer, ViTBackbone, ViTSpec
 from cbir.models.weights import NAMED_PRETRAINED, build_pretrained_model, hub_checkpoint_dir
 
 TINY = ViTSpec(dim=32, depth=4, heads=2, patch=4, grid=6, stages=4)

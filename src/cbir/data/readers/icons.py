@@ -109,17 +109,17 @@ def _extract_icons(deb: Path, pattern: str, staging: Path) -> int:
     name seen twice (two contexts) or a picture seen twice (the same bytes under another name) is skipped."""
     names: set[str] = set()
     digests: set[str] = set()
-    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
-            members = ((m, archive.extractfile(m).read()) for m in archive if m.isfile() and fnmatch(m.name, pattern))
-            for member, data in sorted(members, key=lambda item: PurePosixPath(item[0].name).stem):
-                name = PurePosixPath(member.name).stem
-                digest = hashlib.sha256(data).hexdigest()
-                if name in names or digest in digests:
-                    continue
-                names.add(name)
-                digests.add(digest)
-                (staging / f"{name}.png").write_bytes(data)
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc, \
+            tarfile.open(fileobj=proc.stdout, mode="r|") as archive:
+        members = ((m, archive.extractfile(m).read()) for m in archive if m.isfile() and fnmatch(m.name, pattern))
+        for member, data in sorted(members, key=lambda item: PurePosixPath(item[0].name).stem):
+            name = PurePosixPath(member.name).stem
+            digest = hashlib.sha256(data).hexdigest()
+            if name in names or digest in digests:
+                continue
+            names.add(name)
+            digests.add(digest)
+            (staging / f"{name}.png").write_bytes(data)
     if proc.returncode != 0:
         raise DataError(f"dpkg-deb could not read {deb.name} (exit code {proc.returncode})")
     return len(names)
