@@ -21,11 +21,12 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from cbir.data.catalog import Catalog, Record
+from cbir.data.readers.fetched import fetch_once, is_fetched
 from cbir.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ EMOJI_PACKAGES = {
                 "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),
 }
 DEFAULT_ROOT = Path("data/emoji")
-_COMPLETE = ".complete"
 
 
 def fetch_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] = ("google", "twitter"),
@@ -47,22 +47,18 @@ def fetch_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] =
     """Download, verify and unpack the vendors' packages into ``root/<vendor>/`` (once; idempotent)."""
     root = Path(root)
     for vendor in vendors:
-        target = root / vendor
-        if (target / _COMPLETE).is_file():
-            continue
-        package, integrity = _package(vendor)
-        with tempfile.TemporaryDirectory() as tmp:
-            tarball = _npm_pack(package, Path(tmp), timeout)
-            _verify_integrity(tarball, integrity)
-            staging = Path(tmp) / "unpacked"
-            _extract(tarball, vendor, staging)
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(staging), target)
-        (target / _COMPLETE).write_text(f"{package}@{EMOJI_VERSION}\n")
-        log.info("emoji: %s@%s unpacked into %s", package, EMOJI_VERSION, target)
+        if fetch_once(root / vendor, partial(_fetch_vendor, vendor, timeout=timeout)):
+            log.info("emoji: %s unpacked into %s", _package(vendor)[0], root / vendor)
     return root
+
+
+def _fetch_vendor(vendor: str, download: Path, staging: Path, timeout: float) -> str:
+    """``npm pack`` one vendor's package into ``download``, verify it, unpack what is kept into ``staging``."""
+    package, integrity = _package(vendor)
+    tarball = _npm_pack(package, download, timeout)
+    _verify_integrity(tarball, integrity)
+    _extract(tarball, vendor, staging)
+    return f"{package}@{EMOJI_VERSION}\n"
 
 
 def _package(vendor: str) -> tuple[str, str]:
@@ -126,7 +122,7 @@ def read_emoji(root: str | os.PathLike = DEFAULT_ROOT, vendors: Sequence[str] = 
     """Base emoji drawn by every vendor in ``vendors`` (skin-tone variants as extra views), split
     zero-shot by code point. Fetches the packages first when ``fetch`` and they are absent."""
     root = Path(root)
-    if any(not (root / v / _COMPLETE).is_file() for v in vendors):
+    if not all(is_fetched(root / v) for v in vendors):
         if not fetch:
             raise DataError(f"emoji data missing under {root}: run `cbir data fetch emoji`")
         fetch_emoji(root, vendors)

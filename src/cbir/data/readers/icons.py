@@ -22,20 +22,19 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from cbir.data.catalog import Catalog, Record
+from cbir.data.readers.fetched import fetch_once, is_fetched
 from cbir.errors import DataError
-from cbir.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("data/icons")
-_COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -62,19 +61,19 @@ def fetch_icons(root: str | os.PathLike = DEFAULT_ROOT, themes: Sequence[str] = 
     """Download each theme's Debian package and keep its icons in ``root/<theme>/`` (once; idempotent)."""
     root = Path(root)
     for theme in themes:
-        target = root / theme
-        if (target / _COMPLETE).is_file():
-            continue
-        spec = _theme(theme)
-        with tempfile.TemporaryDirectory() as tmp:
-            deb = _apt_download(spec.package, Path(tmp), timeout)
-            with atomic_folder(target) as staging:
-                kept = _extract_icons(deb, spec.pattern, staging)
-                if not kept:
-                    raise DataError(f"{deb.name}: no icon matches {spec.pattern} (has the package changed layout?)")
-                (staging / _COMPLETE).write_text(f"{deb.name}\n{kept} icons\n")
-        log.info("icons: %s unpacked into %s", spec.package, target)
+        if fetch_once(root / theme, partial(_fetch_theme, theme, timeout=timeout)):
+            log.info("icons: %s unpacked into %s", THEMES[theme].package, root / theme)
     return root
+
+
+def _fetch_theme(theme: str, download: Path, staging: Path, timeout: float) -> str:
+    """``apt-get download`` one theme's package into ``download`` and keep its icons in ``staging``."""
+    spec = _theme(theme)
+    deb = _apt_download(spec.package, download, timeout)
+    kept = _extract_icons(deb, spec.pattern, staging)
+    if not kept:
+        raise DataError(f"{deb.name}: no icon matches {spec.pattern} (has the package changed layout?)")
+    return f"{deb.name}\n{kept} icons\n"
 
 
 def _theme(theme: str) -> IconTheme:
@@ -130,7 +129,7 @@ def read_icons(root: str | os.PathLike = DEFAULT_ROOT, themes: Sequence[str] = D
     """Icon names drawn by at least ``min_themes`` of ``themes``, one view per theme, split zero-shot by
     name. Fetches the packages first when ``fetch`` and they are absent."""
     root = Path(root)
-    if any(not (root / theme / _COMPLETE).is_file() for theme in themes):
+    if not all(is_fetched(root / theme) for theme in themes):
         if not fetch:
             raise DataError(f"icons data missing under {root}: run `cbir data fetch icons`")
         fetch_icons(root, themes)
