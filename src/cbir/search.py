@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -168,10 +169,19 @@ class Searcher:
     def classify(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[Prediction]:
         """k-NN classification: each image's label by a similarity-weighted vote of its top-``k`` hits
         (:func:`vote`). The index must hold labels (a folder of class folders, a labelled CSV, a dataset)."""
-        if self.index.store.rows and all(row.get("label") is None for row in self.index.store.rows.values()):
-            raise SearchError(f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs "
-                              "a labelled collection (class sub-folders, a CSV with a label column, or a dataset)")
+        if len(self.index) and not self.labelled:  # an empty index: search_images says so
+            raise SearchError(self.no_labels_message())
         return [vote(hits) for hits in self.search_images(images, k, preprocess)]
+
+    @cached_property
+    def labelled(self) -> bool:
+        """Whether any indexed image has a label (k-NN classification needs them); read once, the
+        Searcher's index does not change."""
+        return any(row.get("label") is not None for row in self.index.store.rows.values())
+
+    def no_labels_message(self) -> str:
+        return (f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs a labelled "
+                "collection (class sub-folders, a CSV with a label column, or a dataset)")
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
         k = check_k(k)

@@ -149,7 +149,6 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     # growing with the number of clients
     decode_limiter = anyio.CapacityLimiter(max_decodes)
     admitted = {"count": 0}  # in the decode stage or waiting for it (changed on the event loop only)
-    labelled = any(row.get("label") is not None for row in searcher.index.store.rows.values())
     thumbnails = Thumbnails(searcher, size=thumbnail_size, capacity=thumbnail_cache)
     index_meta = getattr(searcher.index, "metadata", None) or {}
     collection = index_meta.get("collection")
@@ -267,9 +266,8 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                            description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
                        k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
                                                                description="k as a query parameter")] = None):
-        if not labelled:
-            raise ApiError(422, "the index holds no labels: k-NN classification needs a labelled collection "
-                                "(class sub-folders, a CSV with a label column, or a dataset)")
+        if not searcher.labelled:
+            raise ApiError(422, searcher.no_labels_message())
         found = await query_hits(image, k, k_query, preprocess)
         prediction = vote(found["hits"])
         return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
@@ -295,7 +293,7 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     async def health():
         return {"status": "ok", "index_size": len(searcher.index), "model": info.get("backbone"),
                 "embedding_dim": int(info["embedding_dim"]), "index_type": info.get("index_type") or index_meta.get("factory"),
-                "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices), "labelled": labelled,
+                "max_k": MAX_K, "default_k": default_k, "preprocess_options": sorted(choices), "labelled": searcher.labelled,
                 "api_key_required": bool(api_key), "max_upload_bytes": max_upload_bytes,
                 "micro_batching": {"enabled": batcher.enabled, "window_ms": batch_window_ms,
                                    "max_batch": max_batch, "batches": batcher.batches,
