@@ -69,14 +69,9 @@ def main() -> None:
         chunk = images[start:start + args.batch]
         reference = onnx_encoder_outputs(onnx_path, chunk.numpy(), blocks=range(depth))
         with torch.no_grad():
-            height, width = chunk.shape[-2] // 14, chunk.shape[-1] // 14
-            x = model.patch_embed(chunk).flatten(2).transpose(1, 2)
-            x = torch.cat([model.cls_token.expand(len(chunk), -1, -1), x], dim=1) + model.position_table(height, width)
-            mine = {}
-            for index, block in enumerate(model.blocks):
-                x = block(x)
-                mine[f"block{index}"] = x.numpy()
-            mine["final"] = model.norm(x).numpy()
+            raw, _ = model.forward_tokens(chunk, range(depth), normalise=False)
+            mine = {f"block{index}": tokens.numpy() for index, tokens in enumerate(raw)}
+            mine["final"] = model.norm(raw[-1]).numpy()
         for name, value in mine.items():
             difference = np.abs(value - reference[name])
             worst[name][0] = max(worst[name][0], float(difference.max()))

@@ -15,6 +15,7 @@ mean patch token (DINOv2's linear-probe descriptor, ``2C`` wide).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,9 +129,10 @@ class VisionTransformer(nn.Module):
         table = table.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
         return torch.cat([cls_pos, table], dim=1)
 
-    def forward_tokens(self, images: torch.Tensor, blocks: list[int]) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        """Normalised tokens (``B x (1 + h*w) x C``, CLS first) after each block index in ``blocks``
-        (0-based), and the patch grid ``(h, w)``."""
+    def forward_tokens(self, images: torch.Tensor, blocks: Sequence[int],
+                       normalise: bool = True) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Tokens (``B x (1 + h*w) x C``, CLS first) after each block index in ``blocks`` (0-based), through
+        the final LayerNorm unless ``normalise`` is false (the raw residual stream), and the patch grid ``(h, w)``."""
         patches = self.patch_embed(images)
         height, width = patches.shape[-2:]
         x = patches.flatten(2).transpose(1, 2)
@@ -140,7 +142,7 @@ class VisionTransformer(nn.Module):
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index in wanted:
-                outputs.append(self.norm(x))
+                outputs.append(self.norm(x) if normalise else x)
         return outputs, (int(height), int(width))
 
 
