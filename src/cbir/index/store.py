@@ -33,7 +33,15 @@ import faiss
 import numpy as np
 import torch
 
-from cbir.index.builder import GPU_KINDS, IndexOptions, build_index, gpu_available, set_search_param, torch_exact_search
+from cbir.index.builder import (
+    GPU_KINDS,
+    SEARCH_KNOB,
+    IndexOptions,
+    build_index,
+    gpu_available,
+    set_search_param,
+    torch_exact_search,
+)
 from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
 from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
@@ -42,7 +50,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"  # the first two: pre-generation names
 LOCK_FILE = ".cbir-index.lock"
-CRASH_ENV = "CBIR_INDEX_CRASH_AT"  # fault-injection tests: exit abruptly at this save step
+CRASH_ENV = "CBIR_INDEX_CRASH_AT"
+HNSW_DEFAULT_EF_SEARCH = 16  # faiss's own, when the build recorded none  # fault-injection tests: exit abruptly at this save step
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
 
 
@@ -195,20 +204,16 @@ class CbirIndex:
 
     def _widening_params(self, k: int):
         """Search parameters that look further each time: IVF ``nprobe`` ×2 up to ``nlist``, HNSW
-        ``efSearch`` ≥ k then ×2 (at most 8 rounds)."""
-        try:
+        ``efSearch`` ≥ k then ×2 (at most 8 rounds); nothing for exact kinds."""
+        knob = SEARCH_KNOB.get(self.kind)
+        if knob == "nprobe":
             ivf = faiss.extract_index_ivf(self.index)
-        except RuntimeError:
-            ivf = None
-        if ivf is not None:
             nprobe = max(1, int(ivf.nprobe))
             while nprobe < ivf.nlist:
                 nprobe = min(ivf.nlist, nprobe * 2)
                 yield faiss.SearchParametersIVF(nprobe=nprobe)
-            return
-        hnsw = _hnsw_of(self.index)
-        if hnsw is not None:
-            ef = max(int(hnsw.hnsw.efSearch), k)
+        elif knob == "efSearch":
+            ef = max(int(self.info.get("search_params", {}).get("efSearch", HNSW_DEFAULT_EF_SEARCH)), k)
             for _ in range(8):
                 yield faiss.SearchParametersHNSW(efSearch=ef)
                 ef *= 2
@@ -421,16 +426,3 @@ def _crash_point(step: str) -> None:
     ``kill -9`` would (no cleanup, no exception handlers)."""
     if os.environ.get(CRASH_ENV) == step:
         os._exit(70)
-
-
-def _hnsw_of(index: faiss.Index):
-    """The HNSW index inside ``index`` (an id map or a pre-transform around it), or None."""
-    current = faiss.downcast_index(index)
-    for _ in range(4):
-        if isinstance(current, faiss.IndexHNSW):
-            return current
-        inner = getattr(current, "index", None)
-        if inner is None:
-            return None
-        current = faiss.downcast_index(inner)
-    return None
