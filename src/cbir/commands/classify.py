@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cbir.commands.args import guarded
-from cbir.commands.search import preprocess_spec, query_sources, search_config
-from cbir.search import Prediction, Searcher, read_query_image
+from cbir.commands.search import preprocess_spec, query_batches, query_sources, search_config
+from cbir.search import Prediction, Searcher
 
 USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json] [preprocess=NAME]"""
 
@@ -25,9 +24,7 @@ def run_classify(cfg: DictConfig) -> list[dict]:
                              device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
     files = query_sources(queries)
     results = []
-    for start in range(0, len(files), searcher.batch_size):
-        batch = files[start:start + searcher.batch_size]
-        images = [read_query_image(q) if isinstance(q, Path) else searcher.load_source(q) for q in batch]
+    for batch, images in query_batches(searcher, files):
         for query, prediction in zip(batch, searcher.classify(images, int(cfg.k))):
             results.append({"query": str(query), **prediction.to_json()})
             if not cfg.json:

@@ -47,9 +47,7 @@ def run_search(cfg: DictConfig) -> list[dict]:
     files = query_sources(queries)
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}
     results = []
-    for start in range(0, len(files), searcher.batch_size):
-        batch = files[start:start + searcher.batch_size]
-        images = [read_query_image(q) if isinstance(q, Path) else searcher.load_source(q) for q in batch]
+    for batch, images in query_batches(searcher, files):
         for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k))):
             label = query.parent.name if isinstance(query, Path) else dataset_label(searcher, query)
             results.append({"query": str(query), "hits": [hit.to_json() for hit in hits]})
@@ -63,6 +61,14 @@ def run_search(cfg: DictConfig) -> list[dict]:
     if cfg.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     return results
+
+
+def query_batches(searcher: Searcher, files: list[Path | str]):
+    """``(queries, decoded images)`` in batches of the Searcher's size: files decoded, dataset references
+    (``fashion_mnist:test/0``) read from their dataset."""
+    for start in range(0, len(files), searcher.batch_size):
+        batch = files[start:start + searcher.batch_size]
+        yield batch, [read_query_image(q) if isinstance(q, Path) else searcher.load_source(q) for q in batch]
 
 
 def grid_paths(grid: str, queries: list[Path | str]) -> dict[str, Path]:
