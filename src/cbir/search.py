@@ -100,7 +100,7 @@ class Searcher:
     """Bundle + index + query preprocessing. Thread-safe for concurrent searches (read-only state;
     torch inference runs under ``inference_mode``)."""
 
-    def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, bf16: bool = False,
+    def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, precision: str = "auto",
                  batch_size: int = 32) -> None:
         from cbir.preprocess import build_preprocessor
 
@@ -111,7 +111,9 @@ class Searcher:
                               "this bundle (`cbir index build --bundle ...`)")
         self._check_same_model(bundle, index)
         self.bundle, self.index = bundle, index
-        self.device, self.bf16, self.batch_size = device, bf16, int(batch_size)
+        self.device, self.batch_size = device, int(batch_size)
+        # auto: bf16 where the device has it natively and the bundle's export check passed (cbir.models.precision)
+        self.bf16 = bundle.use_bf16(precision, device) if hasattr(bundle, "use_bf16") else precision == "bf16"
         spec = bundle.preprocessing.query if preprocess is None else preprocess
         self.preprocess_spec = spec
         self.preprocessor = build_preprocessor(spec)

@@ -115,6 +115,39 @@ def test_export_entry_point_writes_a_bundle(tiny_checkpoint, tmp_path):
     assert "checkpoint" in bundle.manifest["source"]
 
 
+def test_bundle_records_its_bf16_check_and_auto_follows_it(tmp_path, monkeypatch):
+    """precision=auto reads the export's bf16-vs-fp32 check from the manifest: bf16 only where the device has
+    native bf16 and the check passed; a bundle from before the check (no record) stays fp32."""
+    from cbir.models import precision
+
+    embedder, model_cfg = _embedder()
+    bundle = load_bundle(export_bundle(embedder, tmp_path / "bundle", model_config=model_cfg, runtimes=[]))
+    check = bundle.bf16_parity
+    assert check["source"] == "synthetic smooth colour fields" and check["images"] == 64
+    assert {"cosine_min", "recall", "passed", "images_per_second"} <= set(check)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert bundle.use_bf16("auto") is check["passed"]
+    assert bundle.use_bf16("fp32") is False and bundle.use_bf16("bf16") is True
+    bundle.manifest["precision"]["bf16"]["passed"] = True
+    assert bundle.use_bf16("auto") is True
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert bundle.use_bf16("auto") is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    del bundle.manifest["precision"]
+    assert bundle.bf16_parity is None and bundle.use_bf16("auto") is False
+
+
+def test_export_checks_bf16_on_the_collection_it_indexes(tiny_checkpoint, tiny_folder, tmp_path):
+    out = tmp_path / "bundle"
+    run = subprocess.run([sys.executable, str(ROOT / "export.py"), f"ckpt_path={tiny_checkpoint}", f"out={out}",
+                          f"index.collection={tiny_folder}", "runtimes=[]", "precision_check_images=5",
+                          f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    check = load_bundle(out).bf16_parity
+    assert check["images"] == 5 and check["source"] == f"5 images of {tiny_folder}"
+    assert "bf16 vs fp32 on 5 images of" in run.stdout
+
+
 def test_export_refuses_to_run_under_a_launcher(tmp_path, monkeypatch):
     """Every torchrun rank would write the same bundle folder: a clear error naming the alternative."""
     from cbir.commands.export import export

@@ -107,7 +107,7 @@ def test_spawned_extraction_resumes_and_reports_rank_errors(model, images, tmp_p
 def test_rank_protocol_in_a_one_rank_gloo_group(model, images, tmp_path):
     """The collective steps (rank 0 prepares and lists shards, all report, rank 0 gathers) in-process."""
     collection = read_collection(images)
-    options = dict(batch_size=4, num_workers=0, shard_size=3, channels_last=True, bf16=False, progress=False)
+    options = dict(batch_size=4, num_workers=0, shard_size=3, channels_last=True, precision="fp32", progress=False)
     reference = extract_collection(model, collection, tmp_path / "one", resume=True, **options)
     me = Rank(0, 1, 0)
     settings = ExtractionOptions(resume=True, **options)

@@ -21,7 +21,7 @@ USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10]
 def run_classify(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
     searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
     files = query_sources(queries)
     results = []
     for batch, images in query_batches(searcher, files):

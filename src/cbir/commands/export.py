@@ -43,12 +43,15 @@ def export(cfg: DictConfig) -> Path:
         config = None
         source = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"
     query_preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True) if cfg.get("preprocess") else None
+    index_cfg = cfg.get("index") or {}
+    check_images, check_source = precision_check_images(embedder, index_cfg.get("collection"),
+                                                        int(cfg.get("precision_check_images", 128)))
     out = export_bundle(embedder, cfg.out, model_config=model_config, config=config,
                         query_preprocess=query_preprocess, runtimes=list(cfg.runtimes),
-                        tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite))
+                        tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite),
+                        check_images=check_images, check_source=check_source)
     bundle = load_bundle(out)
     print(describe_bundle(bundle))
-    index_cfg = cfg.get("index") or {}
     if index_cfg.get("collection"):
         from cbir.index.pipeline import build_bundle_index
 
@@ -57,6 +60,34 @@ def export(cfg: DictConfig) -> Path:
         index = build_bundle_index(bundle, index_cfg.collection, index_cfg.out, **options)
         print(f"index: {len(index)} images → {index_cfg.out}")
     return out
+
+
+def precision_check_images(embedder, collection: str | None, count: int):
+    """Up to ``count`` pictures of the collection being indexed (spread evenly over it), as model inputs,
+    for the bundle's bf16 check — the images its index will really hold; (None, "") without a collection
+    (the export then uses synthetic ones)."""
+    if not collection or count < 2:
+        return None, ""
+    import numpy as np
+    import torch
+
+    from cbir.data.images import load_record
+    from cbir.data.transforms import eval_transform
+    from cbir.errors import BadImageError
+    from cbir.index.collection import read_collection
+
+    chosen = read_collection(collection)
+    transform = eval_transform(int(embedder.input_size), embedder.mean, embedder.std)
+    picks = np.unique(np.linspace(0, len(chosen) - 1, num=min(count, len(chosen))).astype(np.int64))
+    images = []
+    for position in picks:
+        try:
+            images.append(transform(image=load_record(chosen.catalog, int(chosen.indices[position])))["image"])
+        except BadImageError:
+            continue  # the index build reports unreadable images; the check needs only readable ones
+    if len(images) < 2:
+        return None, ""
+    return torch.stack(images), f"{len(images)} images of {collection}"
 
 
 def _refuse_launched_ranks() -> None:
@@ -73,8 +104,18 @@ def describe_bundle(bundle) -> str:
     parity = bundle.manifest.get("parity", {})
     copies = ", ".join(f"{name} (max |diff| {entry['max_abs_difference']:.1e})" if "max_abs_difference" in entry
                        else f"{name}: {entry.get('skipped', 'skipped')}" for name, entry in parity.items())
-    return (f"bundle {bundle.path}: {bundle.manifest.get('backbone')} → {bundle.embedding_dim}-d, "
+    text = (f"bundle {bundle.path}: {bundle.manifest.get('backbone')} → {bundle.embedding_dim}-d, "
             f"input {bundle.input_size} px; copies: {copies or 'none'}")
+    check = bundle.bf16_parity
+    if check:
+        speed = check.get("images_per_second") or {}
+        where = check.get("source") or f"{check['images']} images"
+        text += (f"\nbf16 vs fp32 on {where}: min cosine "
+                 f"{check['cosine_min']:.5f}, recall@{check['k']} {check['recall']:.3f} → "
+                 + ("passed" if check["passed"] else "failed (precision=auto keeps fp32)")
+                 + (f"; here {speed['fp32']:.0f} → {speed['bf16']:.0f} img/s" if speed else "")
+                 + (f"; precision=auto on this machine: {'bf16' if bundle.use_bf16() else 'fp32'}"))
+    return text
 
 
 def _pretrained_name(cfg: DictConfig, run_config: dict | None) -> str:

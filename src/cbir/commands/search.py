@@ -20,7 +20,7 @@ from cbir.search import Searcher, expand_query_paths, format_hits, parse_array_s
 from cbir.visual.grid import save_grid
 
 USAGE = """usage: python search.py bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json]
-                        [grid=out.png] [preprocess=NAME] [device=cpu|cuda] [bf16=true] [batch_size=32]"""
+                        [grid=out.png] [preprocess=NAME] [device=cpu|cuda] [precision=auto|fp32|bf16] [batch_size=32]"""
 
 
 def search_config(argv: Sequence[str]) -> DictConfig:
@@ -43,7 +43,7 @@ def preprocess_spec(name_or_spec):
 def run_search(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
     searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
     files = query_sources(queries)
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}
     results = []

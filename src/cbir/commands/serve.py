@@ -59,7 +59,7 @@ def build_app(cfg: DictConfig):
     from cbir.serve.app import create_app
 
     searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, bf16=bool(cfg.bf16), batch_size=int(cfg.batch_size))
+                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
     return create_app(searcher, api_key=cfg.api_key or None, max_upload_bytes=int(float(cfg.max_upload_mb) * 2**20),
                       max_pixels=int(cfg.max_pixels), thumbnail_size=int(cfg.thumbnail_size),
                       thumbnail_cache=int(cfg.thumbnail_cache), batch_window_ms=float(cfg.batch_window_ms),

@@ -6,7 +6,8 @@ Layout::
 
     bundle/
       manifest.json        format version, versions of cbir/torch/..., embedding dim, files + sha256,
-                           parity of each runtime copy against the eager model
+                           parity of each runtime copy against the eager model, and of bf16 against
+                           fp32 (what ``precision=auto`` reads)
       model.json           what rebuilds the Embedder (backbone, head, input size, scales)
       preprocessing.json   input size, mean/std, resize policy, query preprocessing
       weights.pt           Embedder state dict (no loss/proxy parameters)
@@ -32,6 +33,7 @@ from torch import nn
 
 from cbir.errors import CbirError
 from cbir.io import atomic_folder, atomic_write_json, sha256_file
+from cbir.models.precision import bf16_parity
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,18 @@ class Bundle:
         return embed(self.embedder, self.to_tensor(images), device=device, channels_last=channels_last,
                      bf16=bf16).cpu().numpy()
 
+    @property
+    def bf16_parity(self) -> dict | None:
+        """The export's bf16-vs-fp32 check (:func:`cbir.models.precision.bf16_parity`); None for bundles
+        exported before it existed."""
+        return (self.manifest.get("precision") or {}).get("bf16")
+
+    def use_bf16(self, precision: str = "auto", device: str | torch.device | None = None) -> bool:
+        """``precision`` (auto | fp32 | bf16) resolved for this bundle on ``device``."""
+        from cbir.models.precision import use_bf16
+
+        return use_bf16(precision, device, self.bf16_parity)
+
     def runtime_copy(self, runtime: str):
         """The TorchScript module, or an ONNX Runtime session, as saved in the bundle."""
         if runtime == "torchscript":
@@ -132,11 +146,14 @@ class Bundle:
 def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dict, config: dict | None = None,
                   query_preprocess: dict | list | str | None = None, runtimes: Sequence[str] = RUNTIMES,
                   tolerance: float = PARITY_TOLERANCE, sample_images: torch.Tensor | None = None,
-                  source: str | None = None, overwrite: bool = False) -> Path:
+                  source: str | None = None, overwrite: bool = False,
+                  check_images: torch.Tensor | None = None, check_source: str = "") -> Path:
     """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
     so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
-    difference exceeds ``tolerance``."""
+    difference exceeds ``tolerance``. bf16 inference is compared with fp32 on ``check_images`` (model
+    inputs, ideally real pictures named by ``check_source``; default: synthetic smooth colour fields) and
+    the result goes into the manifest, where ``precision=auto`` reads it."""
     out_dir = Path(out_dir)
     check_bundle_target(out_dir, overwrite)
     unknown = [r for r in runtimes if r not in RUNTIMES]
@@ -149,6 +166,9 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         generator = torch.Generator().manual_seed(0)
         size = preprocessing.input_size
         sample_images = torch.randn(4, 3, size, size, generator=generator)
+    if check_images is None:
+        check_images = synthetic_check_images(preprocessing)
+        check_source = "synthetic smooth colour fields"
 
     with atomic_folder(out_dir) as staging:
         torch.save(embedder.state_dict(), staging / "weights.pt")
@@ -163,6 +183,10 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         parity = {}
         for runtime in runtimes:
             parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
+        bf16_check = bf16_parity(embedder, check_images, source=check_source)
+        log.info("bf16 check on %d images (%s): min cosine %.5f, recall@%d %.3f → %s", bf16_check["images"],
+                 check_source, bf16_check["cosine_min"], bf16_check["k"], bf16_check["recall"],
+                 "precision=auto may use bf16" if bf16_check["passed"] else "precision=auto stays fp32")
         manifest = {
             "format_version": FORMAT_VERSION,
             "embedding_dim": int(reference.shape[1]),
@@ -170,10 +194,26 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             "source": source,
             "versions": _versions(),
             "parity": parity,
+            "precision": {"bf16": bf16_check},
             "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
         _write_json(staging / "manifest.json", manifest)
     return out_dir
+
+
+def synthetic_check_images(preprocessing: Preprocessing, count: int = 64, seed: int = 0) -> torch.Tensor:
+    """Model inputs for the bf16 check when no real pictures are at hand: smooth random colour fields
+    (a few coarse colour cells blown up bilinearly, plus fine noise), normalised as real inputs are —
+    unlike white noise they spread out in embedding space, so neighbour recall means something."""
+    generator = torch.Generator().manual_seed(seed)
+    size = preprocessing.input_size
+    cells = torch.randint(2, 9, (count,), generator=generator)
+    images = [torch.nn.functional.interpolate(torch.rand(1, 3, int(c), int(c), generator=generator), size=(size, size),
+                                              mode="bilinear", align_corners=False)[0] for c in cells]
+    pixels = (torch.stack(images) + 0.05 * torch.randn(count, 3, size, size, generator=generator)).clamp(0, 1)
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def check_bundle_target(out_dir: Path, overwrite: bool) -> None:

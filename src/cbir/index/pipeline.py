@@ -86,7 +86,20 @@ def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_d
     (``bundle_weights_sha256``) so a search with another bundle can be flagged."""
     weights = (getattr(bundle, "manifest", None) or {}).get("files", {}).get("weights.pt")
     extra = {"bundle": str(getattr(bundle, "path", "")), "bundle_weights_sha256": weights}
+    extraction_options, _ = split_options(options)
+    options = {**options, "precision": with_resolved_precision(extraction_options, bundle).precision}
     return build_collection_index(bundle.embedder, collection, out_dir, extra_info=extra, **options)
+
+
+def with_resolved_precision(options: ExtractionOptions, bundle) -> ExtractionOptions:
+    """``options`` with ``precision=auto`` made concrete for the extraction device: bf16 where the device has
+    it natively and the bundle's bf16 check passed (:meth:`cbir.export.bundle.Bundle.use_bf16`), else fp32."""
+    from cbir.index.shards import default_device
+    from cbir.models.precision import use_bf16
+
+    parity = getattr(bundle, "bf16_parity", None)
+    bf16 = use_bf16(options.precision, options.device or default_device(), parity)
+    return options.with_changes(precision="bf16" if bf16 else "fp32")
 
 
 def build_ondisk_cbir_index(shard_files: Sequence[os.PathLike], paths: Sequence[str],

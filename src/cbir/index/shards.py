@@ -30,6 +30,7 @@ from cbir.index.collection import Collection
 from cbir.index.errors import ExtractionMismatchError
 from cbir.io import atomic_save_npy, atomic_write_json
 from cbir.models.inference import embed, prepare_for_inference
+from cbir.models.precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ExtractionOptions:
     shard_size: int = 4096  # embeddings written every shard_size images; a killed run resumes from there
     device: str | None = None  # None: cuda when available
     channels_last: bool = True
-    bf16: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16; auto is resolved against a bundle's bf16 check (pipeline), else fp32
     resume: bool = True
     progress: bool = True
     processes: int = 1  # extraction ranks to spawn (one per GPU on CUDA); under torchrun the launcher decides
@@ -57,6 +58,12 @@ class ExtractionOptions:
                               f"({self.shard_size}) must be >= 1")
         if self.processes < 1:
             raise ConfigError(f"index.processes={self.processes}: must be >= 1")
+        check_precision(self.precision)
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 autocast: only when asked for, or resolved so from ``auto`` by a caller holding the bundle."""
+        return check_precision(self.precision) == "bf16"
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
