@@ -35,7 +35,7 @@ def check_precision(precision: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16 units (torch's own probe; ``/proc/cpuinfo`` flags where torch lacks it)."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
@@ -80,7 +80,7 @@ def use_bf16(precision: str, device: str | torch.device | None, parity: dict | N
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _say_once(message: str) -> None:
     log.info(message)
 
@@ -107,7 +107,7 @@ def bf16_parity(model: nn.Module, images: torch.Tensor, *, k: int = 10, batch_si
     k = max(1, min(k, len(images) - 1))
     recall = _neighbour_overlap(exact, low, k) if len(images) > 1 else 1.0
     result = {
-        "images": int(len(images)), "source": source, "k": k,
+        "images": len(images), "source": source, "k": k,
         "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()), "recall": float(recall),
         "min_cosine": MIN_COSINE, "min_recall": MIN_RECALL,
         "native_bf16_here": native_bf16("cpu"),
