@@ -19,7 +19,7 @@ import hydra
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbir.commands.args import exit_with_error
@@ -55,18 +55,29 @@ def describe_config_error(exc: Exception) -> str:
 
 def check_overrides(config_name: str, overrides: Sequence[str]) -> None:
     """Compose the config with ``overrides`` and raise ConfigError on any composition problem."""
+    compose_container(config_name, overrides)
+
+
+def compose_container(config_name: str, overrides: Sequence[str]) -> dict:
+    """The config composed with ``overrides``, unresolved, as plain containers (outside ``@hydra.main``);
+    a composition problem is a ConfigError."""
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose(config_name=config_name, overrides=list(overrides))
+            return OmegaConf.to_container(compose(config_name=config_name, overrides=list(overrides)), resolve=False)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
         raise ConfigError(describe_config_error(exc)) from None
+
+
+def has_hydra_flags(argv: Sequence[str]) -> bool:
+    """Hydra's own flags (multirun, --cfg, ...) are not overrides to check or rewrite."""
+    return any(a in _NO_PRECHECK_FLAGS or a.startswith(("hydra/", "--")) for a in argv)
 
 
 def run_hydra(config_name: str, task: Callable[[DictConfig], Any], argv: Sequence[str] | None = None) -> Any:
     """Run ``task`` under ``@hydra.main`` with ``argv`` (default: ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if not any(a in _NO_PRECHECK_FLAGS or a.startswith(("hydra/", "--")) for a in argv):
+        if not has_hydra_flags(argv):
             check_overrides(config_name, argv)
         conf = config_dir()
     except CbirError as exc:

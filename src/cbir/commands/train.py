@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cbir.commands.runner import run_hydra
-from cbir.errors import CheckpointError, ConfigError
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from cbir.commands.args import exit_with_error
+from cbir.commands.resume import resumed_argv
+from cbir.commands.runner import compose_container, has_hydra_flags, run_hydra
+from cbir.errors import CbirError, CheckpointError, ConfigError
 from cbir.evaluation.report import format_table, write_results
 from cbir.training import factory, tracking
 from cbir.training.module import MONITOR, MetricLearningModule
@@ -45,8 +50,10 @@ def train(cfg: DictConfig) -> float:
         if trainer.is_global_zero:  # the resolved config into W&B, its run id into the run folder
             tracking.start_runs(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), output_dir)
         best_score = _fit_and_test(cfg, trainer, module, datamodule, output_dir)
-    except BaseException:
+    except BaseException as exc:
         tracking.finish_runs(trainer.loggers, failed=True)  # a multirun's next job must not log into this run
+        if trainer.interrupted and isinstance(exc, SystemExit | KeyboardInterrupt):  # Lightning exits on Ctrl-C
+            _exit_interrupted(trainer, "SIGTERM" if isinstance(exc, SIGTERMException) else "Ctrl-C")
         raise
     tracking.finish_runs(trainer.loggers, {tracking.best_metric_name(_monitor(trainer)): best_score})
     return _objective(best_score, _monitor(trainer))
@@ -83,6 +90,18 @@ def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> 
     score = float(module.last_eval_metrics["map_at_r"])
     write_results(output_dir / "results.json", _describe_protocol(cfg), results, test_map_at_r=score)
     return score
+
+
+def _exit_interrupted(trainer: pl.Trainer, what: str) -> None:
+    """Stopped by SIGTERM or Ctrl-C: say where the state was saved and how to resume; exit non-zero (Lightning's
+    SIGTERM exit would otherwise be status 0, which reads as a finished run)."""
+    saved = next((c.interrupted_checkpoint for c in trainer.callbacks if getattr(c, "interrupted_checkpoint", None)),
+                 None)
+    where = (f"training state saved to {saved}; resume with: python train.py ckpt_path={saved}" if saved else
+             "no checkpoint saved (callbacks.last_checkpoint is off)")
+    print(f"train.py: stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; {where}",
+          file=sys.stderr)
+    raise SystemExit(143 if what == "SIGTERM" else 130) from None
 
 
 def _untrained_name(cfg: DictConfig) -> str:
@@ -154,5 +173,12 @@ def _describe_protocol(cfg: DictConfig) -> str:
 
 
 def main(argv=None):
-    """``cbir train`` / ``python train.py``: Hydra overrides over conf/train.yaml."""
+    """``cbir train`` / ``python train.py``: Hydra overrides over conf/train.yaml; resuming a run's checkpoint
+    continues that run's config (:mod:`cbir.commands.resume`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not has_hydra_flags(argv):
+        try:
+            argv = resumed_argv(argv, lambda overrides: compose_container("train", overrides))
+        except CbirError as exc:
+            exit_with_error(exc)
     return run_hydra("train", train, argv)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -35,6 +38,17 @@ class LastCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_newest(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C (SIGINT) or SIGTERM (a scheduler's kill, ``timeout``): save the state reached so far, so the run
+        resumes from here instead of from the last epoch's end. Errors are not saved over a good checkpoint."""
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking or trainer.fast_dev_run or self.dirpath is None:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        self.interrupted_checkpoint = str(path)
 
     def _save_newest(self, trainer: pl.Trainer) -> None:
         """Always, unlike ModelCheckpoint's own check, which also skips a step a step checkpoint just saved:
