@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cbir.commands.args import exit_with_error
