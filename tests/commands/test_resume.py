@@ -64,6 +64,13 @@ def test_resume_continues_the_runs_config_and_refuses_other_data(tiny_folder, tm
     other_model = _train(f"ckpt_path={last}", "model=mobilenet_v2", run=tmp_path / "fourth")
     assert other_model.returncode != 0 and "model.backbone: resnet18 → mobilenet_v2" in other_model.stderr
 
+    # eval.py on the run's checkpoint scores it on the run's data, not eval.yaml's default Fashion-MNIST
+    scored = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt_path={last}", "data.num_workers=0",
+                             f"hydra.run.dir={tmp_path / 'eval'}"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "eval" / "eval.json").read_text())["protocol"].startswith("folder")
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sent", "status", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from cbir.commands.resume import override_key
 from cbir.commands.runner import run_hydra
 from cbir.data.datasets import EvalSpec
 from cbir.errors import ConfigError
 from cbir.evaluation.report import format_table, write_results
-from cbir.models.checkpoint import load_embedder_checkpoint
+from cbir.models.checkpoint import load_embedder_checkpoint, resolve_checkpoint, run_config
 from cbir.training import factory
 from cbir.training.module import MetricLearningModule
 
@@ -24,6 +25,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     query/gallery spec, or a list of them whose metrics are averaged (e.g. both cross-vendor
     directions)."""
     if cfg.get("ckpt_path"):
+        _use_the_runs_data(cfg)
         embedder = load_embedder_checkpoint(cfg.ckpt_path)
         name = f"checkpoint {Path(cfg.ckpt_path).name}"
         if cfg.model.get("scales"):  # multi-scale evaluation of a checkpoint trained at one scale
@@ -49,6 +51,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
         write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", {name: metrics})
     return metrics
+
+
+def _use_the_runs_data(cfg: DictConfig) -> None:
+    """``eval.py ckpt_path=<a run's checkpoint>`` without ``data=...`` evaluates on the data the run trained on
+    (its ``config.yaml``), not on eval.yaml's default, with this command line's ``data.x=...`` on top;
+    naming ``data=...`` evaluates elsewhere."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    if not HydraConfig.initialized():  # called as a library with a composed config: it says what it means
+        return
+    keys = [override_key(o) for o in HydraConfig.get().overrides.task]
+    if "data" in keys:
+        return
+    data = (run_config(resolve_checkpoint(cfg.ckpt_path)) or {}).get("data")
+    if not data:
+        return
+    mine = {key: OmegaConf.select(cfg, key) for key in keys if key.startswith("data.")}
+    with open_dict(cfg):
+        cfg.data = data
+        for key, value in mine.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+    log.info("evaluating on the run's own data (%s; data=... evaluates on other data)", data.get("name"))
 
 
 def protocol_specs(data_cfg: DictConfig, protocol: str) -> list[EvalSpec]:

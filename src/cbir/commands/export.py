@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cbir.commands.runner import run_hydra
 from cbir.errors import ConfigError
 from cbir.export.bundle import check_bundle_target, export_bundle, load_bundle
-from cbir.models.checkpoint import load_checkpoint_model, resolve_checkpoint
+from cbir.models.checkpoint import load_checkpoint_model, resolve_checkpoint, run_config
 from cbir.models.from_config import embedder_from_model_config
 from cbir.models.wise import interpolate_trunk
 from cbir.ranks import launched_rank
@@ -27,7 +27,7 @@ def export(cfg: DictConfig) -> Path:
     if cfg.get("ckpt_path"):
         ckpt = resolve_checkpoint(cfg.ckpt_path)  # a run folder → its best checkpoint
         embedder, model_config = load_checkpoint_model(ckpt)
-        config = _run_config(ckpt)
+        config = run_config(ckpt)
         source = f"checkpoint {ckpt.resolve()}"
         alpha = cfg.get("wise_alpha")
         if alpha is not None and float(alpha) != 1.0:
@@ -125,14 +125,6 @@ def _pretrained_name(cfg: DictConfig, run_config: dict | None) -> str:
         raise ConfigError("export.wise_alpha: the run started from no pretrained weights (model.pretrained=none); "
                           "WiSE-FT averages with the pretrained trunk: set model.pretrained=<weights> or drop wise_alpha")
     return str(name)
-
-
-def _run_config(ckpt_path: Path) -> dict | None:
-    """The resolved config of the training run a checkpoint came from (``<run>/checkpoints/x.ckpt``)."""
-    candidate = ckpt_path.resolve().parent.parent / "config.yaml"
-    if not candidate.is_file():
-        return None
-    return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
 
 
 def main(argv=None):

@@ -60,3 +60,14 @@ def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
                               f"(first: {result.missing_keys[0]})")
     return embedder, model_cfg
 
+
+
+def run_config(ckpt_path: str | Path) -> dict | None:
+    """The resolved config of the training run a checkpoint came from (``<run>/checkpoints/x.ckpt`` →
+    ``<run>/config.yaml``); None for a checkpoint outside a run folder."""
+    from omegaconf import OmegaConf
+
+    candidate = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    if not candidate.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
