@@ -51,7 +51,7 @@ def searcher(searcher_parts):
 
 def test_each_indexed_image_finds_itself_first(searcher, tiny_folder):
     files = sorted(tiny_folder.rglob("*.png"))
-    results = searcher.search_paths(files, k=5)
+    results = searcher.search_paths(files, k=5, exclude_self=False)
     assert len(results) == len(files)
     for path, hits in zip(files, results):
         assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
@@ -189,7 +189,11 @@ def test_search_cli_table_json_grid_and_errors(searcher_parts, tiny_folder, tmp_
     assert js.returncode == 0, js.stderr[-1500:]
     payload = json.loads(js.stdout)
     assert len(payload) == 4 and all(len(entry["hits"]) == 2 for entry in payload)
-    assert payload[0]["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # the queries are in the index: by default none comes back as its own hit
+    assert all(hit["path"] != entry["query"] for entry in payload for hit in entry["hits"])
+    assert all(hit["score"] < 1.0 - 1e-4 for entry in payload for hit in entry["hits"])
+    itself = _run("search.py", f"bundle={bundle}", f"query={query}", "k=2", "--json", "exclude_self=false", cwd=tmp_path)
+    assert json.loads(itself.stdout)[0]["hits"][0]["path"] == str(query)
     assert len(list((tmp_path / "grids").glob("*.png"))) == 4
 
     for args, message in ([f"bundle={bundle}"], "query=... is required"), \
@@ -213,7 +217,7 @@ def test_export_with_index_then_cbir_search(tiny_folder, tmp_path):
                              f"query={next(tiny_folder.rglob('*.png'))}", "k=1", "--json"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert search.returncode == 0, search.stderr[-1500:]
-    assert json.loads(search.stdout)["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert json.loads(search.stdout)[0]["hits"][0]["score"] < 1.0 - 1e-4  # the query itself is excluded
 
 
 def test_array_backed_hits_load_their_pixels(searcher, tiny_fashion_mnist, monkeypatch, tmp_path):
@@ -261,6 +265,15 @@ def test_classify_labels_each_indexed_image_by_its_class(searcher, tiny_folder):
     assert sum(wider.votes.values()) == pytest.approx(sum(max(h.score, 0) for h in wider.hits if h.label), abs=1e-5)
 
 
+def test_search_paths_leaves_the_query_itself_out(searcher, tiny_folder):
+    files = sorted(tiny_folder.rglob("*.png"))[:4]
+    for file, hits in zip(files, searcher.search_paths(files, k=3)):
+        assert len(hits) == 3 and str(file) not in [h.path for h in hits]
+        assert [h.rank for h in hits] == [1, 2, 3]
+    kept = searcher.search_paths(files, k=3, exclude_self=False)
+    assert [hits[0].path for hits in kept] == [str(f) for f in files]
+
+
 def test_classify_cli_and_an_unlabelled_index(searcher_parts, tiny_folder, tmp_path, capsys):
     import json
 
@@ -270,7 +283,8 @@ def test_classify_cli_and_an_unlabelled_index(searcher_parts, tiny_folder, tmp_p
     query = sorted(tiny_folder.rglob("*.png"))[0]
     assert classify.main([f"bundle={root / 'bundle'}", f"query={query}", "k=1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result[0]["label"] == query.parent.name and result[0]["hits"][0]["path"] == str(query)
+    assert result[0]["hits"][0]["path"] != str(query)  # it does not vote for itself
+    assert len(result) == 1 and len(result[0]["hits"]) == 1
     flat = tmp_path / "flat"
     flat.mkdir()
     for f in sorted(tiny_folder.rglob("*.png"))[:3]:

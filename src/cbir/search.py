@@ -12,6 +12,7 @@ The CLI (``search.py``, ``cbir search``), the Python API and the HTTP service al
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -160,20 +161,25 @@ class Searcher:
                   for start in range(0, len(images), self.batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
 
-    def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[list[Hit]]:
-        """Top-``k`` hits of each image, best first."""
+    def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
+                      exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits of each image, best first. ``exclude``: per image, the source (file path or dataset
+        reference) it was read from: a hit of that same source is the query finding itself and is left out
+        (the next hit takes its place)."""
         k = check_k(k)
         if not len(images):
             return []
         embeddings = self.embed_images(images, preprocess)
-        return self.search_embeddings(embeddings, k)
+        return self.search_embeddings(embeddings, k, exclude)
 
-    def classify(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None) -> list[Prediction]:
+    def classify(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
+                 exclude: Sequence[str | None] | None = None) -> list[Prediction]:
         """k-NN classification: each image's label by a similarity-weighted vote of its top-``k`` hits
-        (:func:`vote`). The index must hold labels (a folder of class folders, a labelled CSV, a dataset)."""
+        (:func:`vote`). The index must hold labels (a folder of class folders, a labelled CSV, a dataset).
+        ``exclude`` as in :meth:`search_images` (an image must not vote for itself)."""
         if len(self.index) and not self.labelled:  # an empty index: search_images says so
             raise SearchError(self.no_labels_message())
-        return [vote(hits) for hits in self.search_images(images, k, preprocess)]
+        return [vote(hits) for hits in self.search_images(images, k, preprocess, exclude)]
 
     @cached_property
     def labelled(self) -> bool:
@@ -185,27 +191,35 @@ class Searcher:
         return (f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs a labelled "
                 "collection (class sub-folders, a CSV with a label column, or a dataset)")
 
-    def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search_embeddings(self, embeddings: np.ndarray, k: int = 10,
+                          exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
         k = check_k(k)
         size = len(self.index)
         if size == 0:
             raise SearchError(f"index {getattr(self.index, 'path', '')} is empty: add images to it first")
-        scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(k, size))
+        excluded = [_same_source_key(source) for source in exclude] if exclude is not None else [None] * len(embeddings)
+        wanted = k + 1 if any(excluded) else k  # one spare for the query itself
+        scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(wanted, size))
         results = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row_scores, row_ids, own in zip(scores, ids, excluded):
             valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
             records = self.index.lookup([i for _, i in valid])
+            kept = [(score, i, rec) for (score, i), rec in zip(valid, records)
+                    if own is None or _same_source_key(_field(rec, "path")) != own][:k]
             results.append([Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"))
-                            for rank, ((score, i), rec) in enumerate(zip(valid, records), start=1)])
+                            for rank, (score, i, rec) in enumerate(kept, start=1)])
         return results
 
-    def search_paths(self, paths: Iterable[str | Path], k: int = 10, preprocess=None) -> list[list[Hit]]:
-        """Search each image file; a folder expands to the images inside it (sorted)."""
+    def search_paths(self, paths: Iterable[str | Path], k: int = 10, preprocess=None,
+                     exclude_self: bool = True) -> list[list[Hit]]:
+        """Search each image file; a folder expands to the images inside it (sorted). With ``exclude_self``, a
+        query file that the index holds does not come back as its own first hit."""
         files = expand_query_paths(paths)
         results: list[list[Hit]] = []
         for start in range(0, len(files), self.batch_size):
-            images = [read_query_image(p) for p in files[start:start + self.batch_size]]
-            results += self.search_images(images, k, preprocess)
+            batch = files[start:start + self.batch_size]
+            images = [read_query_image(p) for p in batch]
+            results += self.search_images(images, k, preprocess, [str(p) for p in batch] if exclude_self else None)
         return results
 
     def image_source(self, image_id: int) -> str:
@@ -254,6 +268,17 @@ class Searcher:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
                 "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
                 "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec}
+
+
+def _same_source_key(source: str | Path | None) -> str | None:
+    """What makes two sources the same image: the absolute, normalised file path (the index stores absolute
+    paths), or a dataset reference as it is."""
+    if source is None:
+        return None
+    text = str(source)
+    if parse_array_source(text) is not None and not Path(text).exists():
+        return text
+    return os.path.normcase(os.path.abspath(text))
 
 
 def _field(record, name: str):

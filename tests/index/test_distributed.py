@@ -298,9 +298,9 @@ def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_pat
         "embeddings", "ids-000001.jsonl", "index-000001.faiss", "index.json", "lists.ivfdata"]
     query = sorted(images.rglob("*.png"))[3]
     run = subprocess.run([sys.executable, str(ROOT / "search.py"), f"bundle={bundle_dir}", f"query={query}",
-                          "k=2", "--json"], capture_output=True, text=True, cwd=tmp_path)
+                          "k=2", "--json", "exclude_self=false"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    hits = json.loads(run.stdout)["hits"]  # stdout is pure JSON: faiss's printf went to stderr
+    hits = json.loads(run.stdout)[0]["hits"]  # stdout is pure JSON: faiss's printf went to stderr
     assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 

@@ -25,7 +25,8 @@ def run_classify(cfg: DictConfig) -> list[dict]:
     files = query_sources(queries)
     results = []
     for batch, images in query_batches(searcher, files):
-        for query, prediction in zip(batch, searcher.classify(images, int(cfg.k))):
+        own = [str(q) for q in batch] if cfg.exclude_self else None
+        for query, prediction in zip(batch, searcher.classify(images, int(cfg.k), exclude=own)):
             results.append({"query": str(query), **prediction.to_json()})
             if not cfg.json:
                 print(format_prediction(str(query), prediction))

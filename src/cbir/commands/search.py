@@ -48,7 +48,8 @@ def run_search(cfg: DictConfig) -> list[dict]:
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}
     results = []
     for batch, images in query_batches(searcher, files):
-        for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k))):
+        own = [str(q) for q in batch] if cfg.exclude_self else None
+        for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k), exclude=own)):
             label = query.parent.name if isinstance(query, Path) else dataset_label(searcher, query)
             results.append({"query": str(query), "hits": [hit.to_json() for hit in hits]})
             if cfg.grid:
@@ -59,7 +60,7 @@ def run_search(cfg: DictConfig) -> list[dict]:
             if not cfg.json:
                 print(format_hits(str(query), hits) + "\n")
     if cfg.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print(json.dumps(results, indent=2))  # a list, for one query as for many
     return results
 
 
