@@ -28,6 +28,7 @@ from cbir.data.datasets import (
 from cbir.data.readers.pairs import PairCatalog
 from cbir.data.sampler import MPerClassBatchSampler
 from cbir.data.transforms import eval_transform, seed_transform_in_worker, train_transform
+from cbir.errors import ConfigError
 from cbir.ranks import distributed_world_size
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class LoaderOptions:
     cache_images: bool | str = "auto"  # decode once into memory (auto: file-backed sets up to 50k images)
     cache_max_mb: float = 2048.0
     seed: int | None = None  # the augmentations' random state (albumentations ignores the global seed)
+    val_subset: int | float | None = None  # validation on a fixed random subset: a count, or a fraction (0, 1)
+    test_subset: int | float | None = None  # the same for the test set
 
     def __post_init__(self) -> None:
         check_bad_image_policy(self.on_bad_image)
@@ -128,17 +131,36 @@ class RetrievalDataModule(ImageDataModule):
         return loader_class(dataset, batch_sampler=sampler, worker_init_fn=seed_transform_in_worker,
                             **self._loader_kwargs(collate_records))
 
-    def eval_dataloader(self, spec: EvalSpec) -> DataLoader:
+    def eval_dataloader(self, spec: EvalSpec, limit: int | float | None = None) -> DataLoader:
         dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.options.on_bad_image, cache=self.cache)
+        dataset = subsample_eval_set(dataset, limit, spec)
         sampler = DistributedSampler(dataset, shuffle=False) if distributed_world_size() > 1 else None
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
                           **self._loader_kwargs(collate_records))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.eval_dataloader(self.val_spec) if self.val_spec else []
+        return self.eval_dataloader(self.val_spec, self.options.val_subset) if self.val_spec else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader(self.test_spec)
+        return self.eval_dataloader(self.test_spec, self.options.test_subset)
+
+
+def subsample_eval_set(dataset: RecordDataset, limit: int | float | None, spec: EvalSpec,
+                       seed: int = 0) -> RecordDataset:
+    """A fixed random subset of an evaluation set — ``limit`` images (a count, or a fraction in (0, 1)) —
+    keeping each image's query/gallery role, so the metrics stay retrieval metrics on a smaller set (a cut
+    after N batches would keep queries with no gallery). None: the whole set."""
+    if limit is None:
+        return dataset
+    count = int(round(len(dataset) * limit)) if isinstance(limit, float) and 0 < limit < 1 else int(limit)
+    if count < 2:
+        raise ConfigError(f"evaluation subset of {limit} images from {spec.describe()}: need at least 2")
+    if count >= len(dataset):
+        return dataset
+    keep = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+    log.info("evaluating on %d of %d images of %s (a fixed random subset)", count, len(dataset), spec.describe())
+    return RecordDataset(dataset.catalog, dataset.indices[keep], dataset.transform, dataset.roles[keep],
+                         on_bad_image=dataset.on_bad_image, cache=dataset.cache)
 
 
 class PairDataModule(ImageDataModule):

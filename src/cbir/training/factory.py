@@ -37,7 +37,29 @@ def loader_options(cfg: DictConfig) -> LoaderOptions:
                          train_split=data.get("train_split", defaults.train_split),
                          on_bad_image=data.get("on_bad_image", defaults.on_bad_image),
                          cache_images=data.get("cache_images", defaults.cache_images),
-                         cache_max_mb=float(data.get("cache_max_mb", defaults.cache_max_mb)), seed=cfg.get("seed"))
+                         cache_max_mb=float(data.get("cache_max_mb", defaults.cache_max_mb)), seed=cfg.get("seed"),
+                         val_subset=eval_subset(cfg, "val"), test_subset=eval_subset(cfg, "test"))
+
+
+def eval_subset(cfg: DictConfig, which: str) -> int | float | None:
+    """How much of the ``which`` (val/test) retrieval set to evaluate on: ``subset.<which>`` (an image count or
+    a fraction), else Lightning's ``trainer.limit_<which>_batches`` read as images (N batches of
+    ``data.eval_batch_size``, or a fraction) — a random subset, since the first N batches may hold queries
+    and no gallery. None: all of it."""
+    subset = (cfg.get("subset") or {}).get(which)
+    limit = (cfg.get("trainer") or {}).get(f"limit_{which}_batches")
+    value = subset if subset is not None else limit
+    if value is None or value == 0 or (isinstance(value, float) and value == 1.0):
+        return None  # all of it; 0 batches: Lightning skips the loop
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        key = f"subset.{which}" if subset is not None else f"trainer.limit_{which}_batches"
+        raise ConfigError(f"{key}={value!r}: an image count / batch count >= 1, or a fraction in (0, 1)")
+    if isinstance(value, float) and value < 1:
+        return float(value)
+    if subset is not None:
+        return int(value)
+    batch = cfg.data.get("eval_batch_size") or 2 * int(cfg.data.batch_size)
+    return int(value) * int(batch)
 
 
 def model_config(cfg: DictConfig) -> dict:
@@ -279,4 +301,8 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
         # the warm-up freezes the backbone after DDP has wrapped the model: DDP must expect parameters
         # without gradients (it otherwise stops at the second step)
         overrides.setdefault("strategy", "ddp_find_unused_parameters_true")
+    for key in ("limit_val_batches", "limit_test_batches"):
+        # retrieval sets are subsampled by the data module (eval_subset) instead; 0 still means "skip it"
+        if cfg.data.get("name") != "pairs" and cfg.trainer.get(key) not in (None, 0):
+            overrides.setdefault(key, None)
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
