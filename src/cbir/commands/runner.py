@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbir.commands.args import exit_with_error
+from cbir.commands.quiet import quiet_known_noise
 from cbir.configs import config_dir
 from cbir.errors import CbirError, ConfigError
 
@@ -76,6 +77,7 @@ def has_hydra_flags(argv: Sequence[str]) -> bool:
 def run_hydra(config_name: str, task: Callable[[DictConfig], Any], argv: Sequence[str] | None = None) -> Any:
     """Run ``task`` under ``@hydra.main`` with ``argv`` (default: ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_noise()
     try:
         if not has_hydra_flags(argv):
             check_overrides(config_name, argv)

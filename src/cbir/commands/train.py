@@ -44,9 +44,10 @@ def train(cfg: DictConfig) -> float:
     if not fit:
         return _evaluate_as_is(cfg, embedder, datamodule, output_dir)
     module = factory.build_module(cfg, embedder, catalog)  # the catalog sizes proxy losses
+    log.info("%s", describe_run(cfg, embedder, output_dir))
     trainer = factory.build_trainer(cfg)
     try:
-        if trainer.is_global_zero:  # the resolved config into W&B, its run id into the run folder
+        if trainer.is_global_zero:  # the resolved config into every logger, a W&B run id into the run folder
             tracking.start_runs(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), output_dir)
         best_score = _fit_and_test(cfg, trainer, module, datamodule, output_dir)
     except BaseException as exc:
@@ -74,7 +75,9 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, outp
         results[f"trained ({'best' if best == 'best' else 'last'} checkpoint)"] = dict(module.last_eval_metrics)
     if results and trainer.is_global_zero:  # under DDP every rank has the same results: one writes
         table = format_table(results)
-        print("\nRetrieval on " + _describe_protocol(cfg) + ":\n" + table + "\n")
+        report = "Retrieval on " + _describe_protocol(cfg) + ":\n" + table
+        print("\n" + report + "\n")
+        _to_log_file(report)
         write_results(output_dir / "results.json", _describe_protocol(cfg), results, best_val_map_at_r=best_score)
     return best_score
 
@@ -89,6 +92,31 @@ def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> 
     score = float(module.last_eval_metrics["map_at_r"])
     write_results(output_dir / "results.json", _describe_protocol(cfg), results, test_map_at_r=score)
     return score
+
+
+def describe_run(cfg: DictConfig, embedder, output_dir: Path) -> str:
+    """One line at the start of a run: what was chosen (the full resolved config is in config.yaml)."""
+    def pick(group: str) -> str:
+        node = cfg.get(group) or {}
+        target = str(node.get("_target_", "")).rpartition(".")[2]
+        return target or str(node.get("name", "-"))
+
+    total = sum(p.numel() for p in embedder.parameters())
+    trained = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
+    return (f"run: data={cfg.data.name} ({cfg.data.image_size} px, batch {cfg.data.batch_size}) "
+            f"model={cfg.model.backbone} (pretrained={cfg.model.pretrained}) head={pick('head')} loss={pick('loss')} "
+            f"miner={pick('miner')} optimizer={pick('optimizer')} lr={cfg.optimizer.get('lr')} "
+            f"epochs={cfg.trainer.max_epochs} tune={(cfg.get('train') or {}).get('tune', 'full')}; "
+            f"{embedder.embedding_dim}-d embeddings, {total / 1e6:.1f} M parameters, {trained / 1e6:.1f} M trained; "
+            f"config: {output_dir / 'config.yaml'}")
+
+
+def _to_log_file(text: str) -> None:
+    """``text`` into the run's log file (train.log) only: the console got it by print already."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(text + "\n")
+            handler.flush()
 
 
 def _exit_interrupted(trainer: pl.Trainer, what: str) -> None:

@@ -164,11 +164,14 @@ def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
 
 
 def start_runs(loggers: Iterable[Logger], config: Mapping[str, Any], run_dir: str | Path) -> list[str]:
-    """Open each W&B logger's run, log the resolved ``config`` into it and record its id in ``run_dir``
-    (so a resumed training finds it). Call on the main process only. Returns the run ids."""
+    """Log the whole resolved ``config`` as every logger's hyperparameters (CSV ``hparams.yaml``, TensorBoard,
+    W&B: data, loss, optimiser and schedule, not only the model's settings), and record each W&B run's id in
+    ``run_dir`` (so a resumed training finds it). Call on the main process only. Returns the W&B run ids."""
+    loggers = list(loggers)
+    for logger in loggers:
+        logger.log_hyperparams(dict(config))
     ids = []
     for logger in wandb_loggers(loggers):
-        logger.log_hyperparams(dict(config))
         run_id = getattr(logger.experiment, "id", None)
         if isinstance(run_id, str) and run_id:
             write_run_id(run_dir, run_id)
