@@ -16,6 +16,7 @@ from cbir.commands.resume import resumed_argv
 from cbir.commands.runner import compose_container, has_hydra_flags, run_hydra
 from cbir.errors import CbirError, CheckpointError, ConfigError
 from cbir.evaluation.report import format_table, write_results
+from cbir.models.checkpoint import verify_checkpoint
 from cbir.training import factory, tracking
 from cbir.training.module import MONITOR, MetricLearningModule
 
@@ -147,6 +148,7 @@ def _resume_path(cfg: DictConfig) -> str | None:
         path = str(last)
     if not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
+    verify_checkpoint(path)
     _check_readable_checkpoint(Path(path))
     return path
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cbir.errors import CheckpointError
+from cbir.io import sha256_file
 from cbir.models.embedder import Embedder
 from cbir.models.from_config import embedder_from_model_config
 
@@ -39,6 +40,7 @@ def load_checkpoint_model(ckpt_path: str | Path) -> tuple[Embedder, dict]:
     path = resolve_checkpoint(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unreadable user file
@@ -71,3 +73,26 @@ def run_config(ckpt_path: str | Path) -> dict | None:
     if not candidate.is_file():
         return None
     return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
+
+
+SIDECAR_SUFFIX = ".sha256"
+
+
+def sidecar(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """CheckpointError when ``path`` no longer matches the checksum written with it. Checkpoints saved
+    without one (older runs, other tools) are accepted as they are."""
+    path = Path(path)
+    recorded = sidecar(path)
+    if not recorded.is_file() or not path.is_file():
+        return
+    fields = recorded.read_text().split()
+    expected = fields[0] if fields else ""
+    if sha256_file(path) != expected:
+        raise CheckpointError(f"checkpoint {path} does not match its checksum ({recorded.name}): the file changed or "
+                              "was damaged after it was saved; use another checkpoint (e.g. the run's last.ckpt) or "
+                              "train again")

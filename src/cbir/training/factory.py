@@ -305,4 +305,8 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
         # retrieval sets are subsampled by the data module (eval_subset) instead; 0 still means "skip it"
         if cfg.data.get("name") != "pairs" and cfg.trainer.get(key) not in (None, 0):
             overrides.setdefault(key, None)
+    if "plugins" not in overrides and not cfg.trainer.get("plugins"):
+        from cbir.training.checkpoint_io import VerifiedCheckpointIO
+
+        overrides["plugins"] = [VerifiedCheckpointIO()]  # atomic checkpoint files with a .sha256 beside each
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
