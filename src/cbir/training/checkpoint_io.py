@@ -18,6 +18,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from cbir.io import atomic_path, atomic_write_text, sha256_file
 from cbir.models.checkpoint import sidecar
 
+
 class VerifiedCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO, writing atomically and with a SHA-256 sidecar."""
 
