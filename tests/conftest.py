@@ -3,11 +3,17 @@ Shared code that is not a fixture lives in ``tests/helpers/``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.data import write_class_images, write_idx
+
+# precision=auto would pick bf16 on a CPU with AMX whenever a tiny random model happens to pass its export check:
+# tests compare scores to 1e-4, so inference stays fp32 unless a test asks for bf16 (tests/models/test_precision.py
+# patches the probe itself). Set here, it reaches the entry points the tests start as subprocesses too.
+os.environ.setdefault("CBIR_NATIVE_BF16", "0")
 
 
 @pytest.fixture(scope="session")

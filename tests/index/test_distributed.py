@@ -65,9 +65,9 @@ def write_shards(folder: Path, vectors: np.ndarray, sizes: list[int]) -> list[Pa
 @pytest.mark.slow  # two spawned interpreters import torch: ~15 s alone, ~40 s on a loaded machine
 def test_two_spawned_ranks_build_the_same_index_as_one_process(model, images, tmp_path):
     one = build_collection_index(model, images, tmp_path / "one", kind="flat", batch_size=4, num_workers=0,
-                                 shard_size=3, progress=False)
+                                 shard_size=3, progress=False, keep_shards=True)
     two = build_collection_index(model, images, tmp_path / "two", kind="flat", batch_size=4, num_workers=0,
-                                 shard_size=3, progress=False, processes=2)
+                                 shard_size=3, progress=False, processes=2, keep_shards=True)
     assert len(two) == len(one) == 20
     assert two.store.rows == one.store.rows  # same ids, paths and labels, in collection order
     for shard in range(7):  # every shard written once, by one of the ranks
@@ -155,7 +155,7 @@ def test_torchrun_two_ranks_cli_build_equals_one_process(model, images, tmp_path
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"hyper_parameters": {"model_config": {"backbone": "resnet18", "image_size": 16, "head": None}},
                 "state_dict": {f"embedder.{k}": v for k, v in model.state_dict().items()}}, ckpt)
-    common = ["index", "build", f"ckpt={ckpt}", f"collection={images}", "num_workers=0", "kind=flat", "batch_size=4"]
+    common = ["index", "build", f"ckpt={ckpt}", f"collection={images}", "num_workers=0", "kind=flat", "batch_size=4", "keep_shards=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cbir.cli",
@@ -294,8 +294,9 @@ def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_pat
     index = build_bundle_index(load_bundle(bundle_dir), str(images), bundle_dir / "index", kind="ondisk",
                                num_workers=0, shard_size=6, progress=False)
     assert index.kind == "ondisk" and len(index) == 20
+    # the extraction shards are gone once the index is saved: a bundle does not carry its vectors twice
     assert sorted(p.name for p in (bundle_dir / "index").iterdir()) == [
-        "embeddings", "ids-000001.jsonl", "index-000001.faiss", "index.json", "lists.ivfdata"]
+        "ids-000001.jsonl", "index-000001.faiss", "index.json", "lists.ivfdata"]
     query = sorted(images.rglob("*.png"))[3]
     run = subprocess.run([sys.executable, str(ROOT / "search.py"), f"bundle={bundle_dir}", f"query={query}",
                           "k=2", "--json", "exclude_self=false"], capture_output=True, text=True, cwd=tmp_path)

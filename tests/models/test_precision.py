@@ -78,6 +78,7 @@ def test_unknown_precision_is_one_clear_error():
 
 
 def test_native_probe_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv("CBIR_NATIVE_BF16", raising=False)
     precision.cpu_has_native_bf16.cache_clear()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
@@ -87,5 +88,8 @@ def test_native_probe_follows_the_cpu_flags(monkeypatch):
         precision.cpu_has_native_bf16.cache_clear()
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
         assert precision.native_bf16(None) is True
+        monkeypatch.setenv("CBIR_NATIVE_BF16", "0")
+        precision.cpu_has_native_bf16.cache_clear()
+        assert precision.native_bf16("cpu") is False  # the override wins over the hardware
     finally:
         precision.cpu_has_native_bf16.cache_clear()

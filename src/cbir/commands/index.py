@@ -63,7 +63,7 @@ def settings(cfg: DictConfig) -> dict:
 
 def run_index_command(action: str, cfg: DictConfig) -> None:
     from cbir.index import add_to_index, build_bundle_index, build_collection_index, load_index
-    from cbir.index.pipeline import split_options, with_resolved_precision
+    from cbir.index.pipeline import drop_shards, split_options, with_resolved_precision
     from cbir.index.store import index_writer
 
     if action == "build":
@@ -90,6 +90,8 @@ def run_index_command(action: str, cfg: DictConfig) -> None:
             ids, extraction = add_to_index(index, embedder, cfg.collection, index.path / "embeddings",
                                            extraction_options)
             index.save(index.path)
+            if extraction.work_dir is not None and not extraction_options.keep_shards:
+                drop_shards(extraction.work_dir, index.path, f"skipped-{extraction.work_dir.name}.json")
             print(f"index {cfg.index}: added {len(ids)} images ({len(extraction.skipped)} unreadable, skipped); "
                   f"{len(index)} in all")
         else:

@@ -10,6 +10,7 @@ loading them all (:mod:`cbir.index.ondisk`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from cbir.index.collection import Collection, read_collection
 from cbir.index.errors import DimensionMismatchError
 from cbir.index.extract import extract_collection
 from cbir.index.ondisk import VectorShards, build_ondisk_index
-from cbir.index.shards import Extraction, ExtractionOptions, model_fingerprint
+from cbir.index.shards import SKIPPED, Extraction, ExtractionOptions, model_fingerprint
 from cbir.index.store import CbirIndex, IdStore
 from cbir.ranks import launched_rank
 
@@ -76,8 +77,25 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
     index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
                       **(extra_info or {}))
     index.save(out)
+    if not extraction_options.keep_shards:
+        drop_shards(out / EXTRACT_DIR, out)
     log.info("index: %s → %s", index.describe(), out)
     return index
+
+
+def drop_shards(work: Path, index_dir: Path, skipped_name: str = SKIPPED) -> None:
+    """Remove an extraction's work folder once its vectors are in a saved index (they are only needed to
+    resume the extraction; a bundle with its index would otherwise carry them twice). The list of unreadable
+    images stays, as ``index_dir/skipped_name``."""
+    import shutil
+
+    skipped = work / SKIPPED
+    if skipped.is_file() and json.loads(skipped.read_text() or "[]"):
+        os.replace(skipped, index_dir / skipped_name)
+    shutil.rmtree(work, ignore_errors=True)
+    parent = work.parent
+    if parent.name == EXTRACT_DIR and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()  # an add's work folder lives in <index>/embeddings/
 
 
 def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_dir: str | os.PathLike,
@@ -144,6 +162,7 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     fresh = collection.subset(new)
     key = hashlib.sha256("\n".join(fresh.source(int(i)) for i in new).encode()).hexdigest()[:12]
     extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", options)
+    extraction.work_dir = Path(work_dir) / f"add-{key}"
     ids = index.add(extraction.embeddings, [fresh.source(int(i)) for i in extraction.indices],
                     [fresh.label(int(i)) for i in extraction.indices])
     return ids, extraction

@@ -49,6 +49,7 @@ class ExtractionOptions:
     channels_last: bool = True
     precision: str = "auto"  # auto | fp32 | bf16; auto is resolved against a bundle's bf16 check (pipeline), else fp32
     resume: bool = True
+    keep_shards: bool = False  # keep the embedding shards after the index is saved (to rebuild without re-embedding)
     progress: bool = True
     processes: int = 1  # extraction ranks to spawn (one per GPU on CUDA); under torchrun the launcher decides
 
@@ -91,6 +92,7 @@ class Extraction:
     indices: np.ndarray
     skipped: list[dict] = field(default_factory=list)
     shard_files: list[Path] = field(default_factory=list)  # the .npy shards, in collection order
+    work_dir: Path | None = None  # the folder of the shards (resumable until the index is saved)
 
 
 def model_fingerprint(model: nn.Module) -> str:
