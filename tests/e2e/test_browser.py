@@ -92,6 +92,9 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.goto(url + "/")
             expect(page.locator("#status")).to_contain_text("24 indexed images", timeout=30_000)
+            default_k = httpx.get(f"{url}/health").json()["default_k"]
+            expect(page.locator("#k-input")).to_have_value(str(default_k))  # the server's k, not the page's own
+            assert page.evaluate("fetch('/favicon.ico').then(r => r.status)") == 200
             page.fill("#k-input", "6")
             page.set_input_files("#file-input", str(query))  # choosing a file starts the search
             tiles = page.locator("#results figure.result")

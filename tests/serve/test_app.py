@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -224,6 +225,29 @@ def test_page_and_schema(client):
     assert client.get("/static/../app.py").status_code == 404
 
 
+def test_docs_favicon_and_warm_thumbnails_work_offline(searcher):
+    """/docs is Swagger UI from assets the service serves itself (FastAPI's default loads a CDN: blank offline),
+    the page has a favicon, and the first thumbnail is made at start-up."""
+    with TestClient(create_app(searcher, default_k=7)) as client:
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+        assert "cdn" not in docs.text.lower()
+        script = client.get("/docs-assets/swagger-ui-bundle.js")
+        assert script.status_code == 200 and len(script.content) > 100_000
+        assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+        icon = client.get("/favicon.ico")
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/png" and icon.content[:4] == b"\x89PNG"
+        assert 'rel="icon"' in client.get("/").text
+        assert client.get("/health").json()["default_k"] == 7
+        assert client.get("/redoc").status_code == 404  # ReDoc would load a CDN too: not offered
+        app_state = client.app.state.thumbnails
+        for _ in range(100):  # the warm-up runs in the background
+            if app_state._cache:
+                break
+            time.sleep(0.05)
+        assert len(app_state._cache) == 1
+
+
 # -- API key --------------------------------------------------------------------------------------------
 
 def test_api_key(searcher, collection):
@@ -357,14 +381,14 @@ def test_serve_config(monkeypatch):
 
 # -- fuzzing the OpenAPI schema -----------------------------------------------------------------------------
 
-import schemathesis  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
 FUZZ_LOG = ARTIFACTS / "fuzz_summary.json"
 
 
 @pytest.fixture(scope="module")
-def fuzz_calls():  # noqa: D401
+def fuzz_calls():
     """Every fuzzed request's (operation, status), written to tests/artifacts/fuzz_summary.json."""
     calls: list[dict] = []
     yield calls

@@ -14,6 +14,7 @@ they are read (413), decoded by content (never by name or content type) and pixe
 decoding (decompression bombs).
 """
 
+import asyncio
 import enum
 import hmac
 import logging
@@ -27,10 +28,12 @@ import anyio.to_thread
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from cbir.errors import BadImageError, CbirError, ConfigError
 from cbir.search import (
@@ -157,10 +160,14 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
 
     @asynccontextmanager
     async def lifespan(_app):
+        # read the first indexed image once in the background: an array-backed collection (Fashion-MNIST) loads
+        # its dataset on the first thumbnail, which would otherwise leave the first results grey for seconds
+        warming = asyncio.get_running_loop().run_in_executor(None, thumbnails.warm)
         yield
         await batcher.close()
+        await warming
 
-    app = FastAPI(title=title, version="1", lifespan=lifespan,
+    app = FastAPI(title=title, version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Content-based image retrieval: upload a query image, get the most similar "
                               "indexed images.")
     app.state.searcher, app.state.batcher, app.state.thumbnails = searcher, batcher, thumbnails
@@ -303,6 +310,19 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     async def page():
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC_DIR / "favicon.png", media_type="image/png")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        """Swagger UI from the assets of PyPI swagger-ui-bundle, served here: FastAPI's own /docs loads them
+        from a CDN and stays blank offline."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} — API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/favicon.ico")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
     return app
 

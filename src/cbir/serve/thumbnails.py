@@ -7,6 +7,7 @@ collections such as Fashion-MNIST, whose pixels come from the collection the ind
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -16,6 +17,8 @@ from PIL import Image, ImageOps
 from cbir.data.images import image_to_rgb
 from cbir.errors import CbirError
 from cbir.search import Searcher
+
+log = logging.getLogger(__name__)
 
 
 class ThumbnailNotFound(CbirError):
@@ -41,6 +44,15 @@ class Thumbnails:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return entry
+
+    def warm(self) -> None:
+        """Make the first thumbnail of the index (and so load what its pixels come from: a dataset's arrays)."""
+        try:
+            first = next(iter(self.searcher.index.store.rows), None) if hasattr(self.searcher.index, "store") else None
+            if first is not None:
+                self.get(int(first))
+        except (CbirError, OSError, ValueError) as exc:  # a missing file shows as a broken thumbnail later, not here
+            log.info("thumbnail warm-up skipped: %s", exc)
 
     def _pixels(self, image_id: int) -> Image.Image:
         try:

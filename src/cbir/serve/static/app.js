@@ -33,6 +33,7 @@ async function loadHealth() {
     $("status").textContent = `${health.index_size.toLocaleString()} indexed images · ${health.model} · ` +
       `${health.embedding_dim}-d embeddings`;
     $("k-input").max = health.max_k;
+    $("k-input").value = health.default_k;  // the server's default (serve.yaml k), not a number of the page's own
     for (const name of health.preprocess_options) {
       const option = document.createElement("option");
       option.value = option.textContent = name;
@@ -99,7 +100,7 @@ async function search(event) {
   if (!chosenFile) { showError("choose an image first"); return; }
   const form = new FormData();
   form.append("image", chosenFile, chosenFile.name);
-  form.append("k", $("k-input").value || "12");
+  if ($("k-input").value) form.append("k", $("k-input").value);  // empty: the server's default k
   if ($("preprocess-select").value) form.append("preprocess", $("preprocess-select").value);
   $("search-button").disabled = true;
   $("summary").textContent = "searching…";
