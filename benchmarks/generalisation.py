@@ -40,14 +40,14 @@ from cbir.evaluation.report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-BASE = ["experiment=emoji", "data.num_workers=2"]
+BASE = ["experiment=emoji_fast", "data.num_workers=2"]
 TRUNKS = {  # name -> (model overrides for training and the untrained row, its pretrained weights)
     "mobilenet_v2": (["model=mobilenet_v2", "model.image_size=64"], "imagenet"),
     "efficientnet_lite0": (["model=efficientnet_lite0", "model.image_size=64"], "imagenet"),
     # DINOv2 ViT-S/14 at 70 px (a 5 x 5 patch grid), CLS token, same fusion head and loss
     "dinov2_vits14": (["model=dinov2_vits14", "model.image_size=70", "model.pooling=cls"], "dinov2"),
 }
-RECIPES = {  # name -> train.py overrides on top of experiment=emoji (whose own default is last:2)
+RECIPES = {  # name -> train.py overrides on top of experiment=emoji_fast (whose own default is last:2)
     "full": ["train.tune=full"],
     "distill": ["train.tune=full", "train.distill_weight=1.0"],
     "last:1": ["train.tune=last:1"],

@@ -176,7 +176,7 @@ def test_the_generic_recipe_composes_and_trains(tiny_folder, tmp_path):
     assert (cfg.model.backbone, cfg.model.pooling, cfg.train.tune) == ("dinov2_vits14", "cls", "full")
     assert cfg.train.layer_decay == 0.75
     assert cfg.model.image_size == 224 and cfg.model.pretrained == "dinov2"
-    best_emoji = compose_config("train", ["experiment=emoji_vit"])
+    best_emoji = compose_config("train", ["experiment=emoji"])
     assert (best_emoji.model.backbone, best_emoji.model.image_size, best_emoji.train.layer_decay) == (
         "dinov2_vits14", 70, 0.75)
     fast = compose_config("train", ["experiment=generic", *tiny_train_overrides(tiny_folder, tmp_path)[1:],
