@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from cbir.commands.args import guarded
 from cbir.errors import ConfigError
@@ -39,9 +40,10 @@ def _main(argv: Sequence[str]) -> int:
         raise ConfigError(f"cbir models add: {missing[0]}=... is required ({USAGE})")
     metrics = {}
     if options.get("results"):  # a train.py/eval.py results file: the last table row
-        results = json.loads(open(options["results"]).read())["results"]
-        metrics = {k: round(float(v), 4) for k, v in list(results.values())[-1].items() if not k.startswith("num_")}
-        metrics["protocol"] = json.loads(open(options["results"]).read()).get("protocol")
+        report = json.loads(Path(options["results"]).read_text())
+        metrics = {k: round(float(v), 4) for k, v in list(report["results"].values())[-1].items()
+                   if not k.startswith("num_")}
+        metrics["protocol"] = report.get("protocol")
     entry = add_to_zoo(options["bundle"], name, description=options["description"], command=options["command"],
                        metrics=metrics, trained_on=options["trained_on"])
     print(f"zoo:{name}: {entry['size_mb']} MB (float16 weights, max embedding change {entry['fp16_max_abs_difference']:.1e})"

@@ -19,7 +19,6 @@ def embedder_from_model_config(model_cfg: dict, pretrained: str | None) -> nn.Mo
         return build_handcrafted_embedder(model_cfg["image_size"], **(model_cfg.get("descriptor") or {}))
     from cbir.configs import instantiate
     from cbir.models.embedder import build_embedder
-
     from cbir.zoo import is_zoo_name
 
     head = instantiate(model_cfg["head"]) if model_cfg.get("head") else None
