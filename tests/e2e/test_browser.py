@@ -102,6 +102,7 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             first = tiles.first
             expect(first.locator(".score")).to_contain_text("#1 · score 1.000")
             expect(first.locator(".label")).to_have_text(query.parent.name)
+            expect(page.locator("#predicted")).to_contain_text("predicted class: ")
             expect(first.locator(".path")).to_have_text(query.relative_to(collection).as_posix())
             page.wait_for_function("() => [...document.querySelectorAll('#results img')]"
                                    ".every(img => img.complete && img.naturalWidth > 0)", timeout=30_000)

@@ -86,6 +86,11 @@ def test_indexed_image_finds_itself_first(client, collection):
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
     assert not any(str(collection) in str(r["path"]) for r in results)
     assert results[0]["thumbnail_url"] == f"/images/{results[0]['id']}"
+    # a labelled index: the page's "predicted class" line, the vote of these same hits (as POST /classify)
+    labels = [r["label"] for r in results]
+    assert body["predicted"]["label"] == max(set(labels), key=lambda name: sum(
+        max(r["score"], 0) for r in results if r["label"] == name))
+    assert 0 < body["predicted"]["confidence"] <= 1
 
 
 def test_content_decides_not_the_name_or_type(client, collection):

@@ -259,9 +259,13 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                      k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
                                                              description="k as a query parameter")] = None):
         found = await query_hits(image, k, k_query, preprocess)
-        return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
+        body = {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
                 "took_ms": round((time.perf_counter() - found["started"]) * 1000, 2),
                 "results": [hit_json(hit) for hit in found["hits"]]}
+        if searcher.labelled and found["hits"]:  # the k-NN label of the same hits (POST /classify, for free)
+            prediction = vote(found["hits"])
+            body["predicted"] = {"label": prediction.label, "confidence": round(prediction.confidence, 4)}
+        return body
 
     @app.post("/classify", dependencies=[Depends(require_key)],
               summary="the k-NN label of an uploaded image: a similarity-weighted vote of its top-k hits",

@@ -109,6 +109,7 @@ async function search(event) {
     const response = await fetch("/search", { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
       $("summary").textContent = "";
+      $("predicted").hidden = true;
       $("results").replaceChildren();
       showError(await errorMessage(response));
       if (response.status === 401) $("key-label").hidden = false;
@@ -117,6 +118,10 @@ async function search(event) {
     const body = await response.json();
     $("summary").textContent = `${body.results.length} results for ${body.query.width}×${body.query.height} ` +
       `query in ${body.took_ms.toFixed(0)} ms`;
+    const predicted = body.predicted;  // only when the index holds labels
+    $("predicted").hidden = !predicted;
+    $("predicted").textContent = predicted ?
+      `predicted class: ${predicted.label} (${Math.round(100 * predicted.confidence)}% of the neighbours' votes)` : "";
     $("results").replaceChildren(...body.results.map(resultTile));
   } catch (error) {
     $("summary").textContent = "";
