@@ -1,7 +1,7 @@
 """The model zoo: trained models that ship with the project, named ``zoo:<name>``.
 
-Each is a bundle folder (weights stored in float16 — half the size, embeddings within 1e-3 of the float32
-model, measured when it is added — and no TorchScript/ONNX copies, which ``export.py`` can remake) under
+Each is a bundle folder (weights stored in float16 — half the size — when that keeps the embeddings within
+1e-3 of the float32 model, measured when it is added, else in float32; no TorchScript/ONNX copies, which ``export.py`` can remake) under
 ``checkpoints/zoo/<name>/``, listed in ``checkpoints/zoo/zoo.json`` with what it was trained on, its measured
 metrics, the command that made it and its weights' SHA-256. Larger models are listed by URL only, for
 connected machines. ``cbir.load_bundle("zoo:<name>")``, ``search.py bundle=zoo:<name>`` and
@@ -83,14 +83,15 @@ def add_to_zoo(bundle_path: str | Path, name: str, *, description: str, command:
     folder = folder or zoo_dir()
     source = load_bundle(bundle_path)
     difference = _fp16_difference(source)
-    if difference > FP16_TOLERANCE:
-        raise ZooError(f"float16 weights change {bundle_path}'s embeddings by {difference:.1e} (> {FP16_TOLERANCE})")
+    half_precision = difference <= FP16_TOLERANCE  # else the weights stay float32 (twice the size)
     with atomic_folder(folder / name) as staging:
         for item in ("model.json", "preprocessing.json", "config.yaml"):
             if (source.path / item).is_file():
                 shutil.copy2(source.path / item, staging / item)
-        half = {k: v.half() if v.is_floating_point() else v for k, v in source.embedder.state_dict().items()}
-        torch.save(half, staging / "weights.pt")
+        state = source.embedder.state_dict()
+        if half_precision:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save(state, staging / "weights.pt")
         manifest = dict(source.manifest, parity={}, source=f"zoo:{name} ({source.manifest.get('source')})")
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         atomic_write_json(staging / "manifest.json", manifest, indent=2)
@@ -98,6 +99,7 @@ def add_to_zoo(bundle_path: str | Path, name: str, *, description: str, command:
              "input_size": source.input_size, "embedding_dim": source.embedding_dim, "trained_on": trained_on,
              "metrics": metrics, "command": command, "weights_sha256": manifest["files"]["weights.pt"],
              "size_mb": round((folder / name / "weights.pt").stat().st_size / 2**20, 2),
+             "weights_dtype": "float16" if half_precision else "float32",
              "fp16_max_abs_difference": difference}
     models = zoo_models(folder)
     models[name] = entry

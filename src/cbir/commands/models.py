@@ -46,8 +46,8 @@ def _main(argv: Sequence[str]) -> int:
         metrics["protocol"] = report.get("protocol")
     entry = add_to_zoo(options["bundle"], name, description=options["description"], command=options["command"],
                        metrics=metrics, trained_on=options["trained_on"])
-    print(f"zoo:{name}: {entry['size_mb']} MB (float16 weights, max embedding change {entry['fp16_max_abs_difference']:.1e})"
-          f" → {zoo_dir() / name}")
+    print(f"zoo:{name}: {entry['size_mb']} MB ({entry['weights_dtype']} weights; float16 would change the embeddings by "
+          f"up to {entry['fp16_max_abs_difference']:.1e}) → {zoo_dir() / name}")
     return 0
 
 
