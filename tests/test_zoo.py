@@ -35,6 +35,7 @@ def tiny_zoo(tmp_path, monkeypatch):
 def test_add_list_and_load_by_name(tiny_zoo, capsys):
     embedder, entry = tiny_zoo
     assert entry["fp16_max_abs_difference"] < 1e-3 and entry["backbone"] == "resnet18"
+    assert entry["weights_dtype"] == "float16"
     weights = torch.load(zoo_dir() / "tiny" / "weights.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())  # half the size
     assert set(zoo_models()) == {"tiny"}
@@ -78,7 +79,7 @@ def test_unknown_missing_and_damaged_zoo_models_are_clear_errors(tiny_zoo):
 def test_committed_zoo_models_load_and_match_their_hashes(monkeypatch):
     monkeypatch.delenv("CBIR_ZOO", raising=False)
     models = zoo_models()
-    assert "fashion_mnist" in models  # checkpoints/zoo in this repository
+    assert {"fashion_mnist", "emoji"} <= set(models)  # checkpoints/zoo in this repository
     for name, entry in models.items():
         bundle = load_bundle(f"zoo:{name}")  # checks every file against its manifest
         assert bundle.embedding_dim == entry["embedding_dim"] and bundle.input_size == entry["input_size"]
