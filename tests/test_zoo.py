@@ -14,8 +14,9 @@ from cbir import load_bundle
 from cbir.commands import models as models_command
 from cbir.errors import ConfigError
 from cbir.export.bundle import export_bundle
+from cbir.export.zoo import add_to_zoo
 from cbir.training.factory import build_embedder_from_config, model_config
-from cbir.zoo import ZooError, add_to_zoo, zoo_dir, zoo_models
+from cbir.zoo import ZooError, zoo_dir, zoo_models
 
 TINY = ["model=resnet18", "model.pretrained=none", "model.image_size=32", "head=gem", "head.dim=16"]
 

@@ -14,7 +14,8 @@ USAGE = ("usage: cbir models list | info NAME | add NAME bundle=DIR trained_on=T
 
 
 def _main(argv: Sequence[str]) -> int:
-    from cbir.zoo import add_to_zoo, zoo_dir, zoo_entry, zoo_models
+    from cbir.export.zoo import add_to_zoo
+    from cbir.zoo import zoo_dir, zoo_entry, zoo_models
 
     if not argv or argv[0] not in ("list", "info", "add"):
         raise ConfigError(f"cbir models: {USAGE.removeprefix('usage: ')}")
