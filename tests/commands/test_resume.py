@@ -23,7 +23,10 @@ def _train(*overrides: str, run: Path, background: bool = False):
     args = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run}", f"paths.output_dir={run}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     if background:
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run.parent, env=env)
+        # SIGINT back to its default in the child: a test run started in the background by a shell (as CI may be)
+        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=run.parent,
+                                env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(args, capture_output=True, text=True, cwd=run.parent, env=env, timeout=300)
 
 

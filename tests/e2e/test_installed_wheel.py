@@ -92,8 +92,8 @@ def test_train_export_search_serve_from_outside_the_repo(installed):
     assert len(list((work / "bundle" / "index").glob("index-*.faiss"))) == 1
 
     query = work / "photos" / "class_01" / "img_0.png"
-    found = json.loads(run([cbir, "search", f"bundle={work / 'bundle'}", f"query={query}", "k=3", "--json"],
-                           work, env).stdout)
+    found = json.loads(run([cbir, "search", f"bundle={work / 'bundle'}", f"query={query}", "k=3", "--json",
+                            "exclude_self=false"], work, env).stdout)[0]
     assert len(found["hits"]) == 3 and found["hits"][0]["path"] == str(query)
 
     with socket.socket() as probe:

@@ -106,7 +106,8 @@ def test_last_checkpoint_is_the_newest_epoch_even_without_a_new_best(data, tmp_p
     assert (last["epoch"], last["global_step"]) == (2, 3 * STEPS_PER_EPOCH)
     best = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert [p.name for p in best] == ["best-epoch001.ckpt"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [  # each with its checksum
+        "best-epoch001.ckpt", "best-epoch001.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]
 
 
 def test_last_checkpoint_is_written_each_epoch_without_validation(data, tmp_path):

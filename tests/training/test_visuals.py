@@ -176,9 +176,10 @@ def test_csv_run_writes_images_and_the_run_folder_layout(tiny_folder, tmp_path):
     # the run folder users can rely on
     assert (out / "config.yaml").is_file() and (out / "results.json").is_file()
     assert (out / "csv" / "metrics.csv").is_file()
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
     assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt", \
         f"checkpoints/ holds {checkpoints}: expected best-epochNNN.ckpt and last.ckpt only"
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.sha256")) == [f"{c}.sha256" for c in checkpoints]
     assert checkpoints[0] in ("best-epoch000.ckpt", "best-epoch001.ckpt")
     assert not (out / "tensorboard").exists() and not (out / "wandb").exists()
     images = sorted(p.name for p in (out / "images").glob("*.png"))
