@@ -183,6 +183,7 @@ def test_search_cli_table_json_grid_and_errors(searcher_parts, tiny_folder, tmp_
     table = _run("search.py", f"bundle={bundle}", f"query={query}", "k=3", cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-1500:]
     assert "| 1 |" in table.stdout and str(query) in table.stdout
+    assert "| rank | cosine |" in table.stdout  # the header says what the score is
 
     js = _run("search.py", f"bundle={bundle}", f"query={tiny_folder / 'class_00'}", "k=2", "--json",
               f"grid={tmp_path / 'grids'}", cwd=tmp_path)

@@ -317,8 +317,9 @@ def expand_query_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def format_hits(query: str, hits: Sequence[Hit]) -> str:
-    """A ranked Markdown table of one query's hits."""
-    lines = [f"query: {query}", "| rank |  score | id | label | path |", "|---:|---:|---:|---|---|"]
+    """A ranked Markdown table of one query's hits; the score is the cosine similarity of the two embeddings
+    (1 = the same direction), which the header says."""
+    lines = [f"query: {query}", "| rank | cosine | id | label | path |", "|---:|---:|---:|---|---|"]
     lines += [f"| {h.rank} | {h.score:.4f} | {h.id} | {h.label if h.label is not None else ''} | {h.path} |"
               for h in hits]
     return "\n".join(lines)
