@@ -114,7 +114,7 @@ class Searcher:
         self.bundle, self.index = bundle, index
         self.device, self.batch_size = device, int(batch_size)
         # auto: bf16 where the device has it natively and the bundle's export check passed (cbir.models.precision)
-        self.bf16 = bundle.use_bf16(precision, device) if hasattr(bundle, "use_bf16") else precision == "bf16"
+        self.bf16 = bundle.use_bf16(precision, device)
         spec = bundle.preprocessing.query if preprocess is None else preprocess
         self.preprocess_spec = spec
         self.preprocessor = build_preprocessor(spec)

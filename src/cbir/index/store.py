@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.jsonl", "index.json"  # the first two: pre-generation names
 LOCK_FILE = ".cbir-index.lock"
-CRASH_ENV = "CBIR_INDEX_CRASH_AT"
-HNSW_DEFAULT_EF_SEARCH = 16  # faiss's own, when the build recorded none  # fault-injection tests: exit abruptly at this save step
+CRASH_ENV = "CBIR_INDEX_CRASH_AT"  # fault-injection tests: exit abruptly at this save step
+HNSW_DEFAULT_EF_SEARCH = 16  # faiss's own, when the build recorded none
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
 
 
