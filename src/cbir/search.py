@@ -162,44 +162,59 @@ class Searcher:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
 
     def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
-                      exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
+                      exclude: Sequence[str | None] | None = None, filter: str | None = None) -> list[list[Hit]]:
         """Top-``k`` hits of each image, best first. ``exclude``: per image, the source (file path or dataset
         reference) it was read from: a hit of that same source is the query finding itself and is left out
-        (the next hit takes its place)."""
+        (the next hit takes its place). ``filter``: only images whose label passes it (``label == 'cat'``,
+        ``label in ['cat', 'dog']``; a Milvus-backed index takes any Milvus expression)."""
         k = check_k(k)
+        self.check_filter(filter)
         if not len(images):
             return []
         embeddings = self.embed_images(images, preprocess)
-        return self.search_embeddings(embeddings, k, exclude)
+        return self.search_embeddings(embeddings, k, exclude, filter)
+
+    def check_filter(self, filter: str | None) -> None:
+        """A FAISS index's label filter is parsed before any image is embedded, so a typo costs nothing."""
+        if filter is not None and str(filter).strip() and self.index.metadata.get("backend", "faiss") == "faiss":
+            from cbir.index.filters import FilterError, parse_filter
+
+            try:
+                parse_filter(filter)
+            except FilterError as exc:
+                raise SearchError(str(exc)) from None
 
     def classify(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
-                 exclude: Sequence[str | None] | None = None) -> list[Prediction]:
+                 exclude: Sequence[str | None] | None = None, filter: str | None = None) -> list[Prediction]:
         """k-NN classification: each image's label by a similarity-weighted vote of its top-``k`` hits
         (:func:`vote`). The index must hold labels (a folder of class folders, a labelled CSV, a dataset).
         ``exclude`` as in :meth:`search_images` (an image must not vote for itself)."""
         if len(self.index) and not self.labelled:  # an empty index: search_images says so
             raise SearchError(self.no_labels_message())
-        return [vote(hits) for hits in self.search_images(images, k, preprocess, exclude)]
+        return [vote(hits) for hits in self.search_images(images, k, preprocess, exclude, filter)]
 
     @cached_property
     def labelled(self) -> bool:
         """Whether any indexed image has a label (k-NN classification needs them); read once, the
         Searcher's index does not change."""
-        return any(row.get("label") is not None for row in self.index.store.rows.values())
+        return bool(self.index.labelled)
 
     def no_labels_message(self) -> str:
         return (f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs a labelled "
                 "collection (class sub-folders, a CSV with a label column, or a dataset)")
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10,
-                          exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
+                          exclude: Sequence[str | None] | None = None, filter: str | None = None) -> list[list[Hit]]:
         k = check_k(k)
+        self.check_filter(filter)
         size = len(self.index)
         if size == 0:
             raise SearchError(f"index {getattr(self.index, 'path', '')} is empty: add images to it first")
         excluded = [_same_source_key(source) for source in exclude] if exclude is not None else [None] * len(embeddings)
         wanted = k + 1 if any(excluded) else k  # one spare for the query itself
-        scores, ids = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), min(wanted, size))
+        queries = np.ascontiguousarray(embeddings, dtype=np.float32)
+        scores, ids = (self.index.search(queries, min(wanted, size), filter=filter) if filter
+                       else self.index.search(queries, min(wanted, size)))
         results = []
         for row_scores, row_ids, own in zip(scores, ids, excluded):
             valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
@@ -211,7 +226,7 @@ class Searcher:
         return results
 
     def search_paths(self, paths: Iterable[str | Path], k: int = 10, preprocess=None,
-                     exclude_self: bool = True) -> list[list[Hit]]:
+                     exclude_self: bool = True, filter: str | None = None) -> list[list[Hit]]:
         """Search each image file; a folder expands to the images inside it (sorted). With ``exclude_self``, a
         query file that the index holds does not come back as its own first hit."""
         files = expand_query_paths(paths)
@@ -219,7 +234,8 @@ class Searcher:
         for start in range(0, len(files), self.batch_size):
             batch = files[start:start + self.batch_size]
             images = [read_query_image(p) for p in batch]
-            results += self.search_images(images, k, preprocess, [str(p) for p in batch] if exclude_self else None)
+            results += self.search_images(images, k, preprocess, [str(p) for p in batch] if exclude_self else None,
+                                          filter)
         return results
 
     def image_source(self, image_id: int) -> str:

@@ -275,8 +275,7 @@ def test_api_key(searcher, collection):
 def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collection):
     files = sorted(collection.rglob("*.png"))[:12]
     plain = TestClient(create_app(searcher, max_batch=1))  # batching off: one forward pass per query
-    expected = [[(r["id"], round(r["score"], 4)) for r in search(plain, png_bytes(f), k=4 + i % 3).json()["results"]]
-                for i, f in enumerate(files)]
+    expected = [search(plain, png_bytes(f), k=4 + i % 3).json()["results"] for i, f in enumerate(files)]
     app = create_app(searcher, batch_window_ms=1000, max_batch=8)  # generous: the CI machine may be busy
 
     async def concurrent():
@@ -290,8 +289,12 @@ def test_micro_batching_gives_the_same_answers_in_fewer_passes(searcher, collect
             return responses, health
 
     responses, health = asyncio.run(concurrent())
-    got = [[(r["id"], round(r["score"], 4)) for r in resp.json()["results"]] for resp in responses]
-    assert got == expected
+    got = [resp.json()["results"] for resp in responses]
+    # the same hits; scores equal up to float noise (a batched forward pass sums in another order; rounding
+    # both to 4 decimals failed now and then on a boundary)
+    assert [[r["id"] for r in row] for row in got] == [[r["id"] for r in row] for row in expected]
+    np.testing.assert_allclose([r["score"] for row in got for r in row], [r["score"] for row in expected for r in row],
+                               atol=1e-4)
     assert plain.get("/health").json()["micro_batching"]["batches"] == 0
     batching = health["micro_batching"]
     assert batching["queries"] == len(files)

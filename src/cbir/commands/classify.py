@@ -15,7 +15,7 @@ from cbir.commands.args import guarded
 from cbir.commands.search import preprocess_spec, query_batches, query_sources, search_config
 from cbir.search import Prediction, Searcher
 
-USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json] [preprocess=NAME]"""
+USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json] [filter=EXPR] [preprocess=NAME]"""
 
 
 def run_classify(cfg: DictConfig) -> list[dict]:
@@ -26,7 +26,7 @@ def run_classify(cfg: DictConfig) -> list[dict]:
     results = []
     for batch, images in query_batches(searcher, files):
         own = [str(q) for q in batch] if cfg.exclude_self else None
-        for query, prediction in zip(batch, searcher.classify(images, int(cfg.k), exclude=own)):
+        for query, prediction in zip(batch, searcher.classify(images, int(cfg.k), exclude=own, filter=cfg.filter)):
             results.append({"query": str(query), **prediction.to_json()})
             if not cfg.json:
                 print(format_prediction(str(query), prediction))

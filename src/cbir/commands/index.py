@@ -106,8 +106,8 @@ def _remove(cfg: DictConfig, index) -> None:
         ids = [int(i) for i in ids]
     except (TypeError, ValueError):
         raise ConfigError(f"cbir index remove: id={cfg.id}: ids are whole numbers") from None
-    unknown = [str(i) for i in ids if i not in index.store.rows]
-    stored = index.store.paths() if paths else set()
+    unknown = [str(i) for i in index.unknown_ids(ids)]
+    stored = index.paths() if paths else set()
     unknown += [p for p in paths if p not in stored]
     if unknown:  # nothing is removed: a typo must not pass for done
         raise ConfigError(f"cbir index remove: {len(unknown)} of the given ids/paths are not in {cfg.index} "

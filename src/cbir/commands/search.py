@@ -20,7 +20,7 @@ from cbir.search import Searcher, expand_query_paths, format_hits, parse_array_s
 from cbir.visual.grid import save_grid
 
 USAGE = """usage: python search.py bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json]
-                        [grid=out.png] [preprocess=NAME] [device=cpu|cuda] [precision=auto|fp32|bf16] [batch_size=32]"""
+                        [grid=out.png] [filter="label == 'cat'"] [preprocess=NAME] [device=cpu|cuda] [precision=auto|fp32|bf16] [batch_size=32]"""
 
 
 def search_config(argv: Sequence[str]) -> DictConfig:
@@ -44,12 +44,14 @@ def run_search(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
     searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
                              device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
+    searcher.check_filter(cfg.filter)
     files = query_sources(queries)
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}
     results = []
     for batch, images in query_batches(searcher, files):
         own = [str(q) for q in batch] if cfg.exclude_self else None
-        for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k), exclude=own)):
+        for query, image, hits in zip(batch, images, searcher.search_images(images, int(cfg.k), exclude=own,
+                                                                                  filter=cfg.filter)):
             label = query.parent.name if isinstance(query, Path) else dataset_label(searcher, query)
             results.append({"query": str(query), "hits": [hit.to_json() for hit in hits]})
             if cfg.grid:

@@ -33,6 +33,7 @@ from cbir.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "ondisk")
+BACKENDS = ("faiss", "milvus")
 GPU_KINDS = frozenset({"flat", "ivf", "ivfpq"})  # the GPU cloner has no HNSW (and no CPU fallback)
 SEARCH_KNOB = {"hnsw": "efSearch", "ivf": "nprobe", "ivfpq": "nprobe", "ondisk": "nprobe"}
 MIN_POINTS_PER_LIST = 39  # FAISS: fewer training points per centroid than this gives poor k-means
@@ -61,8 +62,15 @@ class IndexOptions:
     gpu_shard: bool = True  # several GPUs: split the index between them (False: a full copy on each)
     ondisk_codec: str = "Flat"  # what the on-disk IVF lists store: Flat (exact vectors), SQ8, PQ64x8, ...
     ondisk_block_vectors: int = 262_144  # vectors added per on-disk build step (its RAM: this x dim x 4 B)
+    backend: str = "faiss"  # faiss: index files in the folder; milvus: a Milvus collection (cbir.index.milvus)
+    uri: str | None = None  # milvus: a .db file (Milvus Lite; default <folder>/milvus.db) or http://host:19530
+    milvus_collection: str | None = None  # milvus: the collection name (default cbir_<folder name>)
+    milvus_index: str = "auto"  # milvus: auto (by size, as kind=auto) | FLAT | IVF_FLAT | HNSW | IVF_PQ
+    insert_batch: int = 2000  # milvus: rows per insert request
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"index.backend={self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.kind not in KINDS:
             raise ConfigError(f"index.kind={self.kind!r}: choose one of {', '.join(KINDS)}")
         if not 0.0 < self.target_recall <= 1.0:

@@ -59,9 +59,10 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
     out = Path(out_dir)
-    ondisk = choose_kind(len(collection), int(embedder.embedding_dim), index_options)[0] == "ondisk"
+    milvus = index_options.backend == "milvus"
+    ondisk = not milvus and choose_kind(len(collection), int(embedder.embedding_dim), index_options)[0] == "ondisk"
     extraction = extract_collection(embedder, collection, out / EXTRACT_DIR, extraction_options,
-                                    load_embeddings=not ondisk)
+                                    load_embeddings=not (ondisk or milvus))
     if extraction is None:  # a rank other than 0: its shards are written, rank 0 builds the index
         return None
     if len(extraction.indices) == 0:
@@ -69,6 +70,18 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                         f"(see {out / EXTRACT_DIR / 'skipped.json'})")
     paths = [collection.source(int(i)) for i in extraction.indices]
     labels = [collection.label(int(i)) for i in extraction.indices]
+    if milvus:  # streamed from the shards into the engine, which keeps them: nothing more to save
+        from cbir.index.milvus import build_milvus_index
+
+        shards = VectorShards.with_consecutive_ids(extraction.shard_files, np.arange(len(paths), dtype=np.int64))
+        index = build_milvus_index(shards, paths, labels, out, index_options, model_info=_model_info(embedder),
+                                   progress=extraction_options.progress,
+                                   extra_info={"collection": collection.spec, "skipped": len(extraction.skipped),
+                                               **(extra_info or {})})
+        if not extraction_options.keep_shards:
+            drop_shards(out / EXTRACT_DIR, out)
+        log.info("index: %s → %s", index.describe(), out)
+        return index
     if ondisk:
         index = build_ondisk_cbir_index(extraction.shard_files, paths, labels, out, index_options,
                                         progress=extraction_options.progress)
@@ -152,7 +165,7 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
                                      f"{index.embedding_dim}-d: add images with the model that built the index")
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
-    known = index.store.paths()
+    known = index.paths()
     # indexes built before paths were stored absolute hold them relative to the folder of that run
     known |= {str(Path(p).resolve()) for p in known if parse_array_source(p) is None and not Path(p).is_absolute()}
     new = np.array([i for i in collection.indices if collection.source(int(i)) not in known], dtype=np.int64)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from cbir.index.builder import (
     torch_exact_search,
 )
 from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
+from cbir.index.filters import parse_filter
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
 from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -124,6 +126,7 @@ class CbirIndex:
         self.info = info
         self.path: Path | None = None  # the folder it was loaded from / saved to
         self._search_backend: tuple[str, object] | None = None
+        self._filter_ids: dict[str, np.ndarray] = {}
 
     # -- building -----------------------------------------------------------------------------------
     @classmethod
@@ -156,8 +159,10 @@ class CbirIndex:
         return int(self.index.ntotal)
 
     # -- searching ----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (Q, k), best first; ids are -1 where the index has fewer than k images."""
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10,
+               filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (Q, k), best first; ids are -1 where the index has fewer than k images (or
+        fewer than k match ``filter``, a label clause of :mod:`cbir.index.filters`)."""
         if isinstance(queries, torch.Tensor):
             queries = queries.detach().float().cpu().numpy()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -167,8 +172,11 @@ class CbirIndex:
                 "vectors: search with the model that built the index, or rebuild the index with this model")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        label_filter = parse_filter(filter)
         if len(self) == 0:
             return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
+        if label_filter is not None:
+            return self._filtered_search(queries, k, label_filter)
         backend, engine = self.search_backend()
         if backend == "torch-cuda":
             vectors, ids = engine
@@ -184,12 +192,47 @@ class CbirIndex:
             scores, ids = self._fill_short_rows(queries, k, scores, ids)
         return scores, ids
 
-    def _fill_short_rows(self, queries: np.ndarray, k: int, scores: np.ndarray,
-                         ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _filtered_search(self, queries: np.ndarray, k: int, label_filter) -> tuple[np.ndarray, np.ndarray]:
+        """Search only the ids whose label matches: a FAISS id selector on the CPU index, widened like
+        :meth:`_fill_short_rows` when the probed lists hold fewer than ``k`` matches."""
+        allowed = self.ids_matching(label_filter)
+        if len(allowed) == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        selector = faiss.IDSelectorBatch(allowed)
+        params = self._search_params(selector, k, len(allowed) / max(len(self), 1))
+        search = getattr(self.index, "search_numpy", None) or self.index.search
+        scores, ids = search(queries, k, params=params)
+        return self._fill_short_rows(queries, k, scores, ids, selector=selector, wanted=min(k, len(allowed)))
+
+    def ids_matching(self, label_filter) -> np.ndarray:
+        """Ids whose label passes ``label_filter`` (remembered per filter until the index changes)."""
+        key = label_filter.text
+        if key not in self._filter_ids:
+            self._filter_ids[key] = np.array([i for i, row in self.store.rows.items()
+                                              if label_filter.matches(row.get("label"))], dtype=np.int64)
+        return self._filter_ids[key]
+
+    def _search_params(self, selector, k: int, selectivity: float) -> faiss.SearchParameters:
+        """The index's tuned ``nprobe`` / ``efSearch`` divided by the fraction of images the filter lets
+        through (a 4 % filter leaves 1 in 25 candidates, so the search looks 25 times as far to keep its
+        recall), with ``selector`` added."""
+        knob = SEARCH_KNOB.get(self.kind)
+        widen = 1.0 / max(selectivity, 1e-9)
+        if knob == "nprobe":
+            ivf = faiss.extract_index_ivf(self.index)
+            nprobe = min(int(ivf.nlist), int(math.ceil(max(1, int(ivf.nprobe)) * widen)))
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        if knob == "efSearch":
+            ef = max(int(self.info.get("search_params", {}).get("efSearch", HNSW_DEFAULT_EF_SEARCH)), k)
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=min(int(math.ceil(ef * widen)), 4096))
+        return faiss.SearchParameters(sel=selector)
+
+    def _fill_short_rows(self, queries: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray,
+                         selector=None, wanted: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """An IVF index returns only what its probed lists hold, HNSW only ``efSearch`` candidates: a large
         ``k`` would be cut silently. Rows with fewer than ``min(k, size)`` hits are searched again with
         ``nprobe`` (IVF) or ``efSearch`` (HNSW) doubled until they fill or every list is probed."""
-        wanted = min(k, len(self))
+        wanted = min(k, len(self)) if wanted is None else wanted
         short = (ids >= 0).sum(axis=1) < wanted
         # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces Index.search with a wrapper
         # that takes no params; it keeps the NumPy method as search_numpy
@@ -197,6 +240,8 @@ class CbirIndex:
         for params in self._widening_params(k):
             if not short.any():
                 break
+            if selector is not None:
+                params.sel = selector
             more_scores, more_ids = search(queries[short], k, params=params)
             scores[short], ids[short] = more_scores, more_ids
             short = (ids >= 0).sum(axis=1) < wanted
@@ -247,6 +292,26 @@ class CbirIndex:
     def lookup(self, ids: Iterable[int]) -> list[dict | None]:
         """The store records of ``ids`` (None for -1 or a removed id)."""
         return self.store.lookup(ids)
+
+    # -- what it holds (the interface every backend offers: commands, Searcher and service use only these)
+    @property
+    def labelled(self) -> bool:
+        """Whether any indexed image has a label (k-NN classification and label filters need them)."""
+        return any(row.get("label") is not None for row in self.store.rows.values())
+
+    def paths(self) -> set[str]:
+        """The source of every indexed image."""
+        return self.store.paths()
+
+    def ids_of_paths(self, paths: Iterable[str]) -> np.ndarray:
+        return self.store.ids_of_paths(paths)
+
+    def unknown_ids(self, ids: Iterable[int]) -> list[int]:
+        """Those of ``ids`` the index does not hold."""
+        return [int(i) for i in ids if int(i) not in self.store.rows]
+
+    def first_id(self) -> int | None:
+        return next(iter(self.store.rows), None)
 
     # -- changing -----------------------------------------------------------------------------------
     def add(self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
@@ -303,6 +368,7 @@ class CbirIndex:
 
     def _changed(self) -> None:
         self._search_backend = None
+        self._filter_ids = {}
         self.info["ntotal"] = int(self.index.ntotal)
 
     # -- files --------------------------------------------------------------------------------------
@@ -378,8 +444,18 @@ class CbirIndex:
                 f"(target {self.info.get('target_recall')})")
 
 
-def load_index(folder: str | os.PathLike) -> CbirIndex:
-    """:meth:`CbirIndex.load`: an index folder written by :meth:`CbirIndex.save`."""
+def load_index(folder: str | os.PathLike):
+    """The index in ``folder``: a :class:`CbirIndex` (FAISS files), or a :class:`cbir.index.milvus.MilvusIndex`
+    when its ``index.json`` names the Milvus backend."""
+    info_path = Path(folder) / INFO_FILE
+    try:
+        backend = json.loads(info_path.read_text()).get("backend", "faiss") if info_path.is_file() else "faiss"
+    except (ValueError, AttributeError):
+        backend = "faiss"  # CbirIndex.load names the broken file
+    if backend == "milvus":
+        from cbir.index.milvus import MilvusIndex
+
+        return MilvusIndex.load(folder)
     return CbirIndex.load(folder)
 
 
@@ -400,7 +476,7 @@ def index_writer(folder: str | os.PathLike, timeout: float = 600.0) -> Iterator[
         raise IndexFilesError(f"index folder {folder}: another process has been changing it for {timeout:.0f}s "
                               f"(lock {folder / LOCK_FILE}); try again when it has finished") from None
     try:
-        yield CbirIndex.load(folder)
+        yield load_index(folder)
     finally:
         lock.release()
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 PATH_STYLES = ("relative", "name", "absolute")  # how result paths are shown: serve option `paths`
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_FILTER_CHARS = 2000  # a label filter is a short expression, not a payload
 MULTIPART_SLACK_BYTES = 64 * 1024  # boundaries, headers and the small form fields around the image
 
 
@@ -209,7 +210,8 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                 "path": display_path(hit.path, collection_root, path_style),
                 "thumbnail_url": str(app.url_path_for("thumbnail", image_id=str(hit.id)))}
 
-    async def query_hits(image: UploadFile, k: int | None, k_query: int | None, preprocess) -> dict:
+    async def query_hits(image: UploadFile, k: int | None, k_query: int | None, preprocess,
+                         filter: str | None = None) -> dict:
         """Read, decode and clean one upload (bounded, off the inference worker), then its top-k hits."""
         started = time.perf_counter()
         data = await image.read(max_upload_bytes + 1)
@@ -221,6 +223,11 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
             raise ApiError(503, f"busy: {max_decodes} queries are being decoded and {max_waiting} wait; retry in a "
                                 "moment", {"retry_after_seconds": 1}, headers={"Retry-After": "1"})
         spec = choices.get(preprocess.value) if preprocess else None
+        filter = filter.strip() if filter and filter.strip() else None
+        try:
+            searcher.check_filter(filter)  # before the upload is decoded
+        except CbirError as exc:
+            raise ApiError(422, str(exc)) from None
 
         def decode_and_clean() -> tuple[np.ndarray, tuple[int, int]]:
             pixels = read_query_image(data, name=name, max_pixels=max_pixels)
@@ -239,11 +246,12 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
             admitted["count"] -= 1
         chosen_k = k if k is not None else (k_query if k_query is not None else default_k)
         try:
-            hits = await batcher.search(cleaned, chosen_k)
+            hits = await batcher.search(cleaned, chosen_k, filter)
         except CbirError as exc:
             raise ApiError(422, str(exc)) from None
         return {"query": {"name": name, "width": width, "height": height}, "k": chosen_k,
-                "preprocess": preprocess.value if preprocess else None, "hits": hits, "started": started}
+                "preprocess": preprocess.value if preprocess else None, "filter": filter, "hits": hits,
+                "started": started}
 
     upload_responses = {401: {"description": "API key missing or wrong"},
                         413: {"description": "upload or image too large"},
@@ -256,10 +264,13 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                      k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"results, 1..{MAX_K}")] = None,
                      preprocess: Annotated[Preprocess | None, Form(
                          description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
+                     filter: Annotated[str | None, Form(max_length=MAX_FILTER_CHARS, description=(
+                         "only hits whose label passes: label == 'cat', label in ['cat', 'dog'] (a Milvus-backed "
+                         "index: any Milvus expression)"))] = None,
                      k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
                                                              description="k as a query parameter")] = None):
-        found = await query_hits(image, k, k_query, preprocess)
-        body = {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
+        found = await query_hits(image, k, k_query, preprocess, filter)
+        body = {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"], "filter": found["filter"],
                 "took_ms": round((time.perf_counter() - found["started"]) * 1000, 2),
                 "results": [hit_json(hit) for hit in found["hits"]]}
         if searcher.labelled and found["hits"]:  # the k-NN label of the same hits (POST /classify, for free)
@@ -275,13 +286,16 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                        k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"neighbours, 1..{MAX_K}")] = None,
                        preprocess: Annotated[Preprocess | None, Form(
                            description="query clean-up (a conf/preprocess option); default: the bundle's")] = None,
+                       filter: Annotated[str | None, Form(max_length=MAX_FILTER_CHARS, description=(
+                           "only hits whose label passes: label == 'cat', label in ['cat', 'dog'] (a Milvus-backed "
+                           "index: any Milvus expression)"))] = None,
                        k_query: Annotated[int | None, Query(alias="k", ge=1, le=MAX_K,
                                                                description="k as a query parameter")] = None):
         if not searcher.labelled:
             raise ApiError(422, searcher.no_labels_message())
-        found = await query_hits(image, k, k_query, preprocess)
+        found = await query_hits(image, k, k_query, preprocess, filter)
         prediction = vote(found["hits"])
-        return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"],
+        return {"query": found["query"], "k": found["k"], "preprocess": found["preprocess"], "filter": found["filter"],
                 "label": prediction.label, "confidence": prediction.confidence, "votes": prediction.votes,
                 "took_ms": round((time.perf_counter() - found["started"]) * 1000, 2),
                 "results": [hit_json(hit) for hit in found["hits"]]}

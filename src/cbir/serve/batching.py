@@ -24,6 +24,7 @@ class _Query:
     image: np.ndarray  # preprocessed already (the request's own thread did it, not this worker)
     k: int
     future: asyncio.Future
+    filter: str | None = None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -46,17 +47,17 @@ class QueryBatcher:
     def enabled(self) -> bool:
         return self.max_batch > 1
 
-    async def search(self, image: np.ndarray, k: int) -> list[Hit]:
-        """The top-``k`` hits of one decoded, preprocessed query image."""
+    async def search(self, image: np.ndarray, k: int, filter: str | None = None) -> list[Hit]:
+        """The top-``k`` hits of one decoded, preprocessed query image (``filter``: a label filter)."""
         if not self.enabled:
-            return (await anyio.to_thread.run_sync(self._search_images, [image], k))[0]
+            return (await anyio.to_thread.run_sync(self._search_images, [image], k, filter))[0]
         self._ensure_worker()
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Query(image, k, future))
+        self._queue.put_nowait(_Query(image, k, future, filter))
         return await future
 
-    def _search_images(self, images: list[np.ndarray], k: int) -> list[list[Hit]]:
-        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k)
+    def _search_images(self, images: list[np.ndarray], k: int, filter: str | None = None) -> list[list[Hit]]:
+        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k, filter=filter)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,5 +106,12 @@ class QueryBatcher:
                     query.future.set_result(hits)
 
     def _search_batch(self, queries: list[_Query]) -> list[list[Hit]]:
-        hits = self._search_images([q.image for q in queries], max(q.k for q in queries))
-        return [row[:q.k] for q, row in zip(queries, hits)]  # top-k is a prefix of top-max(k)
+        """One forward pass for the whole batch; one index search per distinct filter."""
+        embeddings = self.searcher.embed_clean([q.image for q in queries])
+        results: list[list[Hit]] = [[] for _ in queries]
+        for filter in dict.fromkeys(q.filter for q in queries):
+            rows = [i for i, q in enumerate(queries) if q.filter == filter]
+            hits = self.searcher.search_embeddings(embeddings[rows], max(queries[i].k for i in rows), filter=filter)
+            for i, row in zip(rows, hits):
+                results[i] = row[:queries[i].k]  # top-k is a prefix of top-max(k)
+        return results

@@ -48,7 +48,7 @@ class Thumbnails:
     def warm(self) -> None:
         """Make the first thumbnail of the index (and so load what its pixels come from: a dataset's arrays)."""
         try:
-            first = next(iter(self.searcher.index.store.rows), None) if hasattr(self.searcher.index, "store") else None
+            first = self.searcher.index.first_id()
             if first is not None:
                 self.get(int(first))
         except (CbirError, OSError, ValueError) as exc:  # a missing file shows as a broken thumbnail later, not here
