@@ -19,8 +19,16 @@ searched with the 1000 queries in one batch: QPS, recall@10 vs exact (faiss flat
 index bytes (serialised) and the process RSS growth during the build. Threads: ``--threads`` (2 = this
 machine's cores).
 
+With ``--backends faiss milvus`` the same data also goes into a Milvus collection through
+:func:`cbir.index.milvus.build_milvus_index` (Milvus Lite, embedded in this process: batched inserts, the index
+type ``auto`` picks by size, or HNSW, tuned to the same target), and is searched through
+:meth:`cbir.index.milvus.MilvusIndex.search` as the Searcher does (ids *and* the path/label fields of each
+hit; FAISS returns ids, whose paths are a dict lookup). Its "index MB" is the database folder on disk.
+
     python benchmarks/index.py --out benchmarks/results/index_cpu.json
     python benchmarks/index.py --datasets synthetic-100k --kinds flat ivf auto     # a quick look
+    python benchmarks/index.py --datasets synthetic-100k synthetic-1m --kinds flat auto --backends faiss milvus \
+        --out benchmarks/results/index_milvus.json
 """
 
 from __future__ import annotations
@@ -129,8 +137,60 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int, repeats: int =
     return ids, best
 
 
+MILVUS_KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ", "auto": "auto"}
+
+
+def bench_milvus(name: str, database: np.ndarray, queries: np.ndarray, exact: np.ndarray, kinds: list[str],
+                 target: float, hnsw_max: int, cache: Path, save=lambda rows: None) -> list[dict]:
+    """The Milvus rows: each kind built into a fresh Milvus Lite collection under ``cache``."""
+    import shutil
+
+    from cbir.index.milvus import build_milvus_index
+    from cbir.index.ondisk import VectorShards
+
+    n = len(database)
+    vectors = cache / f"{name}-vectors.npy"
+    if not vectors.is_file():
+        np.save(vectors, database)
+    shards = VectorShards.with_consecutive_ids([vectors], np.arange(n, dtype=np.int64))
+    paths, labels = [f"{i}.jpg" for i in range(n)], [None] * n
+    rows = []
+    for kind in kinds:
+        if kind == "hnsw" and n > hnsw_max:
+            continue
+        folder = cache / f"milvus-{name}-{kind}"
+        shutil.rmtree(folder, ignore_errors=True)
+        options = IndexOptions(backend="milvus", milvus_index=MILVUS_KINDS[kind], target_recall=target, k=K,
+                               insert_batch=5000)
+        before = rss_bytes()
+        start = time.perf_counter()
+        index = build_milvus_index(shards, paths, labels, folder, options, progress=False)
+        total = time.perf_counter() - start
+        grown = rss_bytes() - before
+        found, qps = timed_search(index, queries, K)
+        info = index.info
+        row = {
+            "dataset": name, "n": n, "dim": int(database.shape[1]), "backend": "milvus-lite", "kind": kind,
+            "chosen": info["index_type"], "factory": f"Milvus {info['index_type']} {info['build_params'] or ''}".strip(),
+            "search_params": info["search_params"], "tuned_recall_at_10": info["recall_at_10"],
+            "target_met_when_tuning": info["target_met"], "build_seconds": info["build_seconds"],
+            "build_and_tune_seconds": round(total, 2),
+            "index_mb": round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20, 1),
+            "rss_growth_mb": round(grown / 2**20, 1), "qps": round(qps, 1),
+            "recall_at_10": round(recall_at_k(found, exact, K), 4),
+        }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        save(rows)
+        index.close()
+        del index
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def bench_dataset(name: str, database: np.ndarray, queries: np.ndarray, kinds: list[str], target: float,
-                  hnsw_max: int, save=lambda rows: None) -> list[dict]:
+                  hnsw_max: int, save=lambda rows: None, backends: tuple[str, ...] = ("faiss",),
+                  cache: Path | None = None) -> list[dict]:
     n = len(database)
     ids = np.arange(n, dtype=np.int64)
     start = time.perf_counter()
@@ -138,7 +198,7 @@ def bench_dataset(name: str, database: np.ndarray, queries: np.ndarray, kinds: l
     print(f"[{name}] {n} x {database.shape[1]}: exact ground truth in {time.perf_counter() - start:.1f}s",
           file=sys.stderr, flush=True)
     rows = []
-    for kind in kinds:
+    for kind in kinds if "faiss" in backends else []:
         if kind == "hnsw" and n > hnsw_max:
             rows.append({"dataset": name, "n": n, "kind": kind, "skipped": f"n > --hnsw-max {hnsw_max} "
                          "(HNSW build would take hours on this machine's cores)"})
@@ -151,7 +211,8 @@ def bench_dataset(name: str, database: np.ndarray, queries: np.ndarray, kinds: l
         grown = rss_bytes() - before
         found, qps = timed_search(index, queries, K)
         row = {
-            "dataset": name, "n": n, "dim": int(database.shape[1]), "kind": kind, "chosen": info["kind"],
+            "dataset": name, "n": n, "dim": int(database.shape[1]), "backend": "faiss", "kind": kind,
+            "chosen": info["kind"],
             "factory": info["factory"], "search_params": info["search_params"],
             "tuned_recall_at_10": info["recall_at_10"], "target_met_when_tuning": info["target_met"],
             "build_seconds": round(info["build_seconds"], 2), "build_and_tune_seconds": round(total, 2),
@@ -162,7 +223,11 @@ def bench_dataset(name: str, database: np.ndarray, queries: np.ndarray, kinds: l
         print(json.dumps(row), file=sys.stderr, flush=True)
         save(rows)
         del index
-    flat = next((r for r in rows if r["kind"] == "flat" and "qps" in r), None)
+    if "milvus" in backends:
+        rows += bench_milvus(name, database, queries, exact, kinds, target, hnsw_max, cache or Path("/tmp"),
+                             lambda new: save(rows + new))
+    flat = next((r for r in rows if r["kind"] == "flat" and r.get("backend", "faiss") == "faiss" and "qps" in r),
+                None)
     for row in rows:
         if flat and "qps" in row:
             row["speedup_vs_exact"] = round(row["qps"] / flat["qps"], 1)
@@ -170,24 +235,35 @@ def bench_dataset(name: str, database: np.ndarray, queries: np.ndarray, kinds: l
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | N | kind | index (factory, search params) | build s | index MB | RSS +MB | QPS | × exact | recall@10 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | N | backend | kind | index (factory, search params) | build s | index MB | RSS +MB | QPS "
+             "| × exact | recall@10 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['dataset']} | {r['n']} | {r['kind']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['dataset']} | {r['n']} | faiss | {r['kind']} | skipped: {r['skipped']} | | | | | | |")
             continue
         kind = r["kind"] if r["kind"] != "auto" else f"auto → {r['chosen']}"
         params = ", ".join(f"{k}={v}" for k, v in r["search_params"].items()) or "exact"
-        lines.append(f"| {r['dataset']} | {r['n']} | {kind} | `{r['factory']}` ({params}) | {r['build_and_tune_seconds']} "
+        lines.append(f"| {r['dataset']} | {r['n']} | {r.get('backend', 'faiss')} | {kind} | `{r['factory']}` ({params}) | {r['build_and_tune_seconds']} "
                      f"| {r['index_mb']} | {r['rss_growth_mb']} | {r['qps']:.0f} | {r.get('speedup_vs_exact', '')} "
                      f"| {r['recall_at_10']:.3f} |")
     return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["emoji", "fashion-mnist", "synthetic-100k", "synthetic-1m"])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--backends", nargs="+", default=["faiss"], choices=["faiss", "milvus"])
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this many vectors")
@@ -201,7 +277,8 @@ def main() -> None:
 
     def save(new_rows: list[dict]) -> None:
         result = {"benchmark": "index", "k": K, "target_recall": args.target_recall, "threads": args.threads,
-                  "faiss": faiss.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                  "faiss": faiss.__version__, "milvus_lite": _version("milvus-lite"), "pymilvus": _version("pymilvus"),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                   "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                   "generator": "clustered_embeddings(n, dim=512, centres=4096, seed=0, latent=64, noise=0.55, "
@@ -216,7 +293,8 @@ def main() -> None:
             database, queries = synthetic(n, args.cache)
         else:
             database, queries = real_embeddings(name, args.cache, args.threads)
-        rows += bench_dataset(name, database, queries, args.kinds, args.target_recall, args.hnsw_max, save)
+        rows += bench_dataset(name, database, queries, args.kinds, args.target_recall, args.hnsw_max, save,
+                              tuple(args.backends), args.cache)
         del database
         save([])
     print(table(rows))

@@ -296,7 +296,7 @@ def test_collection_pipeline_builds_ondisk_and_search_py_uses_it(images, tmp_pat
     assert index.kind == "ondisk" and len(index) == 20
     # the extraction shards are gone once the index is saved: a bundle does not carry its vectors twice
     assert sorted(p.name for p in (bundle_dir / "index").iterdir()) == [
-        "ids-000001.jsonl", "index-000001.faiss", "index.json", "lists.ivfdata"]
+        "ids-000001.sqlite", "index-000001.faiss", "index.json", "lists.ivfdata"]
     query = sorted(images.rglob("*.png"))[3]
     run = subprocess.run([sys.executable, str(ROOT / "search.py"), f"bundle={bundle_dir}", f"query={query}",
                           "k=2", "--json", "exclude_self=false"], capture_output=True, text=True, cwd=tmp_path)

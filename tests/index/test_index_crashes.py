@@ -111,9 +111,10 @@ def test_an_index_saved_before_generations_loads_and_converts(tmp_path):
 
     folder = tmp_path / "ix"
     index = fresh_index(folder)
-    # the pre-generation layout: index.faiss, ids.jsonl, index.json without files/sha256
+    # the pre-generation layout: index.faiss, ids.jsonl (JSON lines), index.json without files/sha256
     os.replace(folder / "index-000001.faiss", folder / "index.faiss")
-    os.replace(folder / "ids-000001.jsonl", folder / "ids.jsonl")
+    (folder / "ids-000001.sqlite").unlink()
+    (folder / "ids.jsonl").write_text("".join(json.dumps(row) + "\n" for row in index.store.rows.values()))
     info = json.loads((folder / "index.json").read_text())
     for key in ("files", "sha256", "generation"):
         info.pop(key)
@@ -121,6 +122,6 @@ def test_an_index_saved_before_generations_loads_and_converts(tmp_path):
     legacy = load_index(folder)
     assert len(legacy) == 200 and legacy.store.paths() == index.store.paths()
     legacy.save(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["ids-000001.jsonl", "index-000001.faiss", "index.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["ids-000001.sqlite", "index-000001.faiss", "index.json"]
     assert faiss.read_index(str(folder / "index-000001.faiss")).ntotal == 200
     assert np.array_equal(load_index(folder).store.ids(), index.store.ids())

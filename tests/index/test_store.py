@@ -4,6 +4,7 @@ errors, and the selection of the GPU / torch-CUDA search paths (monkeypatched: n
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import faiss
 import numpy as np
@@ -154,17 +155,21 @@ def test_load_errors_name_the_problem(vectors, tmp_path):
         load_index(tmp_path / "nothing")
     index = build(vectors[:100], "flat")
     index.save(tmp_path / "ix")
-    ids_file = tmp_path / "ix" / "ids-000001.jsonl"
-    ids_file.write_text("\n".join(ids_file.read_text().splitlines()[:-1]))
-    with pytest.raises(IndexFilesError, match="ids-000001.jsonl fails its integrity check"):
+    ids_file = tmp_path / "ix" / "ids-000001.sqlite"
+    with sqlite3.connect(ids_file) as db:  # one image's row gone: a valid database that no longer matches
+        db.execute("DELETE FROM images WHERE id = 7")
+    with pytest.raises(IndexFilesError, match="ids-000001.sqlite fails its integrity check"):
         load_index(tmp_path / "ix")
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
-    info["sha256"].pop("ids-000001.jsonl")  # a hand-edited index.json: the counts still catch it
+    info["sha256"].pop("ids-000001.sqlite")  # a hand-edited index.json: the counts still catch it
     (tmp_path / "ix" / "index.json").write_text(json.dumps(info))
     with pytest.raises(IndexFilesError, match="disagree"):
         load_index(tmp_path / "ix")
+    ids_file.write_bytes(b"not a database" * 100)
+    with pytest.raises(IndexFilesError, match="not a cbir id store"):
+        load_index(tmp_path / "ix")
     ids_file.unlink()
-    with pytest.raises(IndexFilesError, match="lacks ids-000001.jsonl"):
+    with pytest.raises(IndexFilesError, match="lacks ids-000001.sqlite"):
         load_index(tmp_path / "ix")
 
 

@@ -152,3 +152,25 @@ def test_build_errors_name_the_problem(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_preprocessor(spec)
     assert isinstance(info.value, CbirError)
+
+
+def test_a_huge_query_is_shrunk_before_the_clean_up_steps():
+    """Non-local means costs about a second per megapixel: a 36 Mpx upload held a service worker 43 s (issue 15
+    D5). Above max_pixels the image is shrunk first (area interpolation, aspect kept) and says so."""
+    import time
+
+    from cbir.preprocess.query import MAX_PREPROCESS_PIXELS, fit_pixels
+
+    rng = np.random.default_rng(0)
+    huge = rng.integers(0, 256, (3000, 2000, 3), dtype=np.uint8)
+    preprocessor = build_preprocessor("nlm")
+    started = time.perf_counter()
+    cleaned, applied = preprocessor.apply(huge)
+    assert time.perf_counter() - started < 10
+    assert applied[0] == {"step": "downscale", "from": [2000, 3000], "to": [cleaned.shape[1], cleaned.shape[0]]}
+    assert cleaned.shape[0] * cleaned.shape[1] <= MAX_PREPROCESS_PIXELS
+    assert abs(cleaned.shape[0] / cleaned.shape[1] - 1.5) < 0.01
+    small = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    assert [a["step"] for a in preprocessor.apply(small)[1]] == ["nlm"]
+    assert fit_pixels(small, 10_000) is small
+    assert build_preprocessor("none").apply(huge)[0] is huge  # no steps: nothing to protect, the image as it is

@@ -65,6 +65,7 @@ def connect(uri: str, timeout: float = 30.0):
     logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
     local = not re.match(r"^[a-z]+://", uri)
     if local:
+        _quiet_lite_server()
         try:
             import milvus_lite  # noqa: F401
         except ImportError:
@@ -78,6 +79,22 @@ def connect(uri: str, timeout: float = 30.0):
         hint = ("another process may hold this Milvus Lite file (one process at a time: stop it, or use a Milvus "
                 "server)" if local else "is the server running and reachable? (token: $MILVUS_TOKEN)")
         raise IndexFilesError(f"cannot open Milvus at {uri}: {reason}; {hint}") from None
+
+
+class _UnimplementedRpcFilter(logging.Filter):
+    """pymilvus asks for a timestamp (AllocTimestamp) while it waits for an index to build; Milvus Lite does not
+    implement that call, pymilvus carries on without it, but the in-process gRPC server logs a full traceback
+    for each. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage() and not (
+            record.exc_info and isinstance(record.exc_info[1], NotImplementedError))
+
+
+def _quiet_lite_server() -> None:
+    server_log = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _UnimplementedRpcFilter) for f in server_log.filters):
+        server_log.addFilter(_UnimplementedRpcFilter())
 
 
 def resolve_uri(uri: str | None, folder: Path) -> tuple[str, str]:
@@ -201,7 +218,8 @@ class MilvusIndex:
         results = self._search(queries, k, filter, params)
         wanted = min(k, len(self))
         knob = SEARCH_KNOB.get(str(self.info.get("index_type")))
-        if knob == "nprobe" and not filter and any(len(row) < wanted for row in results):
+        # IVF returns only what its probed lists hold (fewer still under a filter): short rows look everywhere
+        if knob == "nprobe" and any(len(row) < wanted for row in results):
             results = self._search(queries, k, filter, {**params, "nprobe": int(self.info["build_params"]["nlist"])})
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
@@ -398,7 +416,7 @@ def build_milvus_index(shards, paths: Sequence[str], labels: Sequence[str | None
         if client.has_collection(name):
             log.info("index: dropping Milvus collection %s to build it again", name)
             client.drop_collection(name)
-        _create_collection(client, name, dim, index_type, build_params)
+        _create_collection(client, name, dim, index_type, build_params, lite)
         done = 0
     info = {"backend": "milvus", "kind": "milvus", "uri": recorded_uri, "milvus_collection": name,
             "index_type": index_type, "build_params": build_params, "reason": reason,
@@ -463,7 +481,7 @@ def _resumable_rows(client, folder: Path, uri: str, name: str, fingerprint: dict
     return done
 
 
-def _create_collection(client, name: str, dim: int, index_type: str, build_params: dict) -> None:
+def _create_collection(client, name: str, dim: int, index_type: str, build_params: dict, lite: bool) -> None:
     from pymilvus import DataType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -474,8 +492,10 @@ def _create_collection(client, name: str, dim: int, index_type: str, build_param
     schema.add_field("meta", DataType.JSON)
     params = client.prepare_index_params()
     params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=build_params)
-    params.add_index(field_name="path", index_type="INVERTED")
-    params.add_index(field_name="label", index_type="INVERTED")
+    if not lite:  # a server: scalar indexes make label filters and path lookups cheap at scale (Milvus Lite
+        # scans its segments, and its server logs a traceback for each extra index it waits on)
+        params.add_index(field_name="path", index_type="INVERTED")
+        params.add_index(field_name="label", index_type="INVERTED")
     client.create_collection(name, schema=schema, index_params=params)
 
 

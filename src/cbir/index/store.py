@@ -4,7 +4,8 @@ A saved index is a folder; every save writes a complete new *generation* beside 
 to it with one atomic rename:
 
 - ``index-<generation>.faiss``: the FAISS index (always a CPU index), whose ids are the store's ids;
-- ``ids-<generation>.jsonl``: one line per image, ``{"id", "path", "label", "meta"}``;
+- ``ids-<generation>.sqlite``: the id store (:mod:`cbir.index.idstore`: id → path, label, metadata), opened
+  read-only and queried by id, so a search process's memory does not grow with the collection;
 - ``index.json``: kind, factory string, search parameters, measured recall, dimension, count, and which
   files are the current generation with their SHA-256. It is written last (temp + rename), so it is the
   switch: a crash before it leaves the old generation current, after it the new one; the next save
@@ -15,7 +16,8 @@ to it with one atomic rename:
 
 Writers take ``.cbir-index.lock`` in the folder (:func:`index_writer`): a second ``add`` or ``remove`` waits
 for the first and then works on what the first saved, so neither run's images are lost. Folders written
-before generations (``index.faiss``, ``ids.jsonl``) load as they are and are converted by the next save.
+before generations (``index.faiss``, ``ids.jsonl``) or before the SQLite store (``ids-<generation>.jsonl``) load
+as they are and are converted by the next save.
 
 Ids are stable: they are assigned once (``next_id`` grows) and survive ``add`` and ``remove``.
 """
@@ -45,6 +47,7 @@ from cbir.index.builder import (
 )
 from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
 from cbir.index.filters import parse_filter
+from cbir.index.idstore import IdStore
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
 from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
@@ -55,66 +58,6 @@ LOCK_FILE = ".cbir-index.lock"
 CRASH_ENV = "CBIR_INDEX_CRASH_AT"  # fault-injection tests: exit abruptly at this save step
 HNSW_DEFAULT_EF_SEARCH = 16  # faiss's own, when the build recorded none
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
-
-
-class IdStore:
-    """Index id → image path, label and metadata."""
-
-    def __init__(self) -> None:
-        self.rows: dict[int, dict] = {}
-        self.next_id = 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, paths: Sequence[str], labels: Sequence[str | None] | None = None,
-            metadata: Sequence[dict | None] | None = None) -> np.ndarray:
-        """New ids for ``paths``."""
-        ids = np.arange(self.next_id, self.next_id + len(paths), dtype=np.int64)
-        labels = labels if labels is not None else [None] * len(paths)
-        metadata = metadata if metadata is not None else [None] * len(paths)
-        if not len(labels) == len(metadata) == len(paths):
-            raise ValueError("paths, labels and metadata must have the same length")
-        for i, path, label, meta in zip(ids.tolist(), paths, labels, metadata):
-            self.rows[i] = {"id": i, "path": str(path), "label": label, "meta": meta or {}}
-        self.next_id += len(paths)
-        return ids
-
-    def remove(self, ids: Iterable[int]) -> None:
-        for i in ids:
-            self.rows.pop(int(i), None)
-
-    def lookup(self, ids: Iterable[int]) -> list[dict | None]:
-        return [self.rows.get(int(i)) for i in ids]
-
-    def ids_of_paths(self, paths: Iterable[str]) -> np.ndarray:
-        wanted = {str(p) for p in paths}
-        return np.array([i for i, row in self.rows.items() if row["path"] in wanted], dtype=np.int64)
-
-    def paths(self) -> set[str]:
-        return {row["path"] for row in self.rows.values()}
-
-    def ids(self) -> np.ndarray:
-        return np.fromiter(self.rows, dtype=np.int64, count=len(self.rows))
-
-    def save(self, path: Path) -> None:
-        lines = [json.dumps(row, ensure_ascii=False) for row in self.rows.values()]
-        atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode())
-
-    @classmethod
-    def load(cls, path: Path, next_id: int) -> IdStore:
-        store = cls()
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    store.rows[int(row["id"])] = row
-                except (ValueError, KeyError, TypeError):
-                    raise IndexFilesError(f"{path}: line {line_no} is not an id record; rebuild the index") from None
-        store.next_id = max(next_id, max(store.rows, default=-1) + 1)
-        return store
 
 
 class CbirIndex:
@@ -208,8 +151,8 @@ class CbirIndex:
         """Ids whose label passes ``label_filter`` (remembered per filter until the index changes)."""
         key = label_filter.text
         if key not in self._filter_ids:
-            self._filter_ids[key] = np.array([i for i, row in self.store.rows.items()
-                                              if label_filter.matches(row.get("label"))], dtype=np.int64)
+            self._filter_ids[key] = np.array([i for i, label in self.store.id_labels() if label_filter.matches(label)],
+                                             dtype=np.int64)
         return self._filter_ids[key]
 
     def _search_params(self, selector, k: int, selectivity: float) -> faiss.SearchParameters:
@@ -297,7 +240,7 @@ class CbirIndex:
     @property
     def labelled(self) -> bool:
         """Whether any indexed image has a label (k-NN classification and label filters need them)."""
-        return any(row.get("label") is not None for row in self.store.rows.values())
+        return self.store.labelled()
 
     def paths(self) -> set[str]:
         """The source of every indexed image."""
@@ -308,10 +251,10 @@ class CbirIndex:
 
     def unknown_ids(self, ids: Iterable[int]) -> list[int]:
         """Those of ``ids`` the index does not hold."""
-        return [int(i) for i in ids if int(i) not in self.store.rows]
+        return self.store.unknown_ids(ids)
 
     def first_id(self) -> int | None:
-        return next(iter(self.store.rows), None)
+        return self.store.first_id()
 
     # -- changing -----------------------------------------------------------------------------------
     def add(self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
@@ -333,7 +276,9 @@ class CbirIndex:
     def remove(self, ids: Iterable[int]) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed."""
         self._check_writable("remove images from")
-        ids = np.asarray([i for i in ids if int(i) in self.store.rows], dtype=np.int64)
+        ids = [int(i) for i in ids]
+        unknown = set(self.store.unknown_ids(ids))
+        ids = np.asarray(sorted({i for i in ids if i not in unknown}), dtype=np.int64)
         if len(ids) == 0:
             return 0
         try:
@@ -377,7 +322,7 @@ class CbirIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         generation = max(int(self.info.get("generation", 0)), _current_generation(folder)) + 1
-        names = {"index": f"index-{generation:06d}.faiss", "ids": f"ids-{generation:06d}.jsonl"}
+        names = {"index": f"index-{generation:06d}.faiss", "ids": f"ids-{generation:06d}.sqlite"}
         info = dict(self.info, ntotal=int(self.index.ntotal), dim=self.embedding_dim,
                     next_id=int(self.store.next_id), generation=generation, files=names)
         if self.kind == "ondisk":
@@ -490,7 +435,8 @@ def _current_generation(folder: Path) -> int:
 
 def _remove_stale_files(folder: Path, keep: set[str]) -> None:
     """Files of older generations, pre-generation files and temporaries left by a crashed save."""
-    stale = [*folder.glob("index-*.faiss"), *folder.glob("ids-*.jsonl"), *folder.glob(".index-*.tmp"),
+    stale = [*folder.glob("index-*.faiss"), *folder.glob("ids-*.jsonl"), *folder.glob("ids-*.sqlite"),
+             *folder.glob(".index-*.tmp"),
              *folder.glob(".ids-*.tmp"), folder / INDEX_FILE, folder / IDS_FILE]
     for path in stale:
         if path.name not in keep and path.is_file():

@@ -288,11 +288,31 @@ STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (NonLocalMeans, Bilater
 PRESETS: dict[str, list[str]] = {"none": [], "denoise_enhance": ["nlm", "clahe"]}
 
 
+MAX_PREPROCESS_PIXELS = 1 << 20  # 1024 x 1024: what a query is cut down to before clean-up steps run
+
+
+def fit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """``image`` shrunk (area interpolation, aspect kept) to at most ``max_pixels`` pixels; as it is when
+    already small enough."""
+    height, width = image.shape[:2]
+    if height * width <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (height * width))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 @dataclass(frozen=True)
 class QueryPreprocessor:
-    """Steps applied in order to a query image. No steps = the identity (the image is returned as is)."""
+    """Steps applied in order to a query image. No steps = the identity (the image is returned as is).
+
+    Before any step runs, a query larger than ``max_pixels`` is shrunk to that size: non-local means costs
+    about a second per megapixel here (a 36 Mpx upload held a service's worker for 43 s), while the model
+    sees at most a few hundred pixels a side, so the clean-up of a huge photo costs what a 1 Mpx one does
+    and the embedding barely changes."""
 
     steps: tuple[Step, ...] = ()
+    max_pixels: int = MAX_PREPROCESS_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -307,6 +327,10 @@ class QueryPreprocessor:
             return image, []
         image = as_rgb_uint8(image)
         applied: list[dict[str, Any]] = []
+        if image.shape[0] * image.shape[1] > self.max_pixels:
+            before = [int(image.shape[1]), int(image.shape[0])]
+            image = fit_pixels(image, self.max_pixels)
+            applied.append({"step": "downscale", "from": before, "to": [int(image.shape[1]), int(image.shape[0])]})
         for step in self.steps:
             if isinstance(step, Auto):
                 image, chosen = step.plan_and_apply(image)
