@@ -26,7 +26,7 @@ from cbir.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageTooLargeError,
-    decode_image,
+    decode_image_and_size,
     list_images,
     load_image,
 )
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
-           "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image", "vote"]
+           "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image",
+           "read_query_image_and_size", "vote"]
 
 
 class SearchError(CbirError):
@@ -90,11 +91,22 @@ def vote(hits: Sequence[Hit]) -> Prediction:
     return Prediction(label, round(confidence, 6), {k: round(v, 6) for k, v in ordered.items()}, list(hits))
 
 
+QUERY_DECODE_PIXELS = 1 << 22  # 2048 x 2048: queries are decoded at most this large (the model sees far less)
+
+
 def read_query_image(source: str | Path | bytes, *, name: str | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a query (a file path or the raw bytes of an upload) into HxWx3 uint8 RGB
-    (:func:`cbir.data.images.decode_image`, with the pixel limit that stops decompression bombs)."""
-    return decode_image(source, name=name, max_pixels=max_pixels, what="query")
+    (:func:`cbir.data.images.decode_image`, with the pixel limit that stops decompression bombs), reduced to
+    at most :data:`QUERY_DECODE_PIXELS` pixels."""
+    return read_query_image_and_size(source, name=name, max_pixels=max_pixels)[0]
+
+
+def read_query_image_and_size(source: str | Path | bytes, *, name: str | None = None,
+                              max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`read_query_image` and the (width, height) of the image as sent, upright."""
+    return decode_image_and_size(source, name=name, max_pixels=max_pixels, what="query",
+                                 reduce_to=QUERY_DECODE_PIXELS)
 
 
 class Searcher:

@@ -79,3 +79,25 @@ def test_a_decompression_bomb_in_training_data_is_skipped_or_named(tmp_path):
     fail = RecordDataset(catalog, [1], lambda image: {"image": image}, on_bad_image="fail")
     with pytest.raises(BadImageError, match="bomb.png"):
         fail[0]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_image_is_decoded_reduced_and_its_full_upright_size_reported(fmt):
+    """Queries decode at most reduce_to pixels (a JPEG by its decoder's own scaling): a 36 Mpx upload costs one
+    decode, not several full-size copies (issue 15 D4); the size reported is the image as sent, upright."""
+    from cbir.data.images import decode_image_and_size
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    image = Image.fromarray(wide)
+    buffer = io.BytesIO()
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    image.save(buffer, fmt, exif=exif.tobytes())
+    pixels, size = decode_image_and_size(buffer.getvalue(), reduce_to=200_000)
+    assert size == (1200, 1600)  # upright: the phone held sideways
+    assert pixels.shape[0] > pixels.shape[1] and pixels.shape[0] * pixels.shape[1] <= 200_000
+    full, full_size = decode_image_and_size(buffer.getvalue())
+    assert full.shape == (1600, 1200, 3) and full_size == size
+    small = full[::4, ::4].mean(axis=(0, 1))  # the reduced image shows the same picture
+    assert np.allclose(pixels.mean(axis=(0, 1)), small, atol=6)

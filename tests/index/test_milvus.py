@@ -123,8 +123,7 @@ def _write_shards(folder: Path, vectors: np.ndarray, rows_per_shard: int) -> lis
 
 def test_kill_during_insertion_leaves_a_loadable_collection_and_the_build_resumes(tmp_path):
     vectors = clustered(40, dim=16)
-    files = _write_shards(tmp_path / "shards", vectors, 4)
-    np.save(tmp_path / "vectors.npy", vectors)
+    _write_shards(tmp_path / "shards", vectors, 4)
     script = textwrap.dedent(f"""
         import logging
         import numpy as np

@@ -368,6 +368,42 @@ def test_too_many_uploads_at_once_get_503_with_retry_after(searcher, collection)
     assert refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]
 
 
+def test_large_uploads_have_their_own_lane_and_report_their_full_size(searcher, collection):
+    """A 6 Mpx upload being cleaned slowly, with one decode slot per lane: small queries still go through
+    (they never queue behind large photos), and the large one reports the size it was sent at although it
+    is decoded reduced (benchmarks/serve_abuse.py measures the same under load)."""
+    slow = SlowCleaning(searcher, seconds=3.0)
+    app = create_app(slow, max_decodes=1, max_waiting=4)
+    small = png_bytes(sorted(collection.rglob("*.png"))[0])
+    ramp = np.linspace(0, 255, 3000, dtype=np.float32)
+    large_pixels = np.stack([np.broadcast_to(ramp[None, :2000], (3000, 2000))] * 3, axis=2).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(large_pixels).save(buffer, "PNG")
+
+    async def timed(http, data, **form):
+        import time
+
+        started = time.perf_counter()
+        response = await http.post("/search", files={"image": ("q.png", data)}, data=form)
+        return response, time.perf_counter() - started
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            large_task = asyncio.create_task(timed(http, buffer.getvalue(), preprocess="clahe"))
+            await asyncio.sleep(0.5)  # the large one holds the heavy lane now
+            normal = [await timed(http, small) for _ in range(3)]
+            result = await large_task
+            await app.state.batcher.close()
+            return result, normal
+
+    (large_response, large_seconds), normal = asyncio.run(run())
+    assert large_response.status_code == 200 and large_seconds >= 3.0
+    assert large_response.json()["query"]["width"] == 2000 and large_response.json()["query"]["height"] == 3000
+    assert all(response.status_code == 200 for response, _ in normal)
+    assert max(seconds for _, seconds in normal) < 2.0
+
+
 # -- command line ------------------------------------------------------------------------------------------
 
 def test_serve_config(monkeypatch):

@@ -9,6 +9,7 @@ transparency composited onto white. The content decides the format, never the fi
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from cbir.errors import BadImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; larger is refused before decoding (decompression bombs)
+ORIENTATION_TAG = 0x0112  # EXIF orientation: 5-8 turn the image by 90 degrees
 
 
 class ImageTooLargeError(BadImageError):
@@ -72,12 +74,24 @@ def scale_to_8bit(values: np.ndarray) -> np.ndarray:
 
 
 def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image",
+                 reduce_to: int | None = None) -> np.ndarray:
     """Decode a file, or the raw bytes of an upload, into HxWx3 uint8 RGB.
 
     An empty, missing, truncated or non-image input, or one with more than ``max_pixels`` pixels (None:
     PIL's own bomb limit only), raises :class:`BadImageError` naming ``name`` (or the path); ``what``
-    says which kind of image it is in the message (``query``, ``image``)."""
+    says which kind of image it is in the message (``query``, ``image``). ``reduce_to``: an image with more
+    pixels comes back shrunk to at most that many (see :func:`decode_image_and_size`)."""
+    return decode_image_and_size(source, name=name, max_pixels=max_pixels, what=what, reduce_to=reduce_to)[0]
+
+
+def decode_image_and_size(source: str | os.PathLike | bytes, *, name: str | None = None,
+                          max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image",
+                          reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`decode_image`, and the (width, height) of the full image, upright. With ``reduce_to``, a larger
+    image is decoded reduced — a JPEG at 1/2, 1/4 or 1/8 scale by its decoder (``Image.draft``), any image
+    then box-reduced by an integer factor — so a 36 Mpx upload costs one full decode at most, not the
+    several full-size copies that conversion and clean-up would make."""
     label = name or (str(source) if not isinstance(source, bytes) else "upload")
     if isinstance(source, bytes):
         if not source:
@@ -103,7 +117,18 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLargeError(f"{what} {label}: {width}x{height} pixels is more than the limit "
                                              f"of {max_pixels:,} pixels")
+                turned = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
+                size = (height, width) if turned else (width, height)
+                if reduce_to is not None and width * height > reduce_to:
+                    factor = math.ceil(math.sqrt(width * height / reduce_to))
+                    if image.format == "JPEG":
+                        image.draft(image.mode, (width // factor, height // factor))  # decoder-side scaling
                 image.load()
+                if reduce_to is not None and image.width * image.height > reduce_to:
+                    try:
+                        image = image.reduce(math.ceil(math.sqrt(image.width * image.height / reduce_to)))
+                    except ValueError:  # a mode reduce() does not take (palette, 1-bit): the full image then
+                        pass
                 pixels = image_to_rgb(ImageOps.exif_transpose(image))  # upright, as viewers show it
     except BadImageError:
         raise
@@ -115,7 +140,7 @@ def decode_image(source: str | os.PathLike | bytes, *, name: str | None = None,
         raise BadImageError(f"{what} {label}: cannot decode image ({exc})") from None
     if pixels.size == 0:
         raise BadImageError(f"{what} {label}: image has no pixels")
-    return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels), size
 
 
 def load_image(catalog: Catalog | None, source: str | ArrayRef,

@@ -49,7 +49,7 @@ from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyI
 from cbir.index.filters import parse_filter
 from cbir.index.idstore import IdStore
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
-from cbir.io import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+from cbir.io import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ decoding (decompression bombs).
 import asyncio
 import enum
 import hmac
+import io
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
@@ -43,7 +45,7 @@ from cbir.search import (
     ImageTooLargeError,
     Searcher,
     parse_array_source,
-    read_query_image,
+    read_query_image_and_size,
     vote,
 )
 from cbir.serve.batching import QueryBatcher
@@ -56,6 +58,19 @@ PATH_STYLES = ("relative", "name", "absolute")  # how result paths are shown: se
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_FILTER_CHARS = 2000  # a label filter is a short expression, not a payload
 MULTIPART_SLACK_BYTES = 64 * 1024  # boundaries, headers and the small form fields around the image
+
+
+LIGHT_QUERY_PIXELS = 1 << 20  # uploads up to this size (1 Mpx) decode in the light lane
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from an upload's header (nothing is decoded); 0 when it has none (the decoder then says
+    what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.width) * int(image.height)
+    except Exception:  # noqa: BLE001 - any unreadable header: the decode step reports it properly
+        return 0
 
 
 class ApiError(Exception):
@@ -152,6 +167,9 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
     # most max_waiting queued behind them; beyond that a 503 with Retry-After rather than memory or latency
     # growing with the number of clients
     decode_limiter = anyio.CapacityLimiter(max_decodes)
+    # small uploads (by the size their header declares) have their own lane: an everyday query never waits
+    # behind large photos or slow clean-ups (measured: benchmarks/serve_abuse.py)
+    light_limiter = anyio.CapacityLimiter(max_decodes)
     admitted = {"count": 0}  # in the decode stage or waiting for it (changed on the event loop only)
     thumbnails = Thumbnails(searcher, size=thumbnail_size, capacity=thumbnail_cache)
     index_meta = getattr(searcher.index, "metadata", None) or {}
@@ -230,12 +248,15 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
             raise ApiError(422, str(exc)) from None
 
         def decode_and_clean() -> tuple[np.ndarray, tuple[int, int]]:
-            pixels = read_query_image(data, name=name, max_pixels=max_pixels)
-            return searcher.clean_images([pixels], spec)[0], (int(pixels.shape[1]), int(pixels.shape[0]))
+            pixels, size = read_query_image_and_size(data, name=name, max_pixels=max_pixels)
+            return searcher.clean_images([pixels], spec)[0], size
 
         admitted["count"] += 1
         try:
-            cleaned, (width, height) = await anyio.to_thread.run_sync(decode_and_clean, limiter=decode_limiter)
+            pixels = declared_pixels(data)
+            heavy = pixels > LIGHT_QUERY_PIXELS or (spec is not None and pixels > LIGHT_QUERY_PIXELS // 4)
+            cleaned, (width, height) = await anyio.to_thread.run_sync(
+                decode_and_clean, limiter=decode_limiter if heavy else light_limiter)
         except BadImageError as exc:
             too_big = isinstance(exc, ImageTooLargeError)
             raise ApiError(413 if too_big else 422, str(exc), {"max_pixels": max_pixels} if too_big else None) \
