@@ -159,13 +159,15 @@ class Searcher:
         """(N, D) float32 query embeddings of RGB uint8 images, after query preprocessing."""
         return self.embed_clean(self.clean_images(images, preprocess))
 
-    def clean_images(self, images: Sequence[np.ndarray], preprocess=None) -> list[np.ndarray]:
+    def clean_images(self, images: Sequence[np.ndarray], preprocess=None,
+                     deadline: float | None = None) -> list[np.ndarray]:
         """The query preprocessing alone (``preprocess``: a spec, None = the bundle's own), so a service can
-        run it outside the inference worker."""
+        run it outside the inference worker. ``deadline`` (``time.monotonic()``): past it, the next step is
+        not started (:class:`cbir.preprocess.query.CleanUpTimeout`)."""
         from cbir.preprocess import build_preprocessor
 
         preprocessor = self.preprocessor if preprocess is None else build_preprocessor(preprocess)
-        return [preprocessor(image) for image in images]
+        return [preprocessor.apply(image, deadline=deadline)[0] for image in images]
 
     def embed_clean(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32 embeddings of images that were preprocessed already."""

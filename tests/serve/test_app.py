@@ -312,12 +312,12 @@ class SlowCleaning:
     def __getattr__(self, name):
         return getattr(self._searcher, name)
 
-    def clean_images(self, images, preprocess=None):
+    def clean_images(self, images, preprocess=None, deadline=None):
         import time
 
         if preprocess is not None:
             time.sleep(self.seconds)
-        return self._searcher.clean_images(images, preprocess)
+        return self._searcher.clean_images(images, preprocess, deadline=deadline)
 
 
 def test_slow_preprocessing_does_not_hold_up_other_queries(searcher, collection):
@@ -402,6 +402,22 @@ def test_large_uploads_have_their_own_lane_and_report_their_full_size(searcher, 
     assert large_response.json()["query"]["width"] == 2000 and large_response.json()["query"]["height"] == 3000
     assert all(response.status_code == 200 for response, _ in normal)
     assert max(seconds for _, seconds in normal) < 2.0
+
+
+def test_a_clean_up_past_its_time_limit_is_a_503_not_a_held_worker(searcher, collection):
+    """clean_timeout_s: a query still waiting or working after it gets 503 + Retry-After; the clean-up stops
+    before its next step (a step on a capped image takes a second or two at most)."""
+    import time
+
+    slow = SlowCleaning(searcher, seconds=1.5)  # the wait happens before the real clean-up's first step
+    app = create_app(slow, clean_timeout_s=1.0)
+    data = png_bytes(sorted(collection.rglob("*.png"))[0])
+    with TestClient(app) as client:
+        started = time.perf_counter()
+        late = client.post("/search", files={"image": ("q.png", data)}, data={"preprocess": "clahe"})
+        assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+        assert "clean_timeout_s" in late.json()["error"] and time.perf_counter() - started < 5
+        assert client.post("/search", files={"image": ("q.png", data)}).status_code == 200  # no clean-up: in time
 
 
 # -- command line ------------------------------------------------------------------------------------------

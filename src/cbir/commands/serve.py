@@ -44,9 +44,11 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
         if not cfg.api_key.isascii() or not cfg.api_key.isprintable() or not cfg.api_key.strip():
             raise ConfigError("api_key: use printable ASCII characters (HTTP headers cannot carry others, so no "
                               "client could ever send it)")
-    for key in ("max_upload_mb", "batch_window_ms"):
+    for key in ("max_upload_mb", "batch_window_ms", "clean_timeout_s"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a number >= 0")
+    if cfg.clean_timeout_s <= 0:
+        raise ConfigError(f"clean_timeout_s={cfg.clean_timeout_s}: must be > 0 seconds (every query would time out)")
     if cfg.paths not in PATH_STYLES:
         raise ConfigError(f"paths={cfg.paths!r}: choose from {', '.join(PATH_STYLES)}")
     return cfg
@@ -64,7 +66,8 @@ def build_app(cfg: DictConfig):
                       max_pixels=int(cfg.max_pixels), thumbnail_size=int(cfg.thumbnail_size),
                       thumbnail_cache=int(cfg.thumbnail_cache), batch_window_ms=float(cfg.batch_window_ms),
                       max_batch=int(cfg.max_batch), default_k=int(cfg.k), path_style=str(cfg.paths),
-                      max_decodes=int(cfg.max_decodes), max_waiting=int(cfg.max_waiting))
+                      max_decodes=int(cfg.max_decodes), max_waiting=int(cfg.max_waiting),
+                      clean_timeout_s=float(cfg.clean_timeout_s))
 
 
 def run_server(cfg: DictConfig) -> None:

@@ -115,8 +115,10 @@ def describe_run(cfg: DictConfig, embedder, output_dir: Path) -> str:
 def _to_log_file(text: str) -> None:
     """``text`` into the run's log file (train.log) only: the console got it by print already."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.stream.write(text + "\n")
+        stream = getattr(handler, "stream", None)
+        # a handler another run closed (or one opened lazily that never wrote) has no stream: not this run's log
+        if isinstance(handler, logging.FileHandler) and stream is not None and not stream.closed:
+            stream.write(text + "\n")
             handler.flush()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from cbir.errors import BadImageError, ConfigError
+from cbir.errors import BadImageError, CbirError, ConfigError
 from cbir.preprocess.quality import estimate_noise_sigma, luminance, measure
 
 
@@ -288,6 +289,10 @@ STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (NonLocalMeans, Bilater
 PRESETS: dict[str, list[str]] = {"none": [], "denoise_enhance": ["nlm", "clahe"]}
 
 
+class CleanUpTimeout(CbirError):
+    """A query's clean-up ran past its deadline (a service's time limit)."""
+
+
 MAX_PREPROCESS_PIXELS = 1 << 20  # 1024 x 1024: what a query is cut down to before clean-up steps run
 
 
@@ -320,9 +325,11 @@ class QueryPreprocessor:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.apply(image)[0]
 
-    def apply(self, image: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def apply(self, image: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The processed uint8 RGB image (grey/RGBA inputs become RGB) and a list of the steps applied
-        (``auto`` reports only the steps it chose, with its reasons)."""
+        (``auto`` reports only the steps it chose, with its reasons). ``deadline`` (a ``time.monotonic()``
+        value): a step that would start after it is not run; :class:`CleanUpTimeout` is raised instead (a
+        service's time limit; one step on a capped image takes a second or two at most)."""
         if not self.steps:
             return image, []
         image = as_rgb_uint8(image)
@@ -332,6 +339,8 @@ class QueryPreprocessor:
             image = fit_pixels(image, self.max_pixels)
             applied.append({"step": "downscale", "from": before, "to": [int(image.shape[1]), int(image.shape[0])]})
         for step in self.steps:
+            if deadline is not None and time.monotonic() > deadline:
+                raise CleanUpTimeout(f"query clean-up stopped before '{step.name}': past its time limit")
             if isinstance(step, Auto):
                 image, chosen = step.plan_and_apply(image)
                 applied += chosen

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from cbir.errors import BadImageError, CbirError, ConfigError
+from cbir.preprocess.query import CleanUpTimeout
 from cbir.search import (
     DEFAULT_MAX_PIXELS,
     MAX_K,
@@ -153,7 +154,8 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                thumbnail_size: int = 256, thumbnail_cache: int = 2048, batch_window_ms: float = 0.0,
                max_batch: int = 16, default_k: int = 10, path_style: str = "relative",
-               max_decodes: int = 4, max_waiting: int = 16, title: str = "cbir image search") -> FastAPI:
+               max_decodes: int = 4, max_waiting: int = 16, clean_timeout_s: float = 20.0,
+               title: str = "cbir image search") -> FastAPI:
     """A FastAPI app that answers queries with ``searcher`` (loaded once, shared read-only).
 
     ``max_batch > 1`` embeds concurrent queries together (``batch_window_ms > 0`` also waits that long
@@ -247,9 +249,11 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
         except CbirError as exc:
             raise ApiError(422, str(exc)) from None
 
+        deadline = time.monotonic() + clean_timeout_s  # waiting for a slot counts: an overloaded server sheds
+
         def decode_and_clean() -> tuple[np.ndarray, tuple[int, int]]:
             pixels, size = read_query_image_and_size(data, name=name, max_pixels=max_pixels)
-            return searcher.clean_images([pixels], spec)[0], size
+            return searcher.clean_images([pixels], spec, deadline=deadline)[0], size
 
         admitted["count"] += 1
         try:
@@ -257,6 +261,10 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
             heavy = pixels > LIGHT_QUERY_PIXELS or (spec is not None and pixels > LIGHT_QUERY_PIXELS // 4)
             cleaned, (width, height) = await anyio.to_thread.run_sync(
                 decode_and_clean, limiter=decode_limiter if heavy else light_limiter)
+        except CleanUpTimeout:
+            raise ApiError(503, f"decoding and cleaning this query took more than {clean_timeout_s:g} s "
+                                "(serve option clean_timeout_s): retry, send a smaller image, or ask for a lighter "
+                                "preprocess", {"retry_after_seconds": 1}, headers={"Retry-After": "1"}) from None
         except BadImageError as exc:
             too_big = isinstance(exc, ImageTooLargeError)
             raise ApiError(413 if too_big else 422, str(exc), {"max_pixels": max_pixels} if too_big else None) \
