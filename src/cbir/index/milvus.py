@@ -63,6 +63,7 @@ def connect(uri: str, timeout: float = 30.0):
                           "pip install 'cbir[milvus]'") from None
     # its query iterator warns on every use that Milvus Lite has no MVCC timestamp (it needs none)
     logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
+    logging.getLogger("milvus_lite").setLevel(logging.WARNING)  # its server start/stop lines at every command
     local = not re.match(r"^[a-z]+://", uri)
     if local:
         _quiet_lite_server()
@@ -359,8 +360,9 @@ class MilvusIndex:
 
     def describe(self) -> str:
         recall_key = f"recall_at_{self.info.get('recall_k', 10)}"
-        return (f"{len(self)} images, {self.embedding_dim}-d, Milvus {self.info.get('index_type')} "
-                f"{self.info.get('build_params') or ''} in {self.info.get('uri')} collection {self.collection} "
+        kind = " ".join(str(part) for part in (self.info.get("index_type"), self.info.get("build_params")) if part)
+        return (f"{len(self)} images, {self.embedding_dim}-d, Milvus {kind} "
+                f"in {self.info.get('uri')} collection {self.collection} "
                 f"({self.info.get('reason')}); search {self.info.get('search_params') or 'exact'}; "
                 f"{recall_key}={self.info.get(recall_key)} (target {self.info.get('target_recall')})")
 
