@@ -26,7 +26,14 @@ import numpy as np
 from cbir.index.store import load_index
 folder, action = sys.argv[1], sys.argv[2]
 index = load_index(folder)
-if action == "add":
+if action == "build":  # a new build saved over the folder (cbir index build out=<existing index>)
+    from cbir.index.builder import IndexOptions
+    from cbir.index.store import CbirIndex
+    vectors = np.random.default_rng(2).standard_normal((150, index.embedding_dim)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = CbirIndex.build(vectors, [f"rebuilt/{i}.png" for i in range(150)], [None] * 150,
+                            options=IndexOptions(kind="flat"))
+elif action == "add":
     vectors = np.random.default_rng(1).standard_normal((25, index.embedding_dim)).astype("float32")
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index.add(vectors, [f"new/{i}.png" for i in range(25)], [None] * 25)
@@ -44,7 +51,7 @@ def fresh_index(folder, kind="flat") -> CbirIndex:
     return index
 
 
-@pytest.mark.parametrize("action", ["add", "remove"])
+@pytest.mark.parametrize("action", ["build", "add", "remove"])
 @pytest.mark.parametrize("step", ["index", "ids", "info", "cleanup"])
 def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_index(tmp_path, action, step):
     folder = tmp_path / "ix"
@@ -57,7 +64,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_index(tmp_path, act
                          text=True, timeout=120)
     assert run.returncode == 70, run.stderr[-2000:]  # it did die at that step
     loaded = load_index(folder)
-    new_size = 225 if action == "add" else 190
+    new_size = {"build": 150, "add": 225, "remove": 190}[action]
     switched = step == "cleanup"  # index.json was written before this step: the new generation is current
     assert len(loaded) == (new_size if switched else 200)
     assert (loaded.store.paths() == old_paths) != switched
