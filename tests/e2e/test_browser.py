@@ -124,6 +124,15 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             expect(page.locator("#error")).to_contain_text("HTTP 422")
             expect(tiles).to_have_count(0)
             page.screenshot(path=str(ARTIFACTS / "search_page_error.png"), full_page=True)
+
+            # the label filter (the index holds labels): only that class comes back
+            other = sorted(p.name for p in collection.iterdir() if p.is_dir() and p.name != query.parent.name)[0]
+            expect(page.locator("#filter-input")).to_be_visible()
+            page.fill("#filter-input", other)
+            page.set_input_files("#file-input", str(query))
+            expect(tiles).to_have_count(4, timeout=60_000)  # the class holds 4 images: fewer than k=6
+            assert set(page.locator("#results .label").all_inner_texts()) == {other}
+            assert not page.locator("#error").is_visible()
         finally:
             browser.close()
 

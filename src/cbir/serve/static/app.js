@@ -39,6 +39,7 @@ async function loadHealth() {
       option.value = option.textContent = name;
       $("preprocess-select").append(option);
     }
+    $("filter-label").hidden = !health.labelled;  // a label filter needs labels in the index
     $("key-label").hidden = !(health.api_key_required && !apiKey);
   } catch (error) {
     $("status").textContent = "";
@@ -102,6 +103,8 @@ async function search(event) {
   form.append("image", chosenFile, chosenFile.name);
   if ($("k-input").value) form.append("k", $("k-input").value);  // empty: the server's default k
   if ($("preprocess-select").value) form.append("preprocess", $("preprocess-select").value);
+  const label = $("filter-input").value.trim();
+  if (label) form.append("filter", `label == ${JSON.stringify(label)}`);  // only hits of this label
   $("search-button").disabled = true;
   $("summary").textContent = "searching…";
   showError("");
