@@ -12,6 +12,7 @@ from cbir.commands.runner import run_hydra
 from cbir.data.datasets import EvalSpec
 from cbir.errors import ConfigError
 from cbir.evaluation.report import format_table, write_results
+from cbir.evaluation.rerank import METHODS as RERANK_METHODS
 from cbir.models.checkpoint import load_embedder_checkpoint, resolve_checkpoint, run_config
 from cbir.training import factory
 from cbir.training.module import MetricLearningModule
@@ -40,16 +41,25 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     specs = protocol_specs(cfg.data, cfg.protocol)
     module = MetricLearningModule(embedder, ks=tuple(cfg.metrics.ks), knn_k=cfg.metrics.get("knn_k"))
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
-    results = []
+    rerank = cfg.get("rerank") or {}
+    methods = [str(m) for m in (rerank.get("methods") or []) if str(m) != "none"]
+    unknown = [m for m in methods if m not in RERANK_METHODS]
+    if unknown:
+        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(RERANK_METHODS)}")
+    n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
+    results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:
         datamodule.test_spec = spec
         trainer.test(module, datamodule=datamodule, verbose=False)
-        results.append(dict(module.last_eval_metrics))
-    metrics = average_metrics(results)
+        results[name].append(dict(module.last_eval_metrics))
+        for method in methods:  # the same embeddings, expanded: one forward pass for every row
+            results.setdefault(f"{name} + {method} (n={n}, α={alpha:g})", []).append(module.rescore(method, n, alpha))
+    rows = {row: average_metrics(parts) for row, parts in results.items()}
+    metrics = rows[name]
     protocol = " and ".join(spec.describe() for spec in specs) + (", averaged" if len(specs) > 1 else "")
     if trainer.is_global_zero:  # under DDP (trainer=ddp) every rank has the same gathered metrics: one writes
-        print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table({name: metrics}) + "\n")
-        write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", {name: metrics})
+        print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table(rows) + "\n")
+        write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", rows)
     return metrics
 
 

@@ -207,11 +207,23 @@ def unique_by_id(ids: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tenso
 
 
 def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
-                        ks: Sequence[int] = DEFAULT_KS, knn_k: int | None = None) -> dict[str, float]:
+                        ks: Sequence[int] = DEFAULT_KS, knn_k: int | None = None, rerank: str = "none",
+                        rerank_n: int = 5, rerank_alpha: float = 3.0) -> dict[str, float]:
     """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
-    otherwise query-vs-gallery by role (items in both sets are not matched with themselves)."""
+    otherwise query-vs-gallery by role (items in both sets are not matched with themselves). ``rerank``:
+    ``aqe`` / ``dba`` / ``dba+aqe`` (:mod:`cbir.evaluation.rerank`) on the same embeddings first."""
     is_query = (roles & ROLE_QUERY).bool()
     is_gallery = (roles & ROLE_GALLERY).bool()
+    if rerank != "none":
+        from cbir.evaluation.rerank import rerank_embeddings
+
+        if not (is_query.any() and is_gallery.any()):
+            return evaluate_embeddings(embeddings, labels, roles, ks, knn_k)
+        ids = torch.arange(len(labels), device=labels.device)
+        query, gallery = rerank_embeddings(rerank, embeddings[is_query], embeddings[is_gallery], ids[is_query],
+                                           ids[is_gallery], rerank_n, rerank_alpha)
+        return retrieval_metrics(query, labels[is_query], gallery, labels[is_gallery], query_ids=ids[is_query],
+                                 gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k)
     if bool(is_query.all()) and bool(is_gallery.all()):
         return retrieval_metrics(embeddings, labels, ks=ks, knn_k=knn_k)
     if not (is_query.any() and is_gallery.any()):

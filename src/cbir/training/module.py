@@ -249,11 +249,17 @@ class MetricLearningModule(pl.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name in self.PROGRESS_METRICS, sync_dist=False,
                      rank_zero_only=False)
 
-    def _score(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Retrieval metrics of the gathered embeddings (items padded in by DDP counted once)."""
+    def _score(self, gathered: dict[str, torch.Tensor], **rerank) -> dict[str, float]:
+        """Retrieval metrics of the gathered embeddings (items padded in by DDP counted once); ``rerank``:
+        :func:`cbir.evaluation.metrics.evaluate_embeddings`'s ``rerank``, ``rerank_n``, ``rerank_alpha``."""
         _, embeddings, labels, roles = unique_by_id(gathered["index"], gathered["embedding"],
                                                     gathered["label"], gathered["role"])
-        return evaluate_embeddings(embeddings, labels, roles, self.ks, knn_k=self.knn_k)
+        return evaluate_embeddings(embeddings, labels, roles, self.ks, knn_k=self.knn_k, **rerank)
+
+    def rescore(self, method: str, n: int = 5, alpha: float = 3.0) -> dict[str, float]:
+        """The last evaluation's metrics again, with query expansion / database augmentation ``method``
+        (:mod:`cbir.evaluation.rerank`) on the same embeddings: no second forward pass."""
+        return self._score(self.last_eval_outputs, rerank=method, rerank_n=n, rerank_alpha=alpha)
 
 
 def contiguous_label_map(train_classes: Sequence[int] | None) -> torch.Tensor | None:

@@ -1,0 +1,76 @@
+"""Query expansion (αQE) and database-side augmentation (DBA) on embeddings (issue 17), and eval.py's rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.configs import compose_config
+
+from cbir.commands.eval import evaluate
+from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
+from cbir.evaluation.metrics import evaluate_embeddings, retrieval_metrics
+from cbir.evaluation.rerank import expand, rerank_embeddings, top_neighbours
+
+
+def noisy_clusters(classes: int = 20, per_class: int = 15, dim: int = 32, noise: float = 0.9, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(classes, dim, generator=generator), dim=1)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    points = centres[labels] + noise * torch.randn(len(labels), dim, generator=generator) / dim ** 0.5
+    return F.normalize(points, dim=1), labels
+
+
+def test_neighbours_are_exact_and_never_the_item_itself():
+    vectors, _ = noisy_clusters(classes=5, per_class=8)
+    ids = torch.arange(len(vectors))
+    scores, positions = top_neighbours(vectors, vectors, 4, ids, ids, chunk=7)
+    sims = vectors @ vectors.T
+    sims.fill_diagonal_(float("-inf"))
+    expected = torch.topk(sims, 4, dim=1)
+    assert torch.equal(positions, expected.indices) and torch.allclose(scores, expected.values)
+    assert not (positions == ids[:, None]).any()
+
+
+def test_the_expansion_formula_on_a_hand_example():
+    query = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+    out = expand(query, gallery, n=2, alpha=2.0)
+    # neighbours: g0 (sim 0.6) and g1 (sim 0.0): q + 0.36 * g0 + 0 * g1
+    manual = F.normalize(torch.tensor([[1.0 + 0.36 * 0.6, 0.36 * 0.8]]), dim=1)
+    assert torch.allclose(out, manual, atol=1e-6)
+    assert torch.allclose(expand(query, gallery, n=0, alpha=2.0), query)
+
+
+def test_expansion_helps_on_noisy_clusters_and_none_changes_nothing():
+    vectors, labels = noisy_clusters()
+    plain = retrieval_metrics(vectors, labels)
+    roles = torch.full((len(labels),), ROLE_QUERY | ROLE_GALLERY)
+    assert evaluate_embeddings(vectors, labels, roles, rerank="none") == plain
+    for method in ("aqe", "dba", "dba+aqe"):
+        reranked = evaluate_embeddings(vectors, labels, roles, rerank=method, rerank_n=5, rerank_alpha=3.0)
+        assert reranked["map_at_r"] > plain["map_at_r"] + 0.02, method  # the neighbours of a noisy point denoise it
+    with pytest.raises(ValueError, match="choose from"):
+        rerank_embeddings("kreciprocal", vectors, vectors, torch.arange(5), torch.arange(5))
+
+
+def test_query_vs_gallery_sets_keep_their_roles():
+    vectors, labels = noisy_clusters(classes=6, per_class=10)
+    roles = torch.where(torch.arange(len(labels)) % 5 == 0, ROLE_QUERY, ROLE_GALLERY)
+    metrics = evaluate_embeddings(vectors, labels, roles, rerank="aqe")
+    assert metrics["num_queries"] == int((roles == ROLE_QUERY).sum())
+
+
+def test_eval_prints_a_row_per_method_from_one_pass(tiny_folder, tmp_path):
+    overrides = ["data=folder", f"data.root={tiny_folder}", "data.image_size=32", "data.eval_batch_size=16",
+                 "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                 "model=handcrafted", "model.image_size=32", f"paths.output_dir={tmp_path}",
+                 "rerank.methods=[aqe,dba+aqe]", "rerank.n=2"]
+    metrics = evaluate(compose_config("eval", overrides))
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert len(rows) == 3 and metrics == next(iter(rows.values()))
+    assert [name.split(" + ")[-1] for name in list(rows)[1:]] == ["aqe (n=2, α=3)", "dba+aqe (n=2, α=3)"]
+    with pytest.raises(Exception, match="kreciprocal"):
+        evaluate(compose_config("eval", [*overrides[:-2], "rerank.methods=[kreciprocal]"]))
