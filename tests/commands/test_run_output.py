@@ -31,3 +31,17 @@ def test_a_run_says_what_it_runs_without_noise_and_keeps_its_table(tiny_folder, 
     hparams = yaml.safe_load((run / "csv" / "hparams.yaml").read_text())
     assert hparams["optimizer"]["lr"] == pytest.approx(0.0007)
     assert hparams["data"]["name"] == "folder" and "_target_" in hparams["loss"]
+
+
+@pytest.mark.slow
+def test_eval_prints_no_lightning_adverts(tiny_folder, tmp_path):
+    """eval.py's trainer got Lightning's other advert (LitModelCheckpoint / litmodels) at every start."""
+    done = subprocess.run([sys.executable, str(ROOT / "eval.py"), "data=folder", f"data.root={tiny_folder}",
+                           "data.image_size=32", "data.num_workers=0", "model=resnet18", "model.pretrained=none",
+                           "model.image_size=32", f"hydra.run.dir={tmp_path / 'eval'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "Retrieval on folder" in output
+    for noise in ("💡 Tip", "litmodels", "LeafSpec"):
+        assert noise not in output, noise

@@ -1,7 +1,7 @@
 """Third-party messages that tell a cbir user nothing, filtered at the entry points (train/eval/export).
 
 Each is matched by its own text, so anything else those libraries say still gets through:
-- Lightning's advert for its cloud logger at every start;
+- Lightning's adverts for its cloud logger and model registry at every start;
 - Lightning's own ``LeafSpec`` deprecation (raised inside Lightning, nothing a user can change);
 - "multiple ModelCheckpoint callbacks" at test time: cbir's ``last_checkpoint`` is a second ModelCheckpoint
   on purpose, and the best checkpoint is the first one's, which is what Lightning uses.
@@ -16,7 +16,7 @@ NOISY_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r".*is called with Trainer configured with multiple `ModelCheckpoint` callbacks",
 )
-NOISY_LOG_PREFIXES = ("💡 Tip: For seamless cloud logging",)
+NOISY_LOG_PREFIXES = ("💡 Tip: For seamless cloud",)  # logging (litlogger) and uploads (litmodels) adverts
 LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
                      "lightning.pytorch.utilities.rank_zero")
 
