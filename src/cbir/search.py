@@ -227,8 +227,7 @@ class Searcher:
         excluded = [_same_source_key(source) for source in exclude] if exclude is not None else [None] * len(embeddings)
         wanted = k + 1 if any(excluded) else k  # one spare for the query itself
         queries = np.ascontiguousarray(embeddings, dtype=np.float32)
-        scores, ids = (self.index.search(queries, min(wanted, size), filter=filter) if filter
-                       else self.index.search(queries, min(wanted, size)))
+        scores, ids = self.index.search(queries, min(wanted, size), filter=filter)
         results = []
         for row_scores, row_ids, own in zip(scores, ids, excluded):
             valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]

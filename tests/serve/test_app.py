@@ -320,24 +320,26 @@ class SlowCleaning:
         return self._searcher.clean_images(images, preprocess, deadline=deadline)
 
 
+async def timed_search(http, data: bytes, **form):
+    """(response, seconds) of one POST /search of ``data``."""
+    import time
+
+    started = time.perf_counter()
+    response = await http.post("/search", files={"image": ("q.png", data)}, data=form)
+    return response, time.perf_counter() - started
+
+
 def test_slow_preprocessing_does_not_hold_up_other_queries(searcher, collection):
     slow = SlowCleaning(searcher, seconds=3.0)
     app = create_app(slow, max_batch=8)
     data = png_bytes(sorted(collection.rglob("*.png"))[0])
 
-    async def timed(http, **form):
-        import time
-
-        started = time.perf_counter()
-        response = await http.post("/search", files={"image": ("q.png", data)}, data=form)
-        return response, time.perf_counter() - started
-
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
-            slow_task = asyncio.create_task(timed(http, preprocess="clahe"))
+            slow_task = asyncio.create_task(timed_search(http, data, preprocess="clahe"))
             await asyncio.sleep(0.3)  # the slow one is cleaning its image now
-            normal = [await timed(http) for _ in range(3)]
+            normal = [await timed_search(http, data) for _ in range(3)]
             result = await slow_task
             await app.state.batcher.close()
             return result, normal
@@ -380,19 +382,12 @@ def test_large_uploads_have_their_own_lane_and_report_their_full_size(searcher, 
     buffer = io.BytesIO()
     Image.fromarray(large_pixels).save(buffer, "PNG")
 
-    async def timed(http, data, **form):
-        import time
-
-        started = time.perf_counter()
-        response = await http.post("/search", files={"image": ("q.png", data)}, data=form)
-        return response, time.perf_counter() - started
-
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
-            large_task = asyncio.create_task(timed(http, buffer.getvalue(), preprocess="clahe"))
+            large_task = asyncio.create_task(timed_search(http, buffer.getvalue(), preprocess="clahe"))
             await asyncio.sleep(0.5)  # the large one holds the heavy lane now
-            normal = [await timed(http, small) for _ in range(3)]
+            normal = [await timed_search(http, small) for _ in range(3)]
             result = await large_task
             await app.state.batcher.close()
             return result, normal

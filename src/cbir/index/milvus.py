@@ -38,7 +38,8 @@ import numpy as np
 
 from cbir.errors import ConfigError
 from cbir.index.builder import IndexOptions, choose_kind, drop_self, nlist_for, pq_shape, recall_at_k
-from cbir.index.errors import DimensionMismatchError, IndexFilesError
+from cbir.index.errors import IndexFilesError
+from cbir.index.vectors import new_embeddings, query_matrix
 from cbir.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -206,15 +207,7 @@ class MilvusIndex:
                search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (Q, k), best first, -1 past the hits; ``filter`` is any Milvus expression
         over ``label`` / ``path`` / ``id`` (``label == 'cat'``)."""
-        if hasattr(queries, "detach"):
-            queries = queries.detach().float().cpu().numpy()
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.embedding_dim:
-            raise DimensionMismatchError(
-                f"query embeddings have {queries.shape[1]} dimensions but the index holds {self.embedding_dim}-d "
-                "vectors: search with the model that built the index, or rebuild the index with this model")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        queries = query_matrix(queries, self.embedding_dim, k)
         params = dict(self.info.get("search_params") or {}) if search_params is None else search_params
         results = self._search(queries, k, filter, params)
         wanted = min(k, len(self))
@@ -302,12 +295,7 @@ class MilvusIndex:
     def add(self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[str | None] | None = None,
             metadata: Sequence[dict | None] | None = None) -> np.ndarray:
         """Insert images with new ids (reserved in ``index.json`` first); returns the ids."""
-        embeddings = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
-        if embeddings.shape[1] != self.embedding_dim:
-            raise DimensionMismatchError(f"new embeddings have {embeddings.shape[1]} dimensions, the index "
-                                         f"{self.embedding_dim}: add images with the model that built the index")
-        if len(embeddings) != len(paths):
-            raise ValueError(f"{len(embeddings)} embeddings for {len(paths)} paths")
+        embeddings = new_embeddings(embeddings, paths, self.embedding_dim)
         start = int(self.info.get("next_id", 0))
         ids = np.arange(start, start + len(paths), dtype=np.int64)
         self.info["next_id"] = start + len(paths)
@@ -319,7 +307,8 @@ class MilvusIndex:
 
     def remove(self, ids: Iterable[int]) -> int:
         ids = [int(i) for i in ids]
-        present = [i for i in ids if i not in set(self.unknown_ids(ids))]
+        unknown = set(self.unknown_ids(ids))  # one query, not one per id
+        present = [i for i in ids if i not in unknown]
         if present:
             self.client.delete(self.collection, ids=present)
             self._changed()

@@ -45,10 +45,11 @@ from cbir.index.builder import (
     set_search_param,
     torch_exact_search,
 )
-from cbir.index.errors import DimensionMismatchError, IndexFilesError, ReadOnlyIndexError
+from cbir.index.errors import IndexFilesError, ReadOnlyIndexError
 from cbir.index.filters import parse_filter
 from cbir.index.idstore import IdStore
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
+from cbir.index.vectors import new_embeddings, query_matrix
 from cbir.io import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -106,15 +107,7 @@ class CbirIndex:
                filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (Q, k), best first; ids are -1 where the index has fewer than k images (or
         fewer than k match ``filter``, a label clause of :mod:`cbir.index.filters`)."""
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().float().cpu().numpy()
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.embedding_dim:
-            raise DimensionMismatchError(
-                f"query embeddings have {queries.shape[1]} dimensions but the index holds {self.embedding_dim}-d "
-                "vectors: search with the model that built the index, or rebuild the index with this model")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        queries = query_matrix(queries, self.embedding_dim, k)
         label_filter = parse_filter(filter)
         if len(self) == 0:
             return np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1, np.int64)
@@ -262,12 +255,7 @@ class CbirIndex:
         """Add images to the trained index; returns their new ids. (IVF lists keep their centroids: after
         adding far more than the index was built with, rebuild it.)"""
         self._check_writable("add images to")
-        embeddings = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
-        if embeddings.shape[1] != self.embedding_dim:
-            raise DimensionMismatchError(f"new embeddings have {embeddings.shape[1]} dimensions, the index "
-                                         f"{self.embedding_dim}: add images with the model that built the index")
-        if len(embeddings) != len(paths):
-            raise ValueError(f"{len(embeddings)} embeddings for {len(paths)} paths")
+        embeddings = new_embeddings(embeddings, paths, self.embedding_dim)
         ids = self.store.add(paths, labels, metadata)
         self.index.add_with_ids(embeddings, ids)
         self._changed()
