@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -64,6 +65,26 @@ def test_checkpoints_results_and_resume(tiny_folder, tmp_path):
     lines = (second / "csv" / "metrics.csv").read_text().splitlines()
     epochs = {row.split(",")[0] for row in lines[1:]}
     assert "0" not in epochs or "1" in epochs
+
+
+def _logged(run: Path, column: str) -> list[float]:
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        return [float(row[column]) for row in csv.DictReader(handle) if row.get(column)]
+
+
+def test_test_equal_to_validation_reports_the_best_validation(tiny_folder, tmp_path):
+    """data.test = data.val (these fixtures validate on the test classes): the trained row is the best
+    checkpoint's own validation, not a second pass over the same images; another protocol is tested."""
+    same = tmp_path / "same"
+    best = train(_short_run(tiny_folder, same, ["trainer.max_epochs=2"]))
+    reported = only_row(json.loads((same / "results.json").read_text()))
+    assert reported["map_at_r"] == pytest.approx(best, abs=1e-6)
+    assert reported["map_at_r"] == pytest.approx(max(_logged(same, "val/map_at_r")), abs=1e-6)
+    assert not _logged(same, "test/map_at_r")  # trainer.test never ran
+
+    other = tmp_path / "other"
+    train(_short_run(tiny_folder, other, ["trainer.max_epochs=2", "subset.test=0.8"]))
+    assert len(_logged(other, "test/map_at_r")) == 1
 
 
 def test_eval_on_checkpoint_and_untrained(tiny_folder, tmp_path):

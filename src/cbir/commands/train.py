@@ -18,7 +18,7 @@ from cbir.errors import CbirError, CheckpointError, ConfigError
 from cbir.evaluation.report import format_table, write_results
 from cbir.models.checkpoint import verify_checkpoint
 from cbir.training import factory, tracking
-from cbir.training.module import MONITOR, MetricLearningModule
+from cbir.training.module import MONITOR, MetricLearningModule, checkpoint_val_metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,11 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, outp
     best_score = _best_score(trainer)
     if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
         best = _best_checkpoint(trainer)
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-        results[f"trained ({'best' if best == 'best' else 'last'} checkpoint)"] = dict(module.last_eval_metrics)
+        reused = _validation_of_best(cfg, trainer) if best == "best" else None
+        if reused is None:
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results[f"trained ({'best' if best == 'best' else 'last'} checkpoint)"] = reused or dict(
+            module.last_eval_metrics)
     if results and trainer.is_global_zero:  # under DDP every rank has the same results: one writes
         table = format_table(results)
         report = "Retrieval on " + _describe_protocol(cfg) + ":\n" + table
@@ -81,6 +84,21 @@ def _fit_and_test(cfg: DictConfig, trainer: pl.Trainer, module, datamodule, outp
         _to_log_file(report)
         write_results(output_dir / "results.json", _describe_protocol(cfg), results, best_val_map_at_r=best_score)
     return best_score
+
+
+def _validation_of_best(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, float] | None:
+    """The best checkpoint's own validation metrics when the test protocol is validation's (same queries,
+    gallery and subset): testing would embed the same images with the same weights again. None otherwise."""
+    val, test = cfg.data.get("val"), cfg.data.get("test")
+    if not val or (test and factory.eval_spec(test) != factory.eval_spec(val)):
+        return None
+    if factory.eval_subset(cfg, "val") != factory.eval_subset(cfg, "test"):
+        return None
+    metrics = checkpoint_val_metrics(trainer.checkpoint_callback.best_model_path)
+    if metrics is not None:
+        log.info("data.test is validation's protocol: reporting the best checkpoint's validation metrics "
+                 "instead of scoring the same images again")
+    return metrics
 
 
 def _evaluate_as_is(cfg: DictConfig, embedder, datamodule, output_dir: Path) -> float:

@@ -8,6 +8,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -75,6 +76,7 @@ class MetricLearningModule(pl.LightningModule):
         self._epoch_start = self._last_step_end = 0.0
         self._epoch_images = 0
         self.last_eval_metrics: dict[str, float] = {}
+        self._val_metrics_step: int | None = None  # the training step whose weights last_eval_metrics scored (val)
         # the last evaluation's gathered outputs (DDP padding included), read by cbir.training.visuals
         self.last_eval_outputs: dict[str, torch.Tensor] = {}
         self.bad_images: set[str] = set()
@@ -125,15 +127,20 @@ class MetricLearningModule(pl.LightningModule):
 
     # -- checkpoint extras ---------------------------------------------------------------------------
     QUEUE_STATE_KEY = "cross_batch_memory_queues"
+    VAL_METRICS_KEY = "cbir_val_metrics"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Cross-batch memory's rows are buffers (in the state dict), but its write position and
         whether it has wrapped round are plain attributes: without them a resumed run would ignore the
-        restored rows until the queue wrapped again."""
+        restored rows until the queue wrapped again. A checkpoint saved right after a validation also keeps
+        that validation's metrics: when the test protocol is validation's, train.py reports them instead of
+        scoring the same images again (:func:`checkpoint_val_metrics`)."""
         queues = {name: {"queue_idx": int(m.queue_idx), "has_been_filled": bool(m.has_been_filled)}
                   for name, m in self._cross_batch_memories()}
         if queues:
             checkpoint[self.QUEUE_STATE_KEY] = queues
+        if self._val_metrics_step is not None and self._val_metrics_step == checkpoint.get("global_step"):
+            checkpoint[self.VAL_METRICS_KEY] = dict(self.last_eval_metrics)  # these very weights' metrics
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(self.QUEUE_STATE_KEY, {})
@@ -245,6 +252,7 @@ class MetricLearningModule(pl.LightningModule):
         self.last_eval_outputs = {key: all_gather_concat(value) for key, value in outputs.items()}
         metrics = self._score(self.last_eval_outputs)
         self.last_eval_metrics = metrics
+        self._val_metrics_step = self.trainer.global_step if stage == "val" else None
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name in self.PROGRESS_METRICS, sync_dist=False,
                      rank_zero_only=False)
@@ -335,3 +343,12 @@ def pair_verification_metrics(similarity: torch.Tensor, same: torch.Tensor) -> d
                     "pair_accuracy": float(accuracy[best]),
                     "pair_threshold": float(thresholds[best].clamp(-1.0, 1.0))})
     return metrics
+
+
+def checkpoint_val_metrics(path: str | Path) -> dict[str, float] | None:
+    """The validation metrics stored in a checkpoint saved right after its validation (``None`` when the
+    checkpoint was saved elsewhere, e.g. mid-epoch, or by an older version)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    metrics = checkpoint.get(MetricLearningModule.VAL_METRICS_KEY)
+    return {key: float(value) for key, value in metrics.items()} if metrics else None
+
