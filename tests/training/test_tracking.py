@@ -4,6 +4,9 @@ score in the run. Runs are read back from W&B's offline transaction log."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,19 @@ def test_checkpoints_are_uploaded_only_online(tmp_path):
     online = tracking.wandb_logger(mode="online", log_model=True, save_dir=str(tmp_path))  # no run opened yet
     assert offline._log_model is False and offline._offline
     assert online._log_model is True and not online._offline
+
+
+def test_starting_a_run_prints_no_wandb_deprecation(tmp_path):
+    """Lightning passed ``anonymous=None`` to wandb.init, which printed "The anonymous setting has no effect"
+    at every start (once per process: hence a fresh one)."""
+    code = ("import wandb; from cbir.training.tracking import wandb_logger; "
+            f"logger = wandb_logger(mode='offline', save_dir={str(tmp_path)!r}); logger.experiment; wandb.finish()")
+    env = {**os.environ, "WANDB_MODE": "offline", "NETRC": str(tmp_path / "no-netrc"), "WANDB_DIR": str(tmp_path)}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp_path.glob("wandb/offline-run-*")), "the run should have started"
+    assert "anonymous" not in proc.stdout + proc.stderr
 
 
 def test_default_name_and_group_from_the_job():

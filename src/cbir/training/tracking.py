@@ -66,7 +66,13 @@ def wandb_logger(mode: str = "auto", log_model: bool | str = False, **kwargs) ->
     if resolved == "disabled":
         kwargs["mode"] = "disabled"
     online = resolved == "online"
-    return WandbLogger(offline=resolved == "offline", log_model=log_model if online else False, **kwargs)
+    logger = WandbLogger(offline=resolved == "offline", log_model=log_model if online else False, **kwargs)
+    # Lightning always passes wandb.init(anonymous=None), which wandb >= 0.19 answers at every start with "The
+    # anonymous setting has no effect and will be removed": the setting is dead, so it is not passed at all
+    init_args = getattr(logger, "_wandb_init", None)
+    if isinstance(init_args, dict) and init_args.get("anonymous") is None:
+        init_args.pop("anonymous", None)
+    return logger
 
 
 @dataclass(frozen=True)
