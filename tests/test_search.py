@@ -20,7 +20,8 @@ from cbir import Searcher, load_bundle
 from cbir.errors import BadImageError
 from cbir.export.bundle import export_bundle
 from cbir.index.pipeline import build_bundle_index
-from cbir.search import SearchError, expand_query_paths, read_query_image
+from cbir.index.store import load_index
+from cbir.search import SearchError, expand_query_paths, format_hits, read_query_image
 from cbir.training.factory import build_embedder_from_config, model_config
 from cbir.visual.grid import save_grid
 
@@ -293,3 +294,23 @@ def test_classify_cli_and_an_unlabelled_index(searcher_parts, tiny_folder, tmp_p
     index = build_bundle_index(bundle, str(flat), tmp_path / "unlabelled", kind="flat", num_workers=0, progress=False)
     with pytest.raises(SearchError, match="holds no labels"):
         Searcher(bundle, index).classify([read_query_image(query)], k=2)
+    assert "score_calibration" not in index.info  # no labels: nothing to calibrate scores on
+    hits = Searcher(bundle, index).search_images([read_query_image(query)], k=2)[0]
+    assert [h.match for h in hits] == [None, None] and "match" not in format_hits("q", hits)
+
+
+def test_a_labelled_index_turns_scores_into_match_probabilities(searcher, searcher_parts, tiny_folder):
+    """Built over class folders, the index fits P(same class | cosine) on its own top-k hits; every hit
+    carries that probability (the table, JSON and page show it)."""
+    from cbir.index.calibration import match_probability
+
+    _, index, _ = searcher_parts
+    curve = index.info["score_calibration"]
+    files = sorted(tiny_folder.rglob("*.png"))
+    assert curve["queries"] == len(files) and curve["pairs"] == len(files) * 10
+    hits = searcher.search_paths(files[:1], k=5)[0]
+    assert [h.match for h in hits] == [round(match_probability(h.score, curve), 4) for h in hits]
+    assert all(0.0 <= h.match <= 1.0 for h in hits)
+    assert "| match |" in format_hits(str(files[0]), hits) and hits[0].to_json()["match"] == hits[0].match
+    reloaded = Searcher(searcher_parts[0], load_index(index.path))  # the curve is saved in index.json
+    assert reloaded.search_paths(files[:1], k=5)[0] == hits

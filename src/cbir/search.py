@@ -31,6 +31,7 @@ from cbir.data.images import (
     load_image,
 )
 from cbir.errors import BadImageError, CbirError, ConfigError
+from cbir.index.calibration import match_probability
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,16 @@ class SearchError(CbirError):
 
 @dataclass(frozen=True)
 class Hit:
+    """One search result. ``score`` is the cosine similarity; ``match`` the probability that the hit has the
+    query's class, as measured on the index's own labelled collection when it was built
+    (:mod:`cbir.index.calibration`), or None for an index without labels."""
+
     rank: int
     score: float
     id: int
     path: str | None
     label: str | None
+    match: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -234,9 +240,14 @@ class Searcher:
             records = self.index.lookup([i for _, i in valid])
             kept = [(score, i, rec) for (score, i), rec in zip(valid, records)
                     if own is None or _same_source_key(_field(rec, "path")) != own][:k]
-            results.append([Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"))
+            results.append([Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"),
+                                match=self._match(score))
                             for rank, (score, i, rec) in enumerate(kept, start=1)])
         return results
+
+    def _match(self, score: float) -> float | None:
+        probability = match_probability(score, self.index.info.get("score_calibration"))
+        return None if probability is None else round(probability, 4)
 
     def search_paths(self, paths: Iterable[str | Path], k: int = 10, preprocess=None,
                      exclude_self: bool = True, filter: str | None = None) -> list[list[Hit]]:
@@ -347,8 +358,12 @@ def expand_query_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 def format_hits(query: str, hits: Sequence[Hit]) -> str:
     """A ranked Markdown table of one query's hits; the score is the cosine similarity of the two embeddings
-    (1 = the same direction), which the header says."""
-    lines = [f"query: {query}", "| rank | cosine | id | label | path |", "|---:|---:|---:|---|---|"]
-    lines += [f"| {h.rank} | {h.score:.4f} | {h.id} | {h.label if h.label is not None else ''} | {h.path} |"
-              for h in hits]
+    (1 = the same direction), which the header says, and, where the index was calibrated on its labels, the
+    probability that the hit has the query's class (``match``)."""
+    calibrated = any(h.match is not None for h in hits)
+    header = "| rank | cosine | match | id | label | path |" if calibrated else "| rank | cosine | id | label | path |"
+    lines = [f"query: {query}", header, "|---:|---:|---:|---:|---|---|" if calibrated else "|---:|---:|---:|---|---|"]
+    for h in hits:
+        match = (f" {100 * h.match:.0f}% |" if h.match is not None else " |") if calibrated else ""
+        lines.append(f"| {h.rank} | {h.score:.4f} |{match} {h.id} | {h.label if h.label is not None else ''} | {h.path} |")
     return "\n".join(lines)

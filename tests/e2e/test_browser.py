@@ -8,6 +8,7 @@ package ``chromium`` when it runs as root). The screenshot lands in ``tmp_path``
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -101,6 +102,7 @@ def test_page_uploads_an_image_and_shows_the_result_grid(server, tmp_path):
             expect(tiles).to_have_count(6, timeout=60_000)
             first = tiles.first
             expect(first.locator(".score")).to_contain_text("#1 · score 1.000")
+            expect(first.locator(".score")).to_have_text(re.compile(r"#1 · score 1\.000 · match \d+%"))  # calibrated
             expect(first.locator(".label")).to_have_text(query.parent.name)
             expect(page.locator("#predicted")).to_contain_text("predicted class: ")
             expect(first.locator(".path")).to_have_text(query.relative_to(collection).as_posix())

@@ -86,6 +86,7 @@ def test_indexed_image_finds_itself_first(client, collection):
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
     assert not any(str(collection) in str(r["path"]) for r in results)
     assert results[0]["thumbnail_url"] == f"/images/{results[0]['id']}"
+    assert all(0.0 <= r["match"] <= 1.0 for r in results)  # class folders: scores calibrated at build time
     # a labelled index: the page's "predicted class" line, the vote of these same hits (as POST /classify)
     labels = [r["label"] for r in results]
     assert body["predicted"]["label"] == max(set(labels), key=lambda name: sum(

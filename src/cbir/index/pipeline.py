@@ -23,6 +23,7 @@ from torch import nn
 from cbir.data.catalog import parse_array_source
 from cbir.errors import ConfigError, DataError
 from cbir.index.builder import IndexOptions, choose_kind
+from cbir.index.calibration import calibrate_scores
 from cbir.index.collection import Collection, read_collection
 from cbir.index.errors import DimensionMismatchError
 from cbir.index.extract import extract_collection
@@ -78,6 +79,10 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                                    progress=extraction_options.progress,
                                    extra_info={"collection": collection.spec, "skipped": len(extraction.skipped),
                                                **(extra_info or {})})
+        calibration = _score_calibration(index, shards.rows, labels, index_options)
+        if calibration is not None:
+            index.info["score_calibration"] = calibration
+            index.save(out)
         if not extraction_options.keep_shards:
             drop_shards(out / EXTRACT_DIR, out)
         log.info("index: %s → %s", index.describe(), out)
@@ -89,11 +94,25 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
         index = CbirIndex.build(extraction.embeddings, paths, labels, options=index_options)
     index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
                       **(extra_info or {}))
+    rows = (extraction.embeddings.__getitem__ if extraction.embeddings is not None else
+            VectorShards.with_consecutive_ids(extraction.shard_files, np.arange(len(paths), dtype=np.int64)).rows)
+    calibration = _score_calibration(index, rows, labels, index_options)
+    if calibration is not None:
+        index.info["score_calibration"] = calibration
     index.save(out)
     if not extraction_options.keep_shards:
         drop_shards(out / EXTRACT_DIR, out)
     log.info("index: %s → %s", index.describe(), out)
     return index
+
+
+def _score_calibration(index, rows, labels: Sequence[str | None], options: IndexOptions) -> dict | None:
+    """The score → match-probability curve of a freshly built index over a labelled collection
+    (:mod:`cbir.index.calibration`); its rows are the collection's images in order, with consecutive ids."""
+    first = index.first_id() or 0
+    ids = np.arange(first, first + len(labels), dtype=np.int64)
+    return calibrate_scores(lambda queries, k: index.search(queries, k), rows, ids, labels, k=options.k,
+                            seed=options.seed)
 
 
 def drop_shards(work: Path, index_dir: Path, skipped_name: str = SKIPPED) -> None:

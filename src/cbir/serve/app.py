@@ -226,7 +226,7 @@ def create_app(searcher: Searcher, *, api_key: str | None = None,
 
     # -- routes ---------------------------------------------------------------------------------------
     def hit_json(hit: Hit) -> dict:
-        return {"rank": hit.rank, "score": hit.score, "id": hit.id, "label": hit.label,
+        return {"rank": hit.rank, "score": hit.score, "match": hit.match, "id": hit.id, "label": hit.label,
                 "path": display_path(hit.path, collection_root, path_style),
                 "thumbnail_url": str(app.url_path_for("thumbnail", image_id=str(hit.id)))}
 

@@ -78,5 +78,7 @@ def render_grid(query_image: np.ndarray, hits: Sequence[Tile], *, query_label: s
         colour = None
         if query_label is not None and hit.label is not None:
             colour = GRID_CORRECT if hit.label == query_label else GRID_WRONG
-        paste(picture, x, y, f"#{hit.rank} {hit.score:.3f}", colour)
+        match = getattr(hit, "match", None)  # a calibrated index's hits: the match probability reads better
+        paste(picture, x, y, f"#{hit.rank} {hit.score:.3f}" + (f" {100 * match:.0f}%" if match is not None else ""),
+              colour)
     return canvas

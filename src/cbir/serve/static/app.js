@@ -78,7 +78,11 @@ function resultTile(hit) {
   const caption = document.createElement("figcaption");
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = `#${hit.rank} · score ${hit.score.toFixed(3)}`;
+  score.textContent = `#${hit.rank} · score ${hit.score.toFixed(3)}`
+    + (hit.match !== null && hit.match !== undefined ? ` · match ${Math.round(100 * hit.match)}%` : "");
+  if (hit.match !== null && hit.match !== undefined) {
+    score.title = "probability that this hit shows the query's class, measured on the index's labelled images";
+  }
   caption.append(score);
   if (hit.label !== null) {
     const label = document.createElement("span");
