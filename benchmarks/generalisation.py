@@ -121,6 +121,9 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="train and score at this size instead of the trunk's default (a multiple of 14 for "
+                             "DINOv2: 98 px = a 7 x 7 patch grid); rows and runs are named with it")
     parser.add_argument("--trunk", default="mobilenet_v2", choices=list(TRUNKS))
     parser.add_argument("--eval-precision", default=None,
                         help="trainer.precision for the evaluations only, e.g. bf16-mixed (a ViT on 70k F-MNIST "
@@ -162,6 +165,11 @@ def main() -> None:
     model, pretrained = TRUNKS[args.trunk]
     model = [*model, f"model.pretrained={pretrained}"]
     prefix = "" if args.trunk == "mobilenet_v2" else f"{args.trunk} "  # the first table's rows keep their names
+    if args.image_size:  # data.image_size sizes the augmentation's crop, model.image_size the network's input
+        model = [o for o in model if not o.startswith("model.image_size=")]
+        model += [f"model.image_size={args.image_size}", f"data.image_size={args.image_size}"]
+        prefix += f"{args.image_size}px "
+        work = work.with_name(f"{work.name}-{args.image_size}px")
     score(f"{prefix}untrained", [*model, "head=fusion"], "untrained")
     for recipe in args.recipes:
         name = f"{prefix}{recipe} ({args.epochs} epochs)"
