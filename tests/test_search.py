@@ -196,6 +196,9 @@ def test_search_cli_table_json_grid_and_errors(searcher_parts, tiny_folder, tmp_
     assert all(hit["score"] < 1.0 - 1e-4 for entry in payload for hit in entry["hits"])
     itself = _run("search.py", f"bundle={bundle}", f"query={query}", "k=2", "--json", "exclude_self=false", cwd=tmp_path)
     assert json.loads(itself.stdout)[0]["hits"][0]["path"] == str(query)
+    expanded = _run("search.py", f"bundle={bundle}", f"query={query}", "k=2", "--json", "rerank.method=aqe", cwd=tmp_path)
+    assert expanded.returncode == 0, expanded.stderr[-1500:]
+    assert [h["path"] != str(query) for h in json.loads(expanded.stdout)[0]["hits"]] == [True, True]
     assert len(list((tmp_path / "grids").glob("*.png"))) == 4
 
     for args, message in ([f"bundle={bundle}"], "query=... is required"), \
@@ -314,3 +317,33 @@ def test_a_labelled_index_turns_scores_into_match_probabilities(searcher, search
     assert "| match |" in format_hits(str(files[0]), hits) and hits[0].to_json()["match"] == hits[0].match
     reloaded = Searcher(searcher_parts[0], load_index(index.path))  # the curve is saved in index.json
     assert reloaded.search_paths(files[:1], k=5)[0] == hits
+
+
+def planted_expansion_case(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A query q, its one close neighbour a1 of class A, two more A images a2, a3 near a1 but only 0.6 from q,
+    and a distractor b of class B at 0.7 from q, far from a1: plain search ranks b second; expanding q with a1
+    pulls a2 and a3 above b."""
+    def unit(*values):
+        v = np.zeros(dim, np.float32)
+        v[:len(values)] = values
+        return v / np.linalg.norm(v)
+
+    query = unit(1.0)[None]
+    gallery = np.stack([unit(0.9, 0.436), unit(0.6, 0.8), unit(0.58, 0.81, 0.0, 0.08), unit(0.7, 0.0, 0.714)])
+    return query, gallery
+
+
+def test_alpha_query_expansion_lifts_the_neighbours_of_the_best_hit(searcher_parts):
+    from cbir.index.builder import IndexOptions
+    from cbir.index.store import CbirIndex
+
+    bundle, _, _ = searcher_parts
+    query, gallery = planted_expansion_case(int(bundle.embedding_dim))
+    index = CbirIndex.build(gallery, ["a1", "a2", "a3", "b"], ["A", "A", "A", "B"], options=IndexOptions(kind="flat"))
+    plain = Searcher(bundle, index).search_embeddings(query, k=4)[0]
+    assert [h.path for h in plain] == ["a1", "b", "a2", "a3"]
+    expanded = Searcher(bundle, index, rerank="aqe", rerank_n=1).search_embeddings(query, k=4)[0]
+    assert [h.path for h in expanded][:3] in (["a1", "a2", "a3"], ["a1", "a3", "a2"]) and expanded[3].path == "b"
+    assert all(h.match is None for h in expanded)  # the score curve was fitted on plain scores
+    with pytest.raises(SearchError, match="rerank='kmeans'"):
+        Searcher(bundle, index, rerank="kmeans")

@@ -36,6 +36,7 @@ from cbir.index.calibration import match_probability
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+RERANK_METHODS = ("none", "aqe")  # query-time re-ranking the Searcher offers (search.rerank=...)
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
            "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image",
            "read_query_image_and_size", "vote"]
@@ -120,8 +121,14 @@ class Searcher:
     torch inference runs under ``inference_mode``)."""
 
     def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, precision: str = "auto",
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, rerank: str = "none", rerank_n: int = 3, rerank_alpha: float = 3.0) -> None:
         from cbir.preprocess import build_preprocessor
+
+        if rerank not in RERANK_METHODS:
+            raise SearchError(f"rerank={rerank!r}: choose from {', '.join(RERANK_METHODS)}")
+        if int(rerank_n) < 1 or float(rerank_alpha) < 0:
+            raise SearchError(f"rerank_n={rerank_n} / rerank_alpha={rerank_alpha}: need n >= 1 and alpha >= 0")
+        self.rerank, self.rerank_n, self.rerank_alpha = rerank, int(rerank_n), float(rerank_alpha)
 
         bundle_dim, index_dim = int(bundle.embedding_dim), int(index.embedding_dim)
         if bundle_dim != index_dim:
@@ -233,6 +240,8 @@ class Searcher:
         excluded = [_same_source_key(source) for source in exclude] if exclude is not None else [None] * len(embeddings)
         wanted = k + 1 if any(excluded) else k  # one spare for the query itself
         queries = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if self.rerank == "aqe":
+            queries = self._expanded(queries, excluded, filter, size)
         scores, ids = self.index.search(queries, min(wanted, size), filter=filter)
         results = []
         for row_scores, row_ids, own in zip(scores, ids, excluded):
@@ -245,7 +254,32 @@ class Searcher:
                             for rank, (score, i, rec) in enumerate(kept, start=1)])
         return results
 
+    def _expanded(self, queries: np.ndarray, excluded: Sequence[str | None], filter: str | None,
+                  size: int) -> np.ndarray:
+        """Alpha query expansion (αQE; Radenović et al. 2018, as ``eval.py rerank.methods=[aqe]`` measures it):
+        each query becomes ``normalise(q + sum_i max(s_i, 0)^alpha * x_i)`` over its ``rerank_n`` best hits
+        ``x_i`` (the query's own image left out), and that vector searches again. The hits' vectors come from
+        the index (:meth:`CbirIndex.vectors`)."""
+        n = self.rerank_n
+        scores, ids = self.index.search(queries, min(n + (1 if any(excluded) else 0), size), filter=filter)
+        neighbours = []
+        for row_scores, row_ids, own in zip(scores, ids, excluded):
+            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
+            if own is not None:
+                records = self.index.lookup([i for _, i in valid])
+                valid = [(s, i) for (s, i), rec in zip(valid, records) if _same_source_key(_field(rec, "path")) != own]
+            neighbours.append(valid[:n])
+        wanted = sorted({i for row in neighbours for _, i in row})
+        vectors = dict(zip(wanted, self.index.vectors(wanted))) if wanted else {}
+        expanded = queries.astype(np.float32, copy=True)
+        for row, hits in enumerate(neighbours):
+            for score, image_id in hits:
+                expanded[row] += max(score, 0.0) ** self.rerank_alpha * vectors[image_id]
+        return expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
+
     def _match(self, score: float) -> float | None:
+        if self.rerank != "none":  # the curve was fitted on plain scores; an expanded query's scores run higher
+            return None
         probability = match_probability(score, self.index.info.get("score_calibration"))
         return None if probability is None else round(probability, 4)
 

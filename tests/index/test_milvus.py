@@ -66,6 +66,9 @@ def test_milvus_flat_answers_as_faiss_flat_does(model, photos, tmp_path):
     np.testing.assert_allclose(m_scores, f_scores, atol=1e-5)
     assert milvus.labelled and milvus.paths() == faiss_index.paths()
     assert {row["label"] for row in milvus.lookup(range(12))} == {"class_00", "class_01", "class_02"}
+    np.testing.assert_allclose(milvus.vectors([3, 0]), faiss_index.vectors([3, 0]), atol=1e-6)  # query expansion
+    with pytest.raises(KeyError, match="no vector"):
+        milvus.vectors([99])
     milvus.close()
 
 

@@ -150,6 +150,23 @@ def test_save_load_round_trip(vectors, kind, tmp_path):
     assert loaded.lookup([5]) == index.lookup([5])
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_stored_vectors_come_back_by_id_for_query_expansion(vectors, kind, tmp_path):
+    index = build(vectors, kind)
+    ids = np.array([5, 0, 2999, 17])
+    got = index.vectors(ids)
+    assert got.shape == (4, vectors.shape[1]) and got.dtype == np.float32
+    if kind == "ivfpq":  # compressed: an approximation, still closest to its own vector
+        assert (got @ vectors.T).argmax(axis=1).tolist() == ids.tolist()
+    else:
+        np.testing.assert_allclose(got, vectors[ids], atol=1e-6)
+    index.remove([17])
+    with pytest.raises(KeyError, match="no vector"):
+        index.vectors([17])
+    index.save(tmp_path / "ix")  # the id map built for IVF does not get in the way of saving and loading
+    np.testing.assert_allclose(load_index(tmp_path / "ix").vectors([5]), got[:1], atol=1e-6)
+
+
 def test_load_errors_name_the_problem(vectors, tmp_path):
     with pytest.raises(IndexFilesError, match="does not exist"):
         load_index(tmp_path / "nothing")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from cbir.commands.args import guarded
-from cbir.commands.search import preprocess_spec, query_batches, query_sources, search_config
+from cbir.commands.search import query_batches, query_sources, search_config, searcher_options
 from cbir.search import Prediction, Searcher
 
 USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json] [filter=EXPR] [preprocess=NAME]"""
@@ -20,8 +20,7 @@ USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10]
 
 def run_classify(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
-    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
+    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg))
     files = query_sources(queries)
     results = []
     for batch, images in query_batches(searcher, files):

@@ -40,10 +40,17 @@ def preprocess_spec(name_or_spec):
     return preset("preprocess", name_or_spec)
 
 
+def searcher_options(cfg: DictConfig) -> dict:
+    """The Searcher's keyword arguments from a search/classify/serve config."""
+    rerank = cfg.get("rerank") or {}
+    return {"preprocess": preprocess_spec(cfg.preprocess), "device": cfg.device, "precision": str(cfg.precision),
+            "batch_size": int(cfg.batch_size), "rerank": str(rerank.get("method", "none")),
+            "rerank_n": int(rerank.get("n", 3)), "rerank_alpha": float(rerank.get("alpha", 3.0))}
+
+
 def run_search(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
-    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
+    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg))
     searcher.check_filter(cfg.filter)
     files = query_sources(queries)
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}

@@ -56,12 +56,11 @@ def serve_config(argv: Sequence[str]) -> DictConfig:
 
 def build_app(cfg: DictConfig):
     """The Searcher (bundle + index, loaded once) and the app over it, from a serve config."""
-    from cbir.commands.search import preprocess_spec
+    from cbir.commands.search import searcher_options
     from cbir.search import Searcher
     from cbir.serve.app import create_app
 
-    searcher = Searcher.open(cfg.bundle, cfg.index, preprocess=preprocess_spec(cfg.preprocess),
-                             device=cfg.device, precision=str(cfg.precision), batch_size=int(cfg.batch_size))
+    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg))
     return create_app(searcher, api_key=cfg.api_key or None, max_upload_bytes=int(float(cfg.max_upload_mb) * 2**20),
                       max_pixels=int(cfg.max_pixels), thumbnail_size=int(cfg.thumbnail_size),
                       thumbnail_cache=int(cfg.thumbnail_cache), batch_window_ms=float(cfg.batch_window_ms),

@@ -21,3 +21,7 @@ class ExtractionMismatchError(CbirError):
 
 class DistributedExtractionError(CbirError):
     """A rank of a multi-process extraction failed (the shards other ranks finished are kept)."""
+
+
+class VectorsUnavailableError(CbirError):
+    """An index kind that cannot give back its stored vectors (query expansion needs them)."""

@@ -254,6 +254,18 @@ class MilvusIndex:
         with self._rows_lock:
             return [self._rows.get(i) or found.get(i) for i in ids]
 
+    def vectors(self, ids: Iterable[int]) -> np.ndarray:
+        """The stored embeddings of ``ids`` (query expansion); KeyError for an id the collection lacks."""
+        ids = [int(i) for i in ids]
+        rows = {}
+        for start in range(0, len(ids), 1000):
+            for row in self.client.get(self.collection, ids=ids[start:start + 1000], output_fields=["vector"]):
+                rows[int(row["id"])] = row["vector"]
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise KeyError(f"Milvus collection {self.collection}: no vector for ids {missing[:5]}")
+        return np.asarray([rows[i] for i in ids], dtype=np.float32).reshape(len(ids), self.embedding_dim)
+
     @property
     def labelled(self) -> bool:
         return bool(self.client.query(self.collection, filter='label != ""', output_fields=["id"], limit=1))

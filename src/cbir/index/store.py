@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,7 @@ from cbir.index.builder import (
     set_search_param,
     torch_exact_search,
 )
-from cbir.index.errors import IndexFilesError, ReadOnlyIndexError
+from cbir.index.errors import IndexFilesError, ReadOnlyIndexError, VectorsUnavailableError
 from cbir.index.filters import parse_filter
 from cbir.index.idstore import IdStore
 from cbir.index.ondisk import place_lists_beside, read_ondisk_index
@@ -59,6 +60,9 @@ LOCK_FILE = ".cbir-index.lock"
 CRASH_ENV = "CBIR_INDEX_CRASH_AT"  # fault-injection tests: exit abruptly at this save step
 HNSW_DEFAULT_EF_SEARCH = 16  # faiss's own, when the build recorded none
 TORCH_DEVICE = "cuda"  # where the torch exact-search path runs (tests point it at the CPU)
+
+
+_DIRECT_MAP_LOCK = threading.Lock()
 
 
 class CbirIndex:
@@ -228,6 +232,27 @@ class CbirIndex:
     def lookup(self, ids: Iterable[int]) -> list[dict | None]:
         """The store records of ``ids`` (None for -1 or a removed id)."""
         return self.store.lookup(ids)
+
+    def vectors(self, ids: Iterable[int]) -> np.ndarray:
+        """The stored embeddings of ``ids`` (float32, one row each; IVF-PQ gives its compressed approximation),
+        for query expansion. Flat and HNSW indexes keep an id → row map; an IVF index gets one the first time
+        (a hash table of its ids, ~16 bytes an image); the on-disk kind has none (VectorsUnavailableError)."""
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        if self.kind == "ondisk":
+            raise VectorsUnavailableError(f"the on-disk index {self.path or ''} cannot give back its vectors, which "
+                                          "query expansion (rerank=aqe) needs: search it with rerank=none")
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            with _DIRECT_MAP_LOCK:  # built once, while no other thread of this process builds it
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        try:
+            return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
+        except RuntimeError as exc:  # an id the index does not hold
+            raise KeyError(f"index {self.path or ''}: no vector for some of ids {ids[:5].tolist()}: "
+                           f"{str(exc).splitlines()[0][:200]}") from None
 
     # -- what it holds (the interface every backend offers: commands, Searcher and service use only these)
     @property
