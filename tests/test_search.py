@@ -347,3 +347,24 @@ def test_alpha_query_expansion_lifts_the_neighbours_of_the_best_hit(searcher_par
     assert all(h.match is None for h in expanded)  # the score curve was fitted on plain scores
     with pytest.raises(SearchError, match="rerank='kmeans'"):
         Searcher(bundle, index, rerank="kmeans")
+
+
+def test_eval_of_a_bundle_scores_through_its_index_next_to_exact_search(searcher_parts, tiny_folder, tmp_path):
+    """eval.py bundle=<dir>: the bundle's model on the data, exact, and through an index of its own index's kind
+    (flat here, so both rows agree); index.kind=ivf adds that kind instead."""
+    from cbir.commands.eval import evaluate
+
+    _, _, root = searcher_parts
+    common = [f"bundle={root / 'bundle'}", "data=folder", f"data.root={tiny_folder}", "data.num_workers=0",
+              "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "data.val_classes=null",
+              "data.val.queries=test"]
+    evaluate(compose_config("eval", [*common, f"paths.output_dir={tmp_path / 'flat'}"]))
+    rows = json.loads((tmp_path / "flat" / "eval.json").read_text())["results"]
+    exact, through = rows[f"bundle {root / 'bundle'}"], rows[next(name for name in rows if " through " in name)]
+    assert "IDMap2,Flat" in next(name for name in rows if " through " in name)
+    for key in ("precision_at_1", "recall_at_4", "map_at_r"):
+        assert through[key] == pytest.approx(exact[key], abs=1e-6)
+    evaluate(compose_config("eval", [*common, "index.kind=hnsw", f"paths.output_dir={tmp_path / 'hnsw'}"]))
+    assert any("HNSW" in name for name in json.loads((tmp_path / "hnsw" / "eval.json").read_text())["results"])
+    with pytest.raises(Exception, match="not both"):
+        evaluate(compose_config("eval", [*common, "ckpt_path=x.ckpt", f"paths.output_dir={tmp_path / 'x'}"]))

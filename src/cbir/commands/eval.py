@@ -25,7 +25,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     config's ``protocol``: its ``test`` or ``val`` set, or a named entry of its ``protocols`` — one
     query/gallery spec, or a list of them whose metrics are averaged (e.g. both cross-vendor
     directions)."""
-    if cfg.get("ckpt_path"):
+    if cfg.get("bundle") and cfg.get("ckpt_path"):
+        raise ConfigError("eval.py: give bundle=<dir> or ckpt_path=<checkpoint>, not both")
+    index_kind = (cfg.get("index") or {}).get("kind")
+    if cfg.get("bundle"):
+        from cbir.export.bundle import load_bundle
+
+        bundle = load_bundle(cfg.bundle)
+        _use_the_runs_data(cfg, bundle.config)
+        embedder = bundle.embedder
+        name = f"bundle {cfg.bundle}"
+        index_kind = index_kind or _bundle_index_kind(Path(bundle.path))
+    elif cfg.get("ckpt_path"):
         _use_the_runs_data(cfg)
         embedder = load_embedder_checkpoint(cfg.ckpt_path)
         name = f"checkpoint {Path(cfg.ckpt_path).name}"
@@ -54,6 +65,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
             results.setdefault(f"{name} + {method} (n={n}, α={alpha:g})", []).append(module.rescore(method, n, alpha))
+        if index_kind:  # the same embeddings through the index a search would use
+            row, metrics = _through_index(module, cfg, str(index_kind))
+            results.setdefault(f"{name} through {row}", []).append(metrics)
     rows = {row: average_metrics(parts) for row, parts in results.items()}
     metrics = rows[name]
     protocol = " and ".join(spec.describe() for spec in specs) + (", averaged" if len(specs) > 1 else "")
@@ -63,10 +77,40 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _use_the_runs_data(cfg: DictConfig) -> None:
-    """``eval.py ckpt_path=<a run's checkpoint>`` without ``data=...`` evaluates on the data the run trained on
-    (its ``config.yaml``), not on eval.yaml's default, with this command line's ``data.x=...`` on top;
-    naming ``data=...`` evaluates elsewhere."""
+def _bundle_index_kind(bundle_dir: Path) -> str | None:
+    """The kind of the bundle's own index (``<bundle>/index/index.json``), which ``eval.py bundle=`` scores
+    through next to exact search; None without one (or a Milvus one: its FAISS twin is ``index.kind=``)."""
+    import json
+
+    info_file = bundle_dir / "index" / "index.json"
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    return None if info.get("backend", "faiss") != "faiss" else info.get("kind")
+
+
+def _through_index(module: MetricLearningModule, cfg: DictConfig, kind: str) -> tuple[str, dict[str, float]]:
+    """The last evaluation's embeddings searched through an index of ``kind`` over its gallery
+    (:mod:`cbir.index.evaluate`); the row's name says the index and its tuned parameters."""
+    from cbir.evaluation.metrics import unique_by_id
+    from cbir.index.builder import IndexOptions
+    from cbir.index.evaluate import describe_index, metrics_through_index
+
+    outputs = module.last_eval_outputs
+    _, embeddings, labels, roles = unique_by_id(outputs["index"], outputs["embedding"], outputs["label"],
+                                                outputs["role"])
+    index_cfg = cfg.get("index") or {}
+    options = IndexOptions(kind=kind, target_recall=float(index_cfg.get("target_recall", 0.95)))
+    metrics, info = metrics_through_index(embeddings, labels, roles, options, ks=tuple(cfg.metrics.ks))
+    depth, most = int(metrics["search_depth"]), int(metrics["max_relevant"])
+    note = f", top {depth}: MAP@R counts R > {depth} as misses" if most > depth else ""
+    return f"{describe_index(info)} (recall@{options.k} {info[f'recall_at_{options.k}']:.3f}{note})", metrics
+
+
+def _use_the_runs_data(cfg: DictConfig, run: dict | None = None) -> None:
+    """``eval.py ckpt_path=<a run's checkpoint>`` (or ``bundle=`` whose config is ``run``) without ``data=...``
+    evaluates on the data the run trained on (its ``config.yaml``), not on eval.yaml's default, with this
+    command line's ``data.x=...`` on top; naming ``data=...`` evaluates elsewhere."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
@@ -75,7 +119,7 @@ def _use_the_runs_data(cfg: DictConfig) -> None:
     keys = [override_key(o) for o in HydraConfig.get().overrides.task]
     if "data" in keys:
         return
-    data = (run_config(resolve_checkpoint(cfg.ckpt_path)) or {}).get("data")
+    data = ((run if run is not None else run_config(resolve_checkpoint(cfg.ckpt_path))) or {}).get("data")
     if not data:
         return
     mine = {key: OmegaConf.select(cfg, key) for key in keys if key.startswith("data.")}

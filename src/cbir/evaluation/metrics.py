@@ -104,17 +104,7 @@ def retrieval_metrics(
         if knn_k:
             predicted.append(_knn_vote(sims, ranked[:, :knn_k], gallery_labels, classes))
             truth.append(query_labels[start:stop][keep])
-        hits = relevant.gather(1, ranked)
-        positions = torch.arange(depth, device=hits.device)
-        within_r = positions[None, :] < num_relevant[:, None]
-        hits_f = hits.float()
-        precision_at_i = hits_f.cumsum(dim=1) / (positions + 1)
-
-        totals["precision_at_1"] += hits_f[:, 0].sum().item()
-        for k in ks:
-            totals[f"recall_at_{k}"] += hits[:, :k].any(dim=1).float().sum().item()
-        totals["r_precision"] += ((hits_f * within_r).sum(1) / num_relevant).sum().item()
-        totals["map_at_r"] += ((precision_at_i * hits_f * within_r).sum(1) / num_relevant).sum().item()
+        accumulate_ranked_hits(totals, relevant.gather(1, ranked), num_relevant, ks)
         evaluated += int(keep.sum())
 
     result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
@@ -124,6 +114,22 @@ def retrieval_metrics(
     result["num_queries"] = float(evaluated)
     result["num_queries_excluded"] = float(len(query) - evaluated)
     return result
+
+
+def accumulate_ranked_hits(totals: dict[str, float], hits: torch.Tensor, num_relevant: torch.Tensor,
+                           ks: Sequence[int]) -> None:
+    """Add a chunk of ranked lists to the metric sums: ``hits[q, i]`` is whether query q's i-th result has its
+    label, ``num_relevant[q]`` (R) how many gallery items do. Results past the list's end count as misses, so a
+    list shorter than R (an ANN index's) lowers R-precision and MAP@R as it would a user's search."""
+    positions = torch.arange(hits.shape[1], device=hits.device)
+    within_r = positions[None, :] < num_relevant[:, None]
+    hits_f = hits.float()
+    precision_at_i = hits_f.cumsum(dim=1) / (positions + 1)
+    totals["precision_at_1"] += hits_f[:, 0].sum().item()
+    for k in ks:
+        totals[f"recall_at_{k}"] += hits[:, :k].any(dim=1).float().sum().item()
+    totals["r_precision"] += ((hits_f * within_r).sum(1) / num_relevant).sum().item()
+    totals["map_at_r"] += ((precision_at_i * hits_f * within_r).sum(1) / num_relevant).sum().item()
 
 
 def _knn_vote(sims: torch.Tensor, top: torch.Tensor, gallery_labels: torch.Tensor,
