@@ -368,3 +368,30 @@ def test_eval_of_a_bundle_scores_through_its_index_next_to_exact_search(searcher
     assert any("HNSW" in name for name in json.loads((tmp_path / "hnsw" / "eval.json").read_text())["results"])
     with pytest.raises(Exception, match="not both"):
         evaluate(compose_config("eval", [*common, "ckpt_path=x.ckpt", f"paths.output_dir={tmp_path / 'x'}"]))
+
+
+def test_kreciprocal_puts_the_hit_with_the_querys_neighbourhood_above_a_lone_look_alike(searcher_parts):
+    """c1 looks most like the query (0.80) but its neighbours (l1-l3) are nothing like the query's; c2 (0.75)
+    and its cluster mates m1, m2 are the query's own neighbourhood. Re-ranked, the cluster leads and c1 drops."""
+    from cbir.index.builder import IndexOptions
+    from cbir.index.store import CbirIndex
+
+    bundle, _, _ = searcher_parts
+    dim = int(bundle.embedding_dim)
+
+    def unit(**parts):
+        v = np.zeros(dim, np.float32)
+        for axis, value in parts.items():
+            v[int(axis[1:])] = value
+        return v / np.linalg.norm(v)
+
+    named = {"c1": unit(e1=0.8, e3=0.6), "c2": unit(e1=0.75, e2=0.66),
+             "m1": unit(e1=0.72, e2=0.69, e4=0.05), "m2": unit(e1=0.72, e2=0.69, e4=-0.05),
+             **{f"l{i}": unit(e1=0.2, e3=0.98, **{f"e{4 + i}": 0.1}) for i in (1, 2, 3)}}
+    index = CbirIndex.build(np.stack(list(named.values())), list(named), options=IndexOptions(kind="flat"))
+    query = unit(e1=1.0)[None]
+    plain = Searcher(bundle, index).search_embeddings(query, k=4)[0]
+    assert plain[0].path == "c1"
+    reranked = Searcher(bundle, index, rerank="kreciprocal", rerank_n=3).search_embeddings(query, k=4)[0]
+    assert reranked[0].path in ("c2", "m1", "m2") and [h.path for h in reranked].index("c1") == 3  # below the cluster
+    assert all(a.score >= b.score for a, b in zip(reranked, reranked[1:]))  # the combined score, best first

@@ -12,7 +12,7 @@ from helpers.configs import compose_config
 from cbir.commands.eval import evaluate
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
 from cbir.evaluation.metrics import evaluate_embeddings, retrieval_metrics
-from cbir.evaluation.rerank import expand, rerank_embeddings, top_neighbours
+from cbir.evaluation.rerank import expand, kreciprocal_scores, rerank_embeddings, top_neighbours
 
 
 def noisy_clusters(classes: int = 20, per_class: int = 15, dim: int = 32, noise: float = 0.9, seed: int = 0):
@@ -53,7 +53,30 @@ def test_expansion_helps_on_noisy_clusters_and_none_changes_nothing():
         reranked = evaluate_embeddings(vectors, labels, roles, rerank=method, rerank_n=5, rerank_alpha=3.0)
         assert reranked["map_at_r"] > plain["map_at_r"] + 0.02, method  # the neighbours of a noisy point denoise it
     with pytest.raises(ValueError, match="choose from"):
-        rerank_embeddings("kreciprocal", vectors, vectors, torch.arange(5), torch.arange(5))
+        rerank_embeddings("kreciprocal", vectors, vectors, torch.arange(5), torch.arange(5))  # not an embedding method
+
+
+def test_kreciprocal_lifts_the_candidate_whose_neighbourhood_is_the_querys():
+    """A planted case: candidate 0 is a lone look-alike (cosine 0.80, neighbours unrelated to the query's);
+    candidate 1 scores lower (0.75) but shares 3 of the query's 4 neighbours. Re-scored, 1 comes first."""
+    scores = torch.tensor([[0.80, 0.75]])
+    query_neighbours = torch.tensor([[10, 11, 12, 13]])
+    candidate_neighbours = torch.tensor([[[20, 21, 22, 23], [10, 11, 12, 30]]])
+    rescored = kreciprocal_scores(scores, query_neighbours, candidate_neighbours, lam=0.3)
+    assert rescored[0, 1] > rescored[0, 0]
+    assert rescored[0, 0] == pytest.approx(0.7 * 0.80)  # Jaccard 0
+    assert rescored[0, 1] == pytest.approx(0.7 * 0.75 + 0.3 * 3 / 5)  # 3 shared of 5 distinct
+    assert torch.allclose(kreciprocal_scores(scores, query_neighbours, candidate_neighbours, lam=0.0), scores)
+
+
+def test_kreciprocal_helps_on_noisy_clusters_and_keeps_the_metric_bounds():
+    vectors, labels = noisy_clusters()
+    roles = torch.full((len(labels),), ROLE_QUERY | ROLE_GALLERY)
+    plain = retrieval_metrics(vectors, labels)
+    reranked = evaluate_embeddings(vectors, labels, roles, rerank="kreciprocal", rerank_n=5)
+    assert reranked["num_queries"] == plain["num_queries"]
+    assert reranked["map_at_r"] > plain["map_at_r"] + 0.02
+    assert all(0.0 <= reranked[key] <= 1.0 for key in ("precision_at_1", "map_at_r", "r_precision", "recall_at_4"))
 
 
 def test_query_vs_gallery_sets_keep_their_roles():
@@ -67,10 +90,11 @@ def test_eval_prints_a_row_per_method_from_one_pass(tiny_folder, tmp_path):
     overrides = ["data=folder", f"data.root={tiny_folder}", "data.image_size=32", "data.eval_batch_size=16",
                  "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
                  "model=handcrafted", "model.image_size=32", f"paths.output_dir={tmp_path}",
-                 "rerank.methods=[aqe,dba+aqe]", "rerank.n=2"]
+                 "rerank.methods=[aqe,dba+aqe,kreciprocal]", "rerank.n=2"]
     metrics = evaluate(compose_config("eval", overrides))
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
-    assert len(rows) == 3 and metrics == next(iter(rows.values()))
-    assert [name.split(" + ")[-1] for name in list(rows)[1:]] == ["aqe (n=2, α=3)", "dba+aqe (n=2, α=3)"]
-    with pytest.raises(Exception, match="kreciprocal"):
-        evaluate(compose_config("eval", [*overrides[:-2], "rerank.methods=[kreciprocal]"]))
+    assert len(rows) == 4 and metrics == next(iter(rows.values()))
+    assert [name.split(" + ")[-1] for name in list(rows)[1:]] == ["aqe (n=2, α=3)", "dba+aqe (n=2, α=3)",
+                                                                   "kreciprocal (k=2, λ=0.3)"]
+    with pytest.raises(Exception, match="kmeans"):
+        evaluate(compose_config("eval", [*overrides[:-2], "rerank.methods=[kmeans]"]))

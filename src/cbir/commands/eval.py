@@ -64,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule, verbose=False)
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
-            results.setdefault(f"{name} + {method} (n={n}, α={alpha:g})", []).append(module.rescore(method, n, alpha))
+            settings = f"k={n}, λ=0.3" if method == "kreciprocal" else f"n={n}, α={alpha:g}"
+            results.setdefault(f"{name} + {method} ({settings})", []).append(module.rescore(method, n, alpha))
         if index_kind:  # the same embeddings through the index a search would use
             row, metrics = _through_index(module, cfg, str(index_kind))
             results.setdefault(f"{name} through {row}", []).append(metrics)

@@ -132,6 +132,44 @@ def accumulate_ranked_hits(totals: dict[str, float], hits: torch.Tensor, num_rel
     totals["map_at_r"] += ((precision_at_i * hits_f * within_r).sum(1) / num_relevant).sum().item()
 
 
+def kreciprocal_retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                                  gallery_labels: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
+                                  ks: Sequence[int] = DEFAULT_KS, k: int = 5, candidates: int = 100,
+                                  lam: float = 0.3, chunk: int = 256) -> dict[str, float]:
+    """:func:`retrieval_metrics` after k-reciprocal re-ranking (:func:`cbir.evaluation.rerank.kreciprocal_scores`)
+    of each query's top ``candidates``: the rest of the ranking stays as it was. Pairs with equal ids are
+    skipped (the query itself). No k-NN classification columns."""
+    from cbir.evaluation.rerank import kreciprocal_scores, top_neighbours
+
+    ks = sorted({int(v) for v in ks})
+    gallery = gallery.float()
+    _, gallery_neighbours = top_neighbours(gallery, gallery, k, gallery_ids, gallery_ids)
+    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0, **{f"recall_at_{v}": 0.0 for v in ks}}
+    evaluated = 0
+    for start in range(0, len(query), chunk):
+        sims = query[start:start + chunk].float() @ gallery.T
+        same_item = query_ids[start:start + chunk, None] == gallery_ids[None, :]
+        sims.masked_fill_(same_item, float("-inf"))
+        relevant = (query_labels[start:start + chunk, None] == gallery_labels[None, :]) & ~same_item
+        num_relevant = relevant.sum(dim=1)
+        keep = num_relevant > 0
+        if not keep.any():
+            continue
+        sims, relevant, num_relevant = sims[keep], relevant[keep], num_relevant[keep]
+        usable = len(gallery) - int(same_item[keep].sum(1).max())  # ranks past this are the masked query itself
+        depth = min(max(ks[-1], int(num_relevant.max()), candidates), usable)
+        ranked = stable_topk_indices(sims, depth)
+        top = ranked[:, :min(candidates, depth)]
+        rescored = kreciprocal_scores(sims.gather(1, top), ranked[:, :k], gallery_neighbours[top], lam)
+        ranked[:, :top.shape[1]] = top.gather(1, torch.argsort(rescored, dim=1, descending=True, stable=True))
+        accumulate_ranked_hits(totals, relevant.gather(1, ranked), num_relevant, ks)
+        evaluated += int(keep.sum())
+    result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
+    result["num_queries"] = float(evaluated)
+    result["num_queries_excluded"] = float(len(query) - evaluated)
+    return result
+
+
 def _knn_vote(sims: torch.Tensor, top: torch.Tensor, gallery_labels: torch.Tensor,
               classes: torch.Tensor) -> torch.Tensor:
     """The similarity-weighted label vote of each row's ``top`` neighbours (positions into the gallery)."""
@@ -226,6 +264,9 @@ def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: t
         if not (is_query.any() and is_gallery.any()):
             return evaluate_embeddings(embeddings, labels, roles, ks, knn_k)
         ids = torch.arange(len(labels), device=labels.device)
+        if rerank == "kreciprocal":
+            return kreciprocal_retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery],
+                                                 labels[is_gallery], ids[is_query], ids[is_gallery], ks, k=rerank_n)
         query, gallery = rerank_embeddings(rerank, embeddings[is_query], embeddings[is_gallery], ids[is_query],
                                            ids[is_gallery], rerank_n, rerank_alpha)
         return retrieval_metrics(query, labels[is_query], gallery, labels[is_gallery], query_ids=ids[is_query],

@@ -7,7 +7,13 @@
 - **DBA** (database-side augmentation, same paper): every gallery item gets the same treatment against the
   gallery, once, before searching.
 
-Both run on the embeddings already computed, chunked so that one ``chunk x gallery`` similarity block is the
+- **k-reciprocal** (neighbourhood re-ranking, after Zhong et al., "Re-ranking Person Re-identification with
+  k-reciprocal Encoding", CVPR 2017): each query's top ``candidates`` are re-ordered by
+  ``(1 - lam) * cosine + lam * Jaccard(N_k(query), N_k(candidate))``, the overlap of the two images' k nearest
+  gallery neighbours — a candidate whose own neighbourhood looks like the query's rises, a lone look-alike
+  falls. Not in the embedding space: :func:`kreciprocal_scores` re-scores a candidate list.
+
+All run on the embeddings already computed, chunked so that one ``chunk x gallery`` similarity block is the
 largest thing in memory.
 """
 
@@ -16,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("none", "aqe", "dba", "dba+aqe")
+METHODS = ("none", "aqe", "dba", "dba+aqe", "kreciprocal")
+EMBEDDING_METHODS = ("aqe", "dba", "dba+aqe")  # those that change the embeddings (rerank_embeddings)
 
 
 def top_neighbours(query: torch.Tensor, gallery: torch.Tensor, n: int, query_ids: torch.Tensor | None = None,
@@ -59,10 +66,23 @@ def rerank_embeddings(method: str, query: torch.Tensor, gallery: torch.Tensor, q
                       gallery_ids: torch.Tensor, n: int = 5, alpha: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries, gallery) after ``method``: ``none``, ``aqe``, ``dba`` or ``dba+aqe`` (DBA first, then αQE
     against the augmented gallery)."""
-    if method not in METHODS:
-        raise ValueError(f"rerank method {method!r}: choose from {', '.join(METHODS)}")
+    if method not in ("none", *EMBEDDING_METHODS):
+        raise ValueError(f"rerank method {method!r}: choose from none, {', '.join(EMBEDDING_METHODS)}")
     if "dba" in method:
         gallery = expand(gallery, gallery, n, alpha, gallery_ids, gallery_ids)
     if "aqe" in method:
         query = expand(query, gallery, n, alpha, query_ids, gallery_ids)
     return query, gallery
+
+
+def kreciprocal_scores(scores: torch.Tensor, query_neighbours: torch.Tensor, candidate_neighbours: torch.Tensor,
+                       lam: float = 0.3) -> torch.Tensor:
+    """Re-scored candidates: ``(1 - lam) * scores + lam * J``, J the Jaccard overlap of the query's neighbour ids
+    (Q, k) with each candidate's (Q, C, k). ``scores`` (Q, C) are the candidates' cosines; -1 ids are padding."""
+    same = candidate_neighbours[..., :, None] == query_neighbours[:, None, None, :]
+    valid = (candidate_neighbours >= 0)[..., :, None] & (query_neighbours >= 0)[:, None, None, :]
+    shared = (same & valid).any(dim=-1).sum(dim=-1).float()
+    sizes = (candidate_neighbours >= 0).sum(-1).float() + (query_neighbours >= 0).sum(-1, keepdim=True).float()
+    jaccard = shared / (sizes - shared).clamp(min=1.0)
+    return (1.0 - lam) * scores.float() + lam * jaccard
+
