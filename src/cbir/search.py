@@ -258,6 +258,18 @@ class Searcher:
                             for rank, (score, i, rec) in enumerate(kept, start=1)])
         return results
 
+    def _without_own(self, scores: np.ndarray, ids: np.ndarray,
+                     excluded: Sequence[str | None]) -> list[list[tuple[float, int]]]:
+        """Each row's ``(score, id)`` hits, padding (-1) and the query's own image (same source) left out."""
+        rows = []
+        for row_scores, row_ids, own in zip(scores, ids, excluded):
+            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
+            if own is not None:
+                records = self.index.lookup([i for _, i in valid])
+                valid = [(s, i) for (s, i), rec in zip(valid, records) if _same_source_key(_field(rec, "path")) != own]
+            rows.append(valid)
+        return rows
+
     def _expanded(self, queries: np.ndarray, excluded: Sequence[str | None], filter: str | None,
                   size: int) -> np.ndarray:
         """Alpha query expansion (αQE; Radenović et al. 2018, as ``eval.py rerank.methods=[aqe]`` measures it):
@@ -266,13 +278,7 @@ class Searcher:
         the index (:meth:`CbirIndex.vectors`)."""
         n = self.rerank_n
         scores, ids = self.index.search(queries, min(n + (1 if any(excluded) else 0), size), filter=filter)
-        neighbours = []
-        for row_scores, row_ids, own in zip(scores, ids, excluded):
-            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
-            if own is not None:
-                records = self.index.lookup([i for _, i in valid])
-                valid = [(s, i) for (s, i), rec in zip(valid, records) if _same_source_key(_field(rec, "path")) != own]
-            neighbours.append(valid[:n])
+        neighbours = [row[:n] for row in self._without_own(scores, ids, excluded)]
         wanted = sorted({i for row in neighbours for _, i in row})
         vectors = dict(zip(wanted, self.index.vectors(wanted))) if wanted else {}
         expanded = queries.astype(np.float32, copy=True)
@@ -295,13 +301,7 @@ class Searcher:
         spare = 1 if any(excluded) else 0
         scores, ids = self.index.search(queries, min(max(wanted, KRECIPROCAL_CANDIDATES) + spare, size),
                                         filter=filter)
-        rows = []
-        for row_scores, row_ids, own in zip(scores, ids, excluded):
-            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
-            if own is not None:
-                records = self.index.lookup([i for _, i in valid])
-                valid = [(s, i) for (s, i), rec in zip(valid, records) if _same_source_key(_field(rec, "path")) != own]
-            rows.append(valid)
+        rows = self._without_own(scores, ids, excluded)
         candidates = sorted({i for row in rows for _, i in row})
         if not candidates:
             return scores[:, :0], ids[:, :0]
