@@ -67,8 +67,12 @@ class IndexOptions:
     milvus_collection: str | None = None  # milvus: the collection name (default cbir_<folder name>)
     milvus_index: str = "auto"  # milvus: auto (by size, as kind=auto) | FLAT | IVF_FLAT | HNSW | IVF_PQ
     insert_batch: int = 2000  # milvus: rows per insert request
+    dba: int = 0  # > 0: database-side augmentation — each stored vector averaged with its dba nearest (cbir.index.dba)
+    dba_alpha: float = 3.0  # their weights: similarity ** dba_alpha
 
     def __post_init__(self) -> None:
+        if int(self.dba) < 0 or float(self.dba_alpha) < 0:
+            raise ConfigError(f"index.dba={self.dba} / index.dba_alpha={self.dba_alpha}: need dba >= 0, alpha >= 0")
         if self.backend not in BACKENDS:
             raise ConfigError(f"index.backend={self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.kind not in KINDS:

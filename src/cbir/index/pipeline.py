@@ -24,6 +24,7 @@ from cbir.data.catalog import parse_array_source
 from cbir.errors import ConfigError, DataError
 from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.calibration import calibrate_scores
+from cbir.index.dba import augment_collection, augment_new
 from cbir.index.collection import Collection, read_collection
 from cbir.index.errors import DimensionMismatchError
 from cbir.index.extract import extract_collection
@@ -71,6 +72,10 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                         f"(see {out / EXTRACT_DIR / 'skipped.json'})")
     paths = [collection.source(int(i)) for i in extraction.indices]
     labels = [collection.label(int(i)) for i in extraction.indices]
+    if index_options.dba and (milvus or ondisk):
+        raise ConfigError(f"index.dba={index_options.dba}: database-side augmentation rewrites the vectors in "
+                          "memory; it works with the in-memory FAISS kinds (flat, ivf, hnsw, ivfpq), not "
+                          f"{'backend=milvus' if milvus else 'kind=ondisk'}")
     if milvus:  # streamed from the shards into the engine, which keeps them: nothing more to save
         from cbir.index.milvus import build_milvus_index
 
@@ -91,7 +96,12 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
         index = build_ondisk_cbir_index(extraction.shard_files, paths, labels, out, index_options,
                                         progress=extraction_options.progress)
     else:
-        index = CbirIndex.build(extraction.embeddings, paths, labels, options=index_options)
+        stored = extraction.embeddings
+        if index_options.dba:
+            stored = augment_collection(stored, int(index_options.dba), float(index_options.dba_alpha))
+        index = CbirIndex.build(stored, paths, labels, options=index_options)
+        if index_options.dba:
+            index.info["dba"] = {"n": int(index_options.dba), "alpha": float(index_options.dba_alpha)}
     index.info.update(_model_info(embedder), collection=collection.spec, skipped=len(extraction.skipped),
                       **(extra_info or {}))
     rows = (extraction.embeddings.__getitem__ if extraction.embeddings is not None else
@@ -195,7 +205,10 @@ def add_to_index(index: CbirIndex, embedder: nn.Module, collection: str | os.Pat
     key = hashlib.sha256("\n".join(fresh.source(int(i)) for i in new).encode()).hexdigest()[:12]
     extraction = extract_collection(embedder, fresh, Path(work_dir) / f"add-{key}", options)
     extraction.work_dir = Path(work_dir) / f"add-{key}"
-    ids = index.add(extraction.embeddings, [fresh.source(int(i)) for i in extraction.indices],
+    vectors = extraction.embeddings
+    if index.info.get("dba"):  # stored vectors were augmented: new ones join on equal terms
+        vectors = augment_new(index, vectors, int(index.info["dba"]["n"]), float(index.info["dba"]["alpha"]))
+    ids = index.add(vectors, [fresh.source(int(i)) for i in extraction.indices],
                     [fresh.label(int(i)) for i in extraction.indices])
     return ids, extraction
 

@@ -1,0 +1,104 @@
+"""Re-ranking benchmark (issue 17): what each query-time option adds to retrieval and what it costs per query.
+
+For a trained checkpoint (or a run folder) on a dataset's test protocol (default: emoji all-vs-all, zero-shot
+classes):
+
+1. **Quality** — ``eval.py`` with ``rerank.methods=[aqe,dba,dba+aqe,kreciprocal]`` for each ``--n``: P@1 and
+   MAP@R of every option on the same embeddings (one forward pass), next to plain k-NN.
+2. **Latency** — the checkpoint exported as a bundle, a flat index of the test images (``emoji:test``), and
+   ``Searcher.search_paths`` timed on ``--queries`` single-image queries per option (embedding, search and
+   re-ranking together: what a user waits for), in interleaved rounds; median ms per query and the ratio to
+   plain search. DBA changes the stored vectors at build time and costs nothing per query.
+
+    python benchmarks/rerank.py --ckpt outputs/benchmarks/generalisation/dinov2_vits14/train-full+lld-8 \\
+        --out benchmarks/results/rerank_emoji.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["aqe", "dba", "dba+aqe", "kreciprocal"]
+SEARCH_METHODS = ["none", "aqe", "kreciprocal"]
+
+
+def quality(ckpt: str, data: list[str], n: int, out: Path, precision: str | None) -> dict[str, dict]:
+    """eval.py's rows for every method at neighbourhood size ``n``: {row name: metrics}."""
+    command = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", *data,
+               f"rerank.methods=[{','.join(METHODS)}]", f"rerank.n={n}", f"hydra.run.dir={out}",
+               "trainer.enable_progress_bar=false", *([f"trainer.precision={precision}"] if precision else [])]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"eval.py failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "eval.json").read_text())["results"]
+
+
+def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work: Path) -> dict[str, float]:
+    """Median ms per single-image query for each Searcher re-ranking option."""
+    from cbir.export.bundle import export_bundle, load_bundle
+    from cbir.index.pipeline import build_bundle_index
+    from cbir.index.store import load_index
+    from cbir.models.checkpoint import load_checkpoint_model
+    from cbir.search import Searcher
+
+    embedder, model_config = load_checkpoint_model(ckpt)
+    bundle_dir = work / "bundle"
+    if not (bundle_dir / "manifest.json").is_file():
+        export_bundle(embedder, bundle_dir, model_config=model_config, runtimes=[])
+        build_bundle_index(load_bundle(bundle_dir), collection, bundle_dir / "index", kind="flat", progress=False)
+    bundle, index = load_bundle(bundle_dir), load_index(bundle_dir / "index")
+    paths = sorted(index.paths())[::max(1, len(index) // queries)][:queries]
+    searchers = {m: Searcher(bundle, index, rerank=m, rerank_n=n, precision="fp32") for m in SEARCH_METHODS}
+    times: dict[str, list[float]] = {m: [] for m in SEARCH_METHODS}
+    for method in SEARCH_METHODS:  # warm-up
+        searchers[method].search_paths(paths[:2], k=10)
+    for _ in range(rounds):  # interleaved: each round times every option on the same queries
+        for method in SEARCH_METHODS:
+            for path in paths:
+                start = time.perf_counter()
+                searchers[method].search_paths([path], k=10)
+                times[method].append(1000 * (time.perf_counter() - start))
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a training checkpoint or run folder")
+    parser.add_argument("--data", nargs="*", default=["data=emoji"], help="eval.py data overrides")
+    parser.add_argument("--collection", default="emoji:test", help="what the latency index holds")
+    parser.add_argument("--n", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default=None, help="trainer.precision for eval.py, e.g. bf16-mixed")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rerank_emoji.json")
+    args = parser.parse_args()
+    from cbir.evaluation.report import write_json
+
+    work = Path(tempfile.mkdtemp(prefix="cbir-rerank-"))
+    rows: dict[str, dict] = {}
+    for n in args.n:
+        for name, metrics in quality(args.ckpt, args.data, n, work / f"eval-{n}", args.precision).items():
+            rows.setdefault(name, {k: metrics[k] for k in ("precision_at_1", "map_at_r")})
+    ms = latency(args.ckpt, args.collection, args.queries, args.n[0], args.rounds, work)
+    print("| option | P@1 | MAP@R |\n|---|---|---|")
+    for name, metrics in rows.items():
+        print(f"| {name.split(' + ')[-1] if ' + ' in name else 'plain k-NN'} | {100 * metrics['precision_at_1']:.2f} "
+              f"| {100 * metrics['map_at_r']:.2f} |")
+    print(f"\n| Searcher option (n={args.n[0]}) | ms / query | × plain |\n|---|---|---|")
+    for method, value in ms.items():
+        print(f"| {method} | {value:.1f} | {value / ms['none']:.2f} |")
+    write_json(args.out, {"benchmark": "rerank", "ckpt": str(args.ckpt), "data": args.data, "rows": rows,
+                          "latency_ms": ms, "latency_n": args.n[0], "queries": args.queries, "rounds": args.rounds,
+                          "command": " ".join(sys.argv)})
+
+
+if __name__ == "__main__":
+    main()
