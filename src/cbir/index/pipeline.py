@@ -24,8 +24,8 @@ from cbir.data.catalog import parse_array_source
 from cbir.errors import ConfigError, DataError
 from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.calibration import calibrate_scores
-from cbir.index.dba import augment_collection, augment_new
 from cbir.index.collection import Collection, read_collection
+from cbir.index.dba import augment_collection, augment_new
 from cbir.index.errors import DimensionMismatchError
 from cbir.index.extract import extract_collection
 from cbir.index.ondisk import VectorShards, build_ondisk_index
