@@ -101,6 +101,9 @@ def test_eval_on_checkpoint_and_untrained(tiny_folder, tmp_path):
     baseline = evaluate(compose_config("eval", common + ["model=resnet18", "model.pretrained=none",
                                                          f"paths.output_dir={tmp_path / 'e2'}"]))
     assert baseline["num_queries"] == 12
+    subset = evaluate(compose_config("eval", common + ["model=resnet18", "model.pretrained=none", "subset.test=8",
+                                                       f"paths.output_dir={tmp_path / 'e3'}"]))
+    assert subset["num_queries"] + subset["num_queries_excluded"] == 8  # a fixed subset of 8 of the 12 images
 
 
 def write_texture_classes(root: Path, per_class: int = 8, size: int = 32) -> None:
