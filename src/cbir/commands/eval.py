@@ -32,7 +32,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         from cbir.export.bundle import load_bundle
 
         bundle = load_bundle(cfg.bundle)
-        _use_the_runs_data(cfg, bundle.config)
+        if bundle.config:  # a bundle exported from a run folder knows the run's data
+            _use_the_runs_data(cfg, bundle.config)
         embedder = bundle.embedder
         name = f"bundle {cfg.bundle}"
         index_kind = index_kind or _bundle_index_kind(Path(bundle.path))
