@@ -178,7 +178,7 @@ def test_the_generic_recipe_composes_and_trains(tiny_folder, tmp_path):
     assert cfg.model.image_size == 224 and cfg.model.pretrained == "dinov2"
     best_emoji = compose_config("train", ["experiment=emoji"])
     assert (best_emoji.model.backbone, best_emoji.model.image_size, best_emoji.train.layer_decay) == (
-        "dinov2_vits14", 70, 0.75)
+        "dinov2_vits14", 98, 0.75)
     fast = compose_config("train", ["experiment=generic", *tiny_train_overrides(tiny_folder, tmp_path)[1:],
                                     "data.image_size=28", "trainer.fast_dev_run=true"])
     train(fast)
