@@ -38,17 +38,18 @@ def test_a_flat_index_gives_the_exact_metrics(protocol):
         assert through[key] == pytest.approx(exact[key], abs=1e-6), key
 
 
-def test_an_ivf_index_at_a_low_recall_costs_what_it_misses():
+def test_an_ivf_index_is_tuned_and_scored_as_it_would_be_served():
+    """The IVF row is the index cbir index build makes (nprobe tuned to the target recall); its first hits agree
+    with exact search at a high target. (Whole-class metrics can move either way through an ANN index: it misses
+    near negatives as well as positives.)"""
     vectors, labels = labelled_set(3000, classes=60, seed=1)
     roles = torch.full((len(labels),), ROLE_QUERY | ROLE_GALLERY)
     exact = evaluate_embeddings(vectors, labels, roles, ks=(1, 4))
-    loose, info = metrics_through_index(vectors, labels, roles, IndexOptions(kind="ivf", target_recall=0.3,
-                                                                             query_sample=200), ks=(1, 4))
-    assert info["kind"] == "ivf" and info["search_params"]["nprobe"] >= 1
-    assert loose["map_at_r"] <= exact["map_at_r"] + 1e-6
-    tight, _ = metrics_through_index(vectors, labels, roles, IndexOptions(kind="ivf", target_recall=1.0,
-                                                                          query_sample=200), ks=(1, 4))
-    assert tight["map_at_r"] >= loose["map_at_r"] - 1e-6
+    through, info = metrics_through_index(vectors, labels, roles, IndexOptions(kind="ivf", target_recall=0.99,
+                                                                               query_sample=200), ks=(1, 4))
+    assert info["kind"] == "ivf" and info["search_params"]["nprobe"] >= 1 and info["recall_at_10"] >= 0.99
+    assert through["precision_at_1"] == pytest.approx(exact["precision_at_1"], abs=0.01)
+    assert all(0.0 <= through[key] <= 1.0 for key in KEYS)
 
 
 def test_results_past_the_search_depth_count_as_misses():

@@ -19,7 +19,8 @@ import torch
 
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
 from cbir.evaluation.metrics import accumulate_ranked_hits
-from cbir.index.builder import IndexOptions, build_index
+from cbir.index.builder import IndexOptions
+from cbir.index.store import CbirIndex
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ def metrics_through_index(embeddings: torch.Tensor, labels: torch.Tensor, roles:
     is_gallery = (roles & ROLE_GALLERY).bool().cpu().numpy()
     vectors = embeddings.float().cpu().numpy()
     labels = labels.cpu().numpy()
-    gallery_ids = np.flatnonzero(is_gallery).astype(np.int64)  # ids = positions in the evaluation set
-    index, info = build_index(vectors[gallery_ids], gallery_ids, options)
+    gallery_ids = np.flatnonzero(is_gallery).astype(np.int64)  # positions in the evaluation set
+    # a CbirIndex, so a k beyond what the probed lists hold is filled as a served search fills it
+    index = CbirIndex.build(vectors[gallery_ids], [str(i) for i in gallery_ids], options=options)
+    info = index.info
     query_ids = np.flatnonzero(is_query)
     counts = dict(zip(*np.unique(labels[gallery_ids], return_counts=True)))
     num_relevant = np.array([counts.get(labels[q], 0) - int(is_gallery[q]) for q in query_ids])
@@ -46,6 +49,7 @@ def metrics_through_index(embeddings: torch.Tensor, labels: torch.Tensor, roles:
     for start in range(0, len(query_ids), chunk):
         rows = query_ids[start:start + chunk]
         _, found = index.search(np.ascontiguousarray(vectors[rows]), min(depth + 1, len(gallery_ids)))
+        found = np.where(found >= 0, gallery_ids[np.maximum(found - (index.first_id() or 0), 0)], -1)
         found = np.where(found == rows[:, None], -1, found)  # the query itself is not a result
         ranked = np.full((len(rows), depth), -1, np.int64)
         for row, ids in enumerate(found):
