@@ -60,6 +60,15 @@ def test_resume_continues_the_runs_config_and_refuses_other_data(tiny_folder, tm
     assert config["trainer"]["max_epochs"] == 2
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
 
+    # a checkpoint already past the epochs asked for: one line (Lightning raised a traceback)
+    later = tmp_path / "later.ckpt"
+    state = torch.load(last, weights_only=False)
+    state["epoch"] = 5
+    torch.save(state, later)
+    past = _train(f"ckpt_path={later}", "trainer.max_epochs=3", run=tmp_path / "past")
+    assert past.returncode != 0 and "Traceback" not in past.stderr
+    assert "saved at epoch 6, past trainer.max_epochs=3" in past.stderr
+
     changed = _train(f"ckpt_path={last}", "data.image_size=48", run=tmp_path / "third")
     assert changed.returncode != 0
     assert "data.image_size: 32 → 48" in changed.stderr and "resume.allow_changes=true" in changed.stderr

@@ -169,13 +169,13 @@ def _resume_path(cfg: DictConfig) -> str | None:
     if not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
     verify_checkpoint(path)
-    _check_readable_checkpoint(Path(path))
+    _check_readable_checkpoint(Path(path), cfg.trainer.get("max_epochs"))
     return path
 
 
-def _check_readable_checkpoint(path: Path) -> None:
-    """Read the checkpoint once before training starts: a damaged or foreign file is one line, not a
-    traceback from inside Lightning after the data and model were set up."""
+def _check_readable_checkpoint(path: Path, max_epochs: int | None = None) -> None:
+    """Read the checkpoint once before training starts: a damaged or foreign file, or one already past
+    ``trainer.max_epochs``, is one line, not a traceback from inside Lightning after the data and model were set up."""
     import torch
 
     try:
@@ -185,6 +185,11 @@ def _check_readable_checkpoint(path: Path) -> None:
                               "is the file complete? resume from another checkpoint, e.g. last.ckpt") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "epoch" not in checkpoint:
         raise CheckpointError(f"ckpt_path: {path} is not a training checkpoint (no weights or epoch to resume)")
+    epoch = int(checkpoint["epoch"])
+    if max_epochs not in (None, -1) and epoch > int(max_epochs):  # Lightning's own check, as a traceback
+        raise CheckpointError(f"ckpt_path: {path} was saved at epoch {epoch + 1}, past trainer.max_epochs="
+                              f"{max_epochs}: a resumed run continues up to trainer.max_epochs; set it above "
+                              f"{epoch + 1} to train further")
 
 
 def _monitor(trainer: pl.Trainer) -> str:
