@@ -169,7 +169,7 @@ def _resume_path(cfg: DictConfig) -> str | None:
     if not Path(path).is_file():
         raise CheckpointError(f"ckpt_path: checkpoint {path} does not exist (pass a .ckpt file or 'last')")
     verify_checkpoint(path)
-    _check_readable_checkpoint(Path(path), cfg.trainer.get("max_epochs"))
+    _check_readable_checkpoint(Path(path), (cfg.get("trainer") or {}).get("max_epochs"))
     return path
 
 
