@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "notebooks"))
 from quickstart_support import SYNTHETIC_CLASSES, fashion_mnist_available  # noqa: E402
 
 K = 5
-HIT_ROW = re.compile(r"^\| (\d+) \| (-?[0-9.]+) \| (\d+) \| ([^|]*) \| ([^|]+) \|$", re.MULTILINE)
+# rank | cosine | [match, on a labelled index] | id | label | path
+HIT_ROW = re.compile(r"^\| (\d+) \| (-?[0-9.]+) \|(?: (?:\d+% )?\|)? (\d+) \| ([^|]*) \| ([^|]+) \|$", re.MULTILINE)
 
 
 def cell_tagged(notebook, tag: str):
