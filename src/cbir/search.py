@@ -276,16 +276,12 @@ class Searcher:
         each query becomes ``normalise(q + sum_i max(s_i, 0)^alpha * x_i)`` over its ``rerank_n`` best hits
         ``x_i`` (the query's own image left out), and that vector searches again. The hits' vectors come from
         the index (:meth:`CbirIndex.vectors`)."""
+        from cbir.index.dba import expand_with_stored  # imports torch: only when expansion is asked for
+
         n = self.rerank_n
         scores, ids = self.index.search(queries, min(n + (1 if any(excluded) else 0), size), filter=filter)
         neighbours = [row[:n] for row in self._without_own(scores, ids, excluded)]
-        wanted = sorted({i for row in neighbours for _, i in row})
-        vectors = dict(zip(wanted, self.index.vectors(wanted))) if wanted else {}
-        expanded = queries.astype(np.float32, copy=True)
-        for row, hits in enumerate(neighbours):
-            for score, image_id in hits:
-                expanded[row] += max(score, 0.0) ** self.rerank_alpha * vectors[image_id]
-        return expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
+        return expand_with_stored(self.index, queries, neighbours, self.rerank_alpha)
 
     def _kreciprocal(self, queries: np.ndarray, excluded: Sequence[str | None], filter: str | None, size: int,
                      wanted: int) -> tuple[np.ndarray, np.ndarray]:

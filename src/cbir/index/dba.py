@@ -12,6 +12,7 @@ minute per 100k 512-d vectors on 2 cores). Images added later are augmented agai
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,10 +38,20 @@ def augment_new(index, embeddings: np.ndarray, n: int, alpha: float) -> np.ndarr
     if len(index) == 0 or len(embeddings) == 0:
         return embeddings
     scores, ids = index.search(embeddings, min(n, len(index)))
-    out = embeddings.copy()
-    for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
-        keep = row_ids >= 0
-        if keep.any():
-            weights = np.maximum(row_scores[keep], 0.0) ** alpha
-            out[row] += weights @ index.vectors(row_ids[keep])
+    neighbours = [[(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
+                  for row_scores, row_ids in zip(scores, ids)]
+    return expand_with_stored(index, embeddings, neighbours, alpha)
+
+
+def expand_with_stored(index, vectors: np.ndarray, neighbours: Sequence[Sequence[tuple[float, int]]],
+                       alpha: float) -> np.ndarray:
+    """``normalise(v + sum_i max(s_i, 0)^alpha * x_i)`` for each row ``v`` of ``vectors`` over its ``(s_i, id_i)``
+    ``neighbours``, the ``x_i`` read from ``index`` in one call — the αQE / DBA update against an index (the
+    Searcher's query expansion and images added to a DBA index)."""
+    wanted = sorted({image_id for row in neighbours for _, image_id in row})
+    stored = dict(zip(wanted, index.vectors(wanted))) if wanted else {}
+    out = np.array(vectors, dtype=np.float32, copy=True)
+    for row, hits in enumerate(neighbours):
+        for score, image_id in hits:
+            out[row] += max(score, 0.0) ** alpha * stored[image_id]
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
