@@ -247,27 +247,23 @@ class Searcher:
             scores, ids = self._kreciprocal(queries, excluded, filter, size, wanted)
         else:
             scores, ids = self.index.search(queries, min(wanted, size), filter=filter)
-        results = []
-        for row_scores, row_ids, own in zip(scores, ids, excluded):
-            valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
-            records = self.index.lookup([i for _, i in valid])
-            kept = [(score, i, rec) for (score, i), rec in zip(valid, records)
-                    if own is None or _same_source_key(_field(rec, "path")) != own][:k]
-            results.append([Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"),
-                                match=self._match(score))
-                            for rank, (score, i, rec) in enumerate(kept, start=1)])
-        return results
+        return [[Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"),
+                     match=self._match(score))
+                 for rank, (score, i, rec) in enumerate(row[:k], start=1)]
+                for row in self._without_own(scores, ids, excluded, records=True)]
 
-    def _without_own(self, scores: np.ndarray, ids: np.ndarray,
-                     excluded: Sequence[str | None]) -> list[list[tuple[float, int]]]:
-        """Each row's ``(score, id)`` hits, padding (-1) and the query's own image (same source) left out."""
+    def _without_own(self, scores: np.ndarray, ids: np.ndarray, excluded: Sequence[str | None],
+                     records: bool = False) -> list[list[tuple]]:
+        """Each row's hits, padding (-1) and the query's own image (same source) left out: ``(score, id, record)``
+        with ``records`` (the store records, which the hits are built from), else ``(score, id)`` — the store is
+        read only where a row has its own image to leave out."""
         rows = []
         for row_scores, row_ids, own in zip(scores, ids, excluded):
             valid = [(float(s), int(i)) for s, i in zip(row_scores, row_ids) if int(i) >= 0]
-            if own is not None:
-                records = self.index.lookup([i for _, i in valid])
-                valid = [(s, i) for (s, i), rec in zip(valid, records) if _same_source_key(_field(rec, "path")) != own]
-            rows.append(valid)
+            found = self.index.lookup([i for _, i in valid]) if records or own is not None else [None] * len(valid)
+            kept = [(s, i, rec) for (s, i), rec in zip(valid, found)
+                    if own is None or _same_source_key(_field(rec, "path")) != own]
+            rows.append(kept if records else [(s, i) for s, i, _ in kept])
         return rows
 
     def _expanded(self, queries: np.ndarray, excluded: Sequence[str | None], filter: str | None,
