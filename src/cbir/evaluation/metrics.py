@@ -25,7 +25,7 @@ similarity block fits ``memory_budget_mb``; the full query x gallery matrix is n
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,8 +50,13 @@ def retrieval_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     memory_budget_mb: float = 256.0,
     knn_k: int | None = None,
+    reorder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    min_depth: int = 0,
 ) -> dict[str, float]:
     """Compute retrieval metrics of ``query`` embeddings against ``gallery`` embeddings.
+
+    ``reorder(sims, ranked)`` (a re-ranker) may re-order each chunk's ranked gallery positions, at least
+    ``min_depth`` deep, before they are scored.
 
     With ``gallery=None`` the protocol is all-vs-all: every query searches all *other* queries (CUB, SOP,
     zero-shot splits). Otherwise it is query-vs-gallery (Fashion-MNIST test→train, In-Shop); pass
@@ -82,8 +87,7 @@ def retrieval_metrics(
         raise ValueError(f"knn_k must be >= 1, got {knn_k}")
     classes = torch.unique(gallery_labels) if knn_k else None
     predicted, truth = [], []
-    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
-    totals.update({f"recall_at_{k}": 0.0 for k in ks})
+    totals = empty_totals(ks)
     evaluated = 0
     for start in range(0, len(query), chunk):
         stop = min(start + chunk, len(query))
@@ -99,21 +103,33 @@ def retrieval_metrics(
             continue
         sims, relevant, num_relevant = sims[keep], relevant[keep], num_relevant[keep]
 
-        depth = min(max(ks[-1], int(num_relevant.max()), int(knn_k or 0)), num_gallery)
+        depth = min(max(ks[-1], int(num_relevant.max()), int(knn_k or 0), min_depth), num_gallery)
         ranked = stable_topk_indices(sims, depth)
+        if reorder is not None:
+            ranked = reorder(sims, ranked)
         if knn_k:
             predicted.append(_knn_vote(sims, ranked[:, :knn_k], gallery_labels, classes))
             truth.append(query_labels[start:stop][keep])
         accumulate_ranked_hits(totals, relevant.gather(1, ranked), num_relevant, ks)
         evaluated += int(keep.sum())
 
-    result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
+    result = mean_totals(totals, evaluated)
     if knn_k:
         result.update(_classification_scores(torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long),
                                              torch.cat(truth) if truth else torch.zeros(0, dtype=torch.long)))
     result["num_queries"] = float(evaluated)
     result["num_queries_excluded"] = float(len(query) - evaluated)
     return result
+
+
+def empty_totals(ks: Sequence[int]) -> dict[str, float]:
+    """The metric sums :func:`accumulate_ranked_hits` adds to, at zero."""
+    return {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0, **{f"recall_at_{k}": 0.0 for k in ks}}
+
+
+def mean_totals(totals: dict[str, float], evaluated: int) -> dict[str, float]:
+    """The sums as means over the ``evaluated`` queries (NaN when there were none)."""
+    return {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
 
 
 def accumulate_ranked_hits(totals: dict[str, float], hits: torch.Tensor, num_relevant: torch.Tensor,
@@ -138,36 +154,23 @@ def kreciprocal_retrieval_metrics(query: torch.Tensor, query_labels: torch.Tenso
                                   lam: float = 0.3, chunk: int = 256) -> dict[str, float]:
     """:func:`retrieval_metrics` after k-reciprocal re-ranking (:func:`cbir.evaluation.rerank.kreciprocal_scores`)
     of each query's top ``candidates``: the rest of the ranking stays as it was. Pairs with equal ids are
-    skipped (the query itself). No k-NN classification columns."""
+    skipped (the query itself). No k-NN classification columns. ``chunk`` rows are re-scored at a time (their
+    ``chunk x candidates x k x k`` neighbour comparison is the largest block)."""
     from cbir.evaluation.rerank import kreciprocal_scores, top_neighbours
 
-    ks = sorted({int(v) for v in ks})
     gallery = gallery.float()
     _, gallery_neighbours = top_neighbours(gallery, gallery, k, gallery_ids, gallery_ids)
-    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0, **{f"recall_at_{v}": 0.0 for v in ks}}
-    evaluated = 0
-    for start in range(0, len(query), chunk):
-        sims = query[start:start + chunk].float() @ gallery.T
-        same_item = query_ids[start:start + chunk, None] == gallery_ids[None, :]
-        sims.masked_fill_(same_item, float("-inf"))
-        relevant = (query_labels[start:start + chunk, None] == gallery_labels[None, :]) & ~same_item
-        num_relevant = relevant.sum(dim=1)
-        keep = num_relevant > 0
-        if not keep.any():
-            continue
-        sims, relevant, num_relevant = sims[keep], relevant[keep], num_relevant[keep]
-        usable = len(gallery) - int(same_item[keep].sum(1).max())  # ranks past this are the masked query itself
-        depth = min(max(ks[-1], int(num_relevant.max()), candidates), usable)
-        ranked = stable_topk_indices(sims, depth)
-        top = ranked[:, :min(candidates, depth)]
-        rescored = kreciprocal_scores(sims.gather(1, top), ranked[:, :k], gallery_neighbours[top], lam)
-        ranked[:, :top.shape[1]] = top.gather(1, torch.argsort(rescored, dim=1, descending=True, stable=True))
-        accumulate_ranked_hits(totals, relevant.gather(1, ranked), num_relevant, ks)
-        evaluated += int(keep.sum())
-    result = {name: (value / evaluated if evaluated else float("nan")) for name, value in totals.items()}
-    result["num_queries"] = float(evaluated)
-    result["num_queries_excluded"] = float(len(query) - evaluated)
-    return result
+
+    def reorder(sims: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+        ranked = ranked.clone()
+        for rows in torch.arange(len(ranked)).split(chunk):
+            top = ranked[rows, :min(candidates, ranked.shape[1])]
+            rescored = kreciprocal_scores(sims[rows].gather(1, top), ranked[rows, :k], gallery_neighbours[top], lam)
+            ranked[rows, :top.shape[1]] = top.gather(1, torch.argsort(rescored, dim=1, descending=True, stable=True))
+        return ranked
+
+    return retrieval_metrics(query, query_labels, gallery, gallery_labels, query_ids=query_ids,
+                             gallery_ids=gallery_ids, ks=ks, reorder=reorder, min_depth=candidates)
 
 
 def _knn_vote(sims: torch.Tensor, top: torch.Tensor, gallery_labels: torch.Tensor,

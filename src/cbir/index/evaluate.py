@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
-from cbir.evaluation.metrics import accumulate_ranked_hits
+from cbir.evaluation.metrics import accumulate_ranked_hits, empty_totals, mean_totals
 from cbir.index.builder import IndexOptions
 from cbir.index.store import CbirIndex
 
@@ -45,7 +45,7 @@ def metrics_through_index(embeddings: torch.Tensor, labels: torch.Tensor, roles:
     query_ids, num_relevant = query_ids[keep], num_relevant[keep]
     ks = sorted({int(k) for k in ks})
     depth = int(min(max(ks[-1], int(num_relevant.max(initial=0))), depth, len(gallery_ids)))
-    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0, **{f"recall_at_{k}": 0.0 for k in ks}}
+    totals = empty_totals(ks)
     for start in range(0, len(query_ids), chunk):
         rows = query_ids[start:start + chunk]
         _, found = index.search(np.ascontiguousarray(vectors[rows]), min(depth + 1, len(gallery_ids)))
@@ -59,7 +59,7 @@ def metrics_through_index(embeddings: torch.Tensor, labels: torch.Tensor, roles:
         accumulate_ranked_hits(totals, torch.from_numpy(hits), torch.from_numpy(num_relevant[start:start + chunk]),
                                ks)
     evaluated = len(query_ids)
-    metrics = {name: value / evaluated if evaluated else float("nan") for name, value in totals.items()}
+    metrics = mean_totals(totals, evaluated)
     metrics.update(num_queries=float(evaluated), search_depth=float(depth),
                    max_relevant=float(num_relevant.max(initial=0)))
     return metrics, info
