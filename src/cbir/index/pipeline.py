@@ -84,9 +84,7 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                                    progress=extraction_options.progress,
                                    extra_info={"collection": collection.spec, "skipped": len(extraction.skipped),
                                                **(extra_info or {})})
-        calibration = _score_calibration(index, shards.rows, labels, index_options)
-        if calibration is not None:
-            index.info["score_calibration"] = calibration
+        if _calibrate_scores(index, shards.rows, labels, index_options):
             index.save(out)
         if not extraction_options.keep_shards:
             drop_shards(out / EXTRACT_DIR, out)
@@ -106,9 +104,7 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
                       **(extra_info or {}))
     rows = (extraction.embeddings.__getitem__ if extraction.embeddings is not None else
             VectorShards.with_consecutive_ids(extraction.shard_files, np.arange(len(paths), dtype=np.int64)).rows)
-    calibration = _score_calibration(index, rows, labels, index_options)
-    if calibration is not None:
-        index.info["score_calibration"] = calibration
+    _calibrate_scores(index, rows, labels, index_options)
     index.save(out)
     if not extraction_options.keep_shards:
         drop_shards(out / EXTRACT_DIR, out)
@@ -116,13 +112,17 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
     return index
 
 
-def _score_calibration(index, rows, labels: Sequence[str | None], options: IndexOptions) -> dict | None:
-    """The score → match-probability curve of a freshly built index over a labelled collection
-    (:mod:`cbir.index.calibration`); its rows are the collection's images in order, with consecutive ids."""
+def _calibrate_scores(index, rows, labels: Sequence[str | None], options: IndexOptions) -> bool:
+    """Record in ``index.info`` the score → match-probability curve of a freshly built index over a labelled
+    collection (:mod:`cbir.index.calibration`; its rows are the collection's images in order, with consecutive
+    ids); whether there was one to record."""
     first = index.first_id() or 0
     ids = np.arange(first, first + len(labels), dtype=np.int64)
-    return calibrate_scores(lambda queries, k: index.search(queries, k), rows, ids, labels, k=options.k,
-                            seed=options.seed)
+    calibration = calibrate_scores(lambda queries, k: index.search(queries, k), rows, ids, labels, k=options.k,
+                                   seed=options.seed)
+    if calibration is not None:
+        index.info["score_calibration"] = calibration
+    return calibration is not None
 
 
 def drop_shards(work: Path, index_dir: Path, skipped_name: str = SKIPPED) -> None:
