@@ -18,8 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from cbir.errors import CbirError
 from cbir.io import sha256_file
 
@@ -71,8 +69,10 @@ def zoo_bundle_path(spec: str) -> Path:
     return folder
 
 
-def zoo_weights(spec: str) -> dict[str, torch.Tensor]:
+def zoo_weights(spec: str) -> dict:
     """The float32 state dict of a zoo model (the Embedder's: trunk and head), checked against its hash."""
+    import torch
+
     folder = zoo_bundle_path(spec)
     entry = zoo_entry(spec)
     weights = folder / "weights.pt"

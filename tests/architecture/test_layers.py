@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # lower number = lower layer; a module may import its own layer or lower ones only
 LAYERS = {
-    "cbir.errors": 0, "cbir.io": 0, "cbir.configs": 0, "cbir.ranks": 0, "cbir.net": 0,
+    "cbir.errors": 0, "cbir.io": 0, "cbir.configs": 0, "cbir.ranks": 0, "cbir.net": 0, "cbir.devices": 0,
     "cbir.data": 1, "cbir.models": 1, "cbir.preprocess": 1, "cbir.visual": 1, "cbir.zoo": 1,
     "cbir.evaluation": 2,
     "cbir.training": 3,

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import faiss
 import numpy as np
-import torch
 
+from cbir.devices import cuda_available
 from cbir.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,12 @@ def train_and_add(index: faiss.Index, plan: IndexPlan, embeddings: np.ndarray, i
 # ---------------------------------------------------------------------------------------------------
 # Exact search (ground truth, and the torch-CUDA path) and recall
 # ---------------------------------------------------------------------------------------------------
-def torch_exact_search(database: np.ndarray | torch.Tensor, queries: np.ndarray, k: int,
+def torch_exact_search(database, queries: np.ndarray, k: int,
                        device: str = "cuda", chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product with a matrix multiply + topk on ``device`` (for machines with CUDA
-    torch but no faiss-gpu). Returns row positions in ``database``."""
+    torch but no faiss-gpu). ``database``: an array or a torch tensor. Returns row positions in it."""
+    import torch
+
     base = torch.as_tensor(database, device=device)
     k = min(k, base.shape[0])
     scores, positions = [], []
@@ -205,7 +207,7 @@ def torch_exact_search(database: np.ndarray | torch.Tensor, queries: np.ndarray,
 
 def exact_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (scores, row positions) by inner product: CUDA torch when present, else faiss's BLAS."""
-    if torch.cuda.is_available():
+    if cuda_available():
         return torch_exact_search(database, queries, k, device="cuda")
     return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
                      np.ascontiguousarray(database, dtype=np.float32), min(k, len(database)),

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
+from cbir.devices import cuda_available
 from cbir.index.builder import (
     GPU_KINDS,
     SEARCH_KNOB,
@@ -107,7 +107,7 @@ class CbirIndex:
         return int(self.index.ntotal)
 
     # -- searching ----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10,
+    def search(self, queries, k: int = 10,
                filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (Q, k), best first; ids are -1 where the index has fewer than k images (or
         fewer than k match ``filter``, a label clause of :mod:`cbir.index.filters`)."""
@@ -222,7 +222,9 @@ class CbirIndex:
             except (RuntimeError, AttributeError) as exc:  # the cloner has no CPU fallback of its own
                 log.warning("index: cannot copy %s to the GPU (%s); searching on the CPU",
                             self.info.get("factory"), exc)
-        if self.kind == "flat" and torch.cuda.is_available():
+        if self.kind == "flat" and cuda_available():
+            import torch
+
             flat = faiss.downcast_index(self.index.index)
             vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
             ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from cbir.index.errors import DimensionMismatchError
 
 
-def query_matrix(queries: np.ndarray | torch.Tensor, dim: int, k: int) -> np.ndarray:
+def query_matrix(queries, dim: int, k: int) -> np.ndarray:
     """Query embeddings as a contiguous float32 (Q, dim) array for any backend's ``search``; a wrong
-    dimension is a DimensionMismatchError, ``k < 1`` a ValueError."""
-    if isinstance(queries, torch.Tensor):
+    dimension is a DimensionMismatchError (a torch tensor is accepted too), ``k < 1`` a ValueError."""
+    if type(queries).__module__.startswith("torch"):  # a torch tensor, recognised without importing torch
         queries = queries.detach().float().cpu().numpy()
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if queries.shape[1] != dim:
