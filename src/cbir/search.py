@@ -122,7 +122,8 @@ class Searcher:
     torch inference runs under ``inference_mode``)."""
 
     def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, precision: str = "auto",
-                 batch_size: int = 32, rerank: str = "none", rerank_n: int = 3, rerank_alpha: float = 3.0) -> None:
+                 runtime: str = "auto", one_shot: bool = False, batch_size: int = 32, rerank: str = "none",
+                 rerank_n: int = 3, rerank_alpha: float = 3.0) -> None:
         from cbir.preprocess import build_preprocessor
 
         if rerank not in RERANK_METHODS:
@@ -139,15 +140,16 @@ class Searcher:
         self._check_same_model(bundle, index)
         self.bundle, self.index = bundle, index
         self.device, self.batch_size = device, int(batch_size)
-        # auto: bf16 where the device has it natively and the bundle's export check passed (cbir.models.precision)
-        self.bf16 = bundle.use_bf16(precision, device)
+        # runtime (cbir.export.runtimes): auto = the faster of eager and ONNX Runtime as the export measured them
+        # (one_shot: a CLI process searching a few queries: ONNX Runtime, which needs no torch); precision=auto:
+        # bf16 where the device has it natively and the bundle's export check passed (cbir.models.precision)
+        self.encode = bundle.encoder(runtime, device=device, precision=precision, one_shot=one_shot)
+        self.runtime, self.bf16 = self.encode.runtime, self.encode.bf16
         spec = bundle.preprocessing.query if preprocess is None else preprocess
         self.preprocess_spec = spec
         self.preprocessor = build_preprocessor(spec)
         self._datasets: dict = {}  # array-backed datasets opened for their pixels, by name
         self._datasets_lock = threading.Lock()
-        if device:
-            bundle.embedder.to(device)
 
     @classmethod
     def open(cls, bundle_path: str | Path, index_path: str | Path | None = None, **kwargs) -> Searcher:
@@ -155,7 +157,7 @@ class Searcher:
         from cbir.export.bundle import load_bundle
         from cbir.index.store import load_index
 
-        bundle = load_bundle(bundle_path)
+        bundle = load_bundle(bundle_path, lazy=True)  # the eager model is built only if the runtime needs it
         index_path = Path(index_path) if index_path else Path(bundle_path) / "index"
         return cls(bundle, load_index(index_path), **kwargs)
 
@@ -185,8 +187,7 @@ class Searcher:
 
     def embed_clean(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32 embeddings of images that were preprocessed already."""
-        chunks = [self.bundle.embed(images[start:start + self.batch_size], device=self.device, bf16=self.bf16)
-                  for start in range(0, len(images), self.batch_size)]
+        chunks = [self.encode(images[start:start + self.batch_size]) for start in range(0, len(images), self.batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
 
     def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
@@ -378,7 +379,8 @@ class Searcher:
     def info(self) -> dict:
         return {"bundle": str(self.bundle.path), "backbone": self.bundle.manifest.get("backbone"),
                 "embedding_dim": self.bundle.embedding_dim, "index": str(getattr(self.index, "path", "")),
-                "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec}
+                "index_size": len(self.index), "index_type": (getattr(self.index, "metadata", None) or {}).get("factory"), "preprocess": self.preprocess_spec,
+                "runtime": self.runtime, "precision": "bf16" if self.bf16 else "fp32"}
 
 
 def _same_source_key(source: str | Path | None) -> str | None:

@@ -20,7 +20,7 @@ USAGE = """usage: cbir classify bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10]
 
 def run_classify(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
-    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg))
+    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg, one_shot=True))
     files = query_sources(queries)
     results = []
     for batch, images in query_batches(searcher, files):

@@ -34,8 +34,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         bundle = load_bundle(cfg.bundle)
         if bundle.config:  # a bundle exported from a run folder knows the run's data
             _use_the_runs_data(cfg, bundle.config)
-        embedder = bundle.embedder
-        name = f"bundle {cfg.bundle}"
+        runtime = bundle.resolve_runtime(str(cfg.get("runtime", "eager")))
+        embedder = bundle.module_for(runtime)  # eager, or the bundle's ONNX / INT8 copy as search would run it
+        name = f"bundle {cfg.bundle}" + (f" ({runtime})" if runtime != "eager" else "")
         index_kind = index_kind or _bundle_index_kind(Path(bundle.path))
     elif cfg.get("ckpt_path"):
         _use_the_runs_data(cfg)

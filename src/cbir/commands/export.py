@@ -4,6 +4,7 @@ collection built with that bundle."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,12 +45,15 @@ def export(cfg: DictConfig) -> Path:
         source = f"{cfg.model.backbone} (pretrained={cfg.model.pretrained}, not trained)"
     query_preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True) if cfg.get("preprocess") else None
     index_cfg = cfg.get("index") or {}
-    check_images, check_source = precision_check_images(embedder, index_cfg.get("collection"),
-                                                        int(cfg.get("precision_check_images", 128)))
+    runtimes = list(cfg.runtimes)
+    samples = export_samples(embedder, cfg.get("int8_calibration") or index_cfg.get("collection") or
+                             training_collection(config), int(cfg.get("precision_check_images", 128)),
+                             int(cfg.get("int8_calibration_images", 256)) if "onnx-int8" in runtimes else 0)
     out = export_bundle(embedder, cfg.out, model_config=model_config, config=config,
-                        query_preprocess=query_preprocess, runtimes=list(cfg.runtimes),
+                        query_preprocess=query_preprocess, runtimes=runtimes,
                         tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite),
-                        check_images=check_images, check_source=check_source)
+                        check_images=samples.check, check_source=samples.source, check_labels=samples.labels,
+                        calibration_images=samples.calibration)
     bundle = load_bundle(out)
     print(describe_bundle(bundle))
     if index_cfg.get("collection"):
@@ -62,13 +66,26 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-def precision_check_images(embedder, collection: str | None, count: int):
-    """Up to ``count`` pictures of the collection being indexed (spread evenly over it), as model inputs,
-    for the bundle's bf16 check — the images its index will really hold; (None, "") without a collection
-    (the export then uses synthetic ones)."""
+@dataclass
+class ExportSamples:
+    """Real pictures for the export's checks, as model inputs: ``check`` (the bf16 and INT8 checks, with
+    their ``labels`` when the collection has them) and ``calibration`` (the INT8 copy's scales; never the
+    check images)."""
+
+    check: object = None
+    labels: list | None = None
+    calibration: object = None
+    source: str = ""
+
+
+def export_samples(embedder, collection: str | None, count: int, calibration_count: int = 0) -> ExportSamples:
+    """Up to ``count`` check images and ``calibration_count`` calibration images of ``collection`` (the
+    collection being indexed, else the training data), disjoint; empty without a collection (the export then
+    checks on synthetic images and makes no INT8 copy). In a labelled collection the check images come as
+    whole groups of a class (every one has a same-class partner, so P@1 among them is a real retrieval
+    score) from classes spread over the collection; otherwise both sets are spread evenly over it."""
     if not collection or count < 2:
-        return None, ""
-    import numpy as np
+        return ExportSamples()
     import torch
 
     from cbir.data.images import load_record
@@ -77,17 +94,72 @@ def precision_check_images(embedder, collection: str | None, count: int):
     from cbir.index.collection import read_collection
 
     chosen = read_collection(collection)
+    check_positions, calibration_positions = sample_positions([chosen.label(int(i)) for i in chosen.indices],
+                                                             count, calibration_count)
     transform = eval_transform(int(embedder.input_size), embedder.mean, embedder.std)
-    picks = np.unique(np.linspace(0, len(chosen) - 1, num=min(count, len(chosen))).astype(np.int64))
-    images = []
-    for position in picks:
-        try:
-            images.append(transform(image=load_record(chosen.catalog, int(chosen.indices[position])))["image"])
-        except BadImageError:
-            continue  # the index build reports unreadable images; the check needs only readable ones
-    if len(images) < 2:
-        return None, ""
-    return torch.stack(images), f"{len(images)} images of {collection}"
+
+    def load(positions):
+        images, labels = [], []
+        for position in positions:
+            try:
+                images.append(transform(image=load_record(chosen.catalog, int(chosen.indices[position])))["image"])
+            except BadImageError:
+                continue  # the index build reports unreadable images; the checks need only readable ones
+            labels.append(chosen.label(int(chosen.indices[position])))
+        return images, labels
+
+    check, labels = load(check_positions)
+    calibration, _ = load(calibration_positions)
+    if len(check) < 2:
+        return ExportSamples()
+    return ExportSamples(torch.stack(check), labels if all(label is not None for label in labels) else None,
+                         torch.stack(calibration) if calibration else None, f"{len(check)} images of {collection}")
+
+
+def sample_positions(labels: list, count: int, calibration_count: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Positions of the check images and of the (disjoint) calibration images among a collection's ``labels``
+    (see :func:`export_samples`)."""
+    import numpy as np
+
+    total = len(labels)
+    if all(label is not None for label in labels) and len(set(labels)) > 1:
+        by_class: dict = {}
+        for position, label in enumerate(labels):
+            by_class.setdefault(label, []).append(position)
+        groups = [members for members in by_class.values() if len(members) > 1]
+        per_class = max(2, -(-count // max(1, len(groups))))
+        check: list[int] = []
+        for g in np.random.default_rng(seed).permutation(len(groups)):
+            members = groups[int(g)]
+            take = min(per_class, len(members), count - len(check))
+            if take < 2:
+                break
+            check += [members[int(i)] for i in np.linspace(0, len(members) - 1, num=take).astype(np.int64)]
+        if len(check) >= 2:
+            used = set(check)
+            rest = [p for p in range(total) if p not in used]
+            picks = np.linspace(0, len(rest) - 1, num=min(calibration_count, len(rest))).astype(np.int64)
+            return check, sorted({rest[int(i)] for i in picks}) if calibration_count and rest else []
+    picks = np.unique(np.linspace(0, total - 1, num=min(count + calibration_count, total)).astype(np.int64))
+    calibrate = np.zeros(len(picks), bool)
+    spare = max(0, len(picks) - count)
+    if spare:  # spread the calibration picks among the check picks
+        calibrate[np.linspace(0, len(picks) - 1, num=spare).astype(np.int64)] = True
+    return [int(p) for p in picks[~calibrate]], [int(p) for p in picks[calibrate]]
+
+
+def training_collection(run_config: dict | None) -> str | None:
+    """``<data>:<train split>`` of the training run, when its data config is one cbir ships (a user's own
+    folder data is not findable from the config alone: give index.collection or int8_calibration)."""
+    data = (run_config or {}).get("data") or {}
+    name = data.get("name")
+    if not name:
+        return None
+    from cbir.configs import group_options
+
+    if name not in group_options("data"):
+        return None
+    return f"{name}:{data.get('train_split', 'train')}"
 
 
 def _refuse_launched_ranks() -> None:
@@ -102,8 +174,7 @@ def _refuse_launched_ranks() -> None:
 
 def describe_bundle(bundle) -> str:
     parity = bundle.manifest.get("parity", {})
-    copies = ", ".join(f"{name} (max |diff| {entry['max_abs_difference']:.1e})" if "max_abs_difference" in entry
-                       else f"{name}: {entry.get('skipped', 'skipped')}" for name, entry in parity.items())
+    copies = ", ".join(_describe_copy(name, entry) for name, entry in parity.items())
     text = (f"bundle {bundle.path}: {bundle.manifest.get('backbone')} → {bundle.embedding_dim}-d, "
             f"input {bundle.input_size} px; copies: {copies or 'none'}")
     check = bundle.bf16_parity
@@ -116,6 +187,18 @@ def describe_bundle(bundle) -> str:
                  + (f"; here {speed['fp32']:.0f} → {speed['bf16']:.0f} img/s" if speed else "")
                  + (f"; precision=auto on this machine: {'bf16' if bundle.use_bf16() else 'fp32'}"))
     return text
+
+
+def _describe_copy(name: str, entry: dict) -> str:
+    if "max_abs_difference" in entry:
+        return f"{name} (max |diff| {entry['max_abs_difference']:.1e})"
+    if "drop" in entry:  # the INT8 copy's retrieval check
+        k = entry["k"]
+        measured = (f"P@1 {100 * entry['int8']['p_at_1']:.1f} vs fp32 {100 * entry['fp32']['p_at_1']:.1f}, "
+                    f"R@{k} {100 * entry['int8'][f'r_at_{k}']:.1f} vs {100 * entry['fp32'][f'r_at_{k}']:.1f} "
+                    f"on {entry['images']} images, by {entry['basis']}")
+        return f"{name} ({measured})" if entry.get("passed") else f"{name}: dropped ({measured})"
+    return f"{name}: {entry.get('skipped', 'skipped')}"
 
 
 def _pretrained_name(cfg: DictConfig, run_config: dict | None) -> str:

@@ -63,7 +63,7 @@ def settings(cfg: DictConfig) -> dict:
 
 def run_index_command(action: str, cfg: DictConfig) -> None:
     from cbir.index import add_to_index, build_bundle_index, build_collection_index, load_index
-    from cbir.index.pipeline import drop_shards, split_options, with_resolved_precision
+    from cbir.index.pipeline import bundle_model, drop_shards, split_options, with_resolved_precision
     from cbir.index.store import index_writer
 
     if action == "build":
@@ -86,7 +86,11 @@ def run_index_command(action: str, cfg: DictConfig) -> None:
         embedder, bundle = load_model(cfg)  # before the lock: a slow model load does not hold other writers up
     with index_writer(cfg.index) as index:  # one writer at a time; a second waits, then sees this one's images
         if action == "add":
-            extraction_options = with_resolved_precision(split_options(settings(cfg))[0], bundle)
+            extraction_options = split_options(settings(cfg))[0]
+            if bundle is not None:  # its runtime copy (runtime=onnx|onnx-int8) and precision made concrete
+                embedder, extraction_options = bundle_model(bundle, extraction_options)
+            else:
+                extraction_options = with_resolved_precision(extraction_options, None)
             ids, extraction = add_to_index(index, embedder, cfg.collection, index.path / "embeddings",
                                            extraction_options)
             index.save(index.path)

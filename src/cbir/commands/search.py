@@ -20,7 +20,8 @@ from cbir.search import Searcher, expand_query_paths, format_hits, parse_array_s
 from cbir.visual.grid import save_grid
 
 USAGE = """usage: python search.py bundle=DIR query=IMAGE|FOLDER [index=DIR] [k=10] [json=true|--json]
-                        [grid=out.png] [filter="label == 'cat'"] [preprocess=NAME] [device=cpu|cuda] [precision=auto|fp32|bf16] [batch_size=32]"""
+                        [grid=out.png] [filter="label == 'cat'"] [preprocess=NAME] [device=cpu|cuda] [precision=auto|fp32|bf16]
+                        [runtime=auto|eager|compiled|onnx|onnx-int8] [batch_size=32]"""
 
 
 def search_config(argv: Sequence[str]) -> DictConfig:
@@ -40,17 +41,19 @@ def preprocess_spec(name_or_spec):
     return preset("preprocess", name_or_spec)
 
 
-def searcher_options(cfg: DictConfig) -> dict:
-    """The Searcher's keyword arguments from a search/classify/serve config."""
+def searcher_options(cfg: DictConfig, one_shot: bool = False) -> dict:
+    """The Searcher's keyword arguments from a search/classify/serve config (``one_shot``: a CLI process that
+    searches its queries and exits, where start-up time counts most)."""
     rerank = cfg.get("rerank") or {}
     return {"preprocess": preprocess_spec(cfg.preprocess), "device": cfg.device, "precision": str(cfg.precision),
+            "runtime": str(cfg.get("runtime", "auto")), "one_shot": one_shot,
             "batch_size": int(cfg.batch_size), "rerank": str(rerank.get("method", "none")),
             "rerank_n": int(rerank.get("n", 3)), "rerank_alpha": float(rerank.get("alpha", 3.0))}
 
 
 def run_search(cfg: DictConfig) -> list[dict]:
     queries = [str(q) for q in (cfg.query if OmegaConf.is_list(cfg.query) else [cfg.query])]
-    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg))
+    searcher = Searcher.open(cfg.bundle, cfg.index, **searcher_options(cfg, one_shot=True))
     searcher.check_filter(cfg.filter)
     files = query_sources(queries)
     grids = grid_paths(cfg.grid, files) if cfg.grid else {}

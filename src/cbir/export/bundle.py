@@ -14,6 +14,11 @@ Layout::
       config.yaml          the training run's resolved config, when known
       model.torchscript.pt traced Embedder (eval mode)
       model.onnx           ONNX graph, dynamic batch
+      model.int8.onnx      its INT8 copy (statically quantised, calibrated on collection images), when it
+                           passed the retrieval check (:mod:`cbir.export.int8`)
+
+Loading a bundle reads its JSON files and checks its checksums; the PyTorch model is built the first time
+``bundle.embedder`` is asked for, so ``runtime=onnx`` searches never import torch.
 """
 
 from __future__ import annotations
@@ -21,24 +26,30 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
+from cbir.devices import cpu_name
 from cbir.errors import CbirError
+from cbir.export.runtimes import ONNX_FILES, OnnxEncoder, measure_speed, resolve_runtime
 from cbir.io import atomic_folder, atomic_write_json, sha256_file
-from cbir.models.precision import bf16_parity
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: loading a bundle for ONNX Runtime does not
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-RUNTIMES = ("torchscript", "onnx")
+RUNTIMES = ("torchscript", "onnx", "onnx-int8")  # runtime copies an export can write
+DEFAULT_RUNTIMES = ("torchscript", "onnx")  # export_bundle's default (export.py adds onnx-int8 where it has images)
 PARITY_TOLERANCE = 1e-3  # max |eager - copy| on L2-normalised embeddings
 _REQUIRED = ("manifest.json", "model.json", "preprocessing.json", "weights.pt")
 
@@ -71,18 +82,43 @@ class Preprocessing:
 
         return eval_transform(self.input_size, self.mean, self.std)
 
+    def to_array(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Float32 (N, 3, S, S) model inputs of RGB uint8 images: the same bilinear resize and normalisation
+        as :meth:`transform` (albumentations ``Resize`` + ``Normalize``) in OpenCV and numpy, without torch."""
+        import cv2
+
+        size = self.input_size
+        mean = np.asarray(self.mean, np.float32) * 255.0
+        scale = 1.0 / (np.asarray(self.std, np.float32) * 255.0)
+        out = np.empty((len(images), 3, size, size), np.float32)
+        for row, image in enumerate(images):
+            if image.shape[:2] != (size, size):
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+            out[row] = ((image.astype(np.float32) - mean) * scale).transpose(2, 0, 1)
+        return out
+
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the eager Embedder (eval mode) plus what it needs to embed raw images."""
+    """A loaded bundle: what it needs to embed raw images, and the eager Embedder (eval mode), built from
+    ``weights.pt`` the first time :attr:`embedder` is used."""
 
     path: Path
-    embedder: nn.Module
     preprocessing: Preprocessing
     model_config: dict
     manifest: dict
     config: dict | None = None
+    _embedder: object = field(default=None, repr=False)
     _transform: object = field(default=None, repr=False)
+    _lock: object = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def embedder(self) -> nn.Module:
+        if self._embedder is None:
+            with self._lock:
+                if self._embedder is None:
+                    self._embedder = _load_embedder(self.path, self.model_config)
+        return self._embedder
 
     @property
     def embedding_dim(self) -> int:
@@ -100,17 +136,72 @@ class Bundle:
         return self._transform
 
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.transform(image=image)["image"] for image in images])
 
     def embed(self, images: Sequence[np.ndarray], *, device: str | torch.device | None = None,
               bf16: bool = False, channels_last: bool = False) -> np.ndarray:
-        """Float32 (N, D) embeddings of RGB uint8 images (no query preprocessing here: see Searcher)."""
+        """Float32 (N, D) embeddings of RGB uint8 images by the eager model (no query preprocessing here:
+        see Searcher)."""
         from cbir.models.inference import embed
 
         if not len(images):
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         return embed(self.embedder, self.to_tensor(images), device=device, channels_last=channels_last,
                      bf16=bf16).cpu().numpy()
+
+    def encoder(self, runtime: str = "eager", *, device: str | None = None, precision: str = "auto",
+                one_shot: bool = False):
+        """``images → (N, D) float32`` for ``runtime`` (:mod:`cbir.export.runtimes`; ``auto`` resolved here,
+        ``one_shot``: for a process that embeds a few queries and exits). The callable carries ``runtime``
+        (the one chosen) and ``bf16`` (eager/compiled under bf16)."""
+        chosen = self.resolve_runtime(runtime, device, precision, one_shot=one_shot)
+        if chosen in ONNX_FILES:
+            session = OnnxEncoder(self.path / ONNX_FILES[chosen])
+
+            def encode(images: Sequence[np.ndarray]) -> np.ndarray:
+                if not len(images):
+                    return np.zeros((0, self.embedding_dim), dtype=np.float32)
+                return session(self.preprocessing.to_array(images))
+
+            encode.bf16 = False
+        else:
+            bf16 = self.use_bf16(precision, device)
+            model = self.embedder.to(device) if device else self.embedder
+            if chosen == "compiled":
+                from cbir.models.inference import prepare_for_inference
+
+                model = prepare_for_inference(model, device=device, compile=True)
+
+            def encode(images: Sequence[np.ndarray]) -> np.ndarray:
+                from cbir.models.inference import embed
+
+                if not len(images):
+                    return np.zeros((0, self.embedding_dim), dtype=np.float32)
+                return embed(model, self.to_tensor(images), device=device, bf16=bf16).cpu().numpy()
+
+            encode.bf16 = bf16
+        encode.runtime = chosen
+        return encode
+
+    def module_for(self, runtime: str = "eager", device: str | None = None, precision: str = "auto") -> nn.Module:
+        """The model index extraction and evaluation run: the eager Embedder (also for ``compiled``, which the
+        extraction compiles itself), or an ONNX copy behind the same interface."""
+        chosen = self.resolve_runtime(runtime, device, precision)
+        if chosen not in ONNX_FILES:
+            return self.embedder
+        from cbir.export.onnx_module import OnnxEmbedder
+
+        return OnnxEmbedder(OnnxEncoder(self.path / ONNX_FILES[chosen]), input_size=self.input_size,
+                            mean=self.preprocessing.mean, std=self.preprocessing.std,
+                            embedding_dim=self.embedding_dim, runtime=chosen)
+
+    def resolve_runtime(self, runtime: str, device: str | None = None, precision: str = "auto", *,
+                        one_shot: bool = False) -> str:
+        """``runtime`` made concrete for this bundle (:func:`cbir.export.runtimes.resolve_runtime`)."""
+        return resolve_runtime(runtime, self.manifest, device, self.path, one_shot=one_shot,
+                               eager_bf16=lambda: self.use_bf16(precision, device))
 
     @property
     def bf16_parity(self) -> dict | None:
@@ -127,11 +218,13 @@ class Bundle:
     def runtime_copy(self, runtime: str):
         """The TorchScript module, or an ONNX Runtime session, as saved in the bundle."""
         if runtime == "torchscript":
+            import torch
+
             return torch.jit.load(str(self._file("model.torchscript.pt")), map_location="cpu")
-        if runtime == "onnx":
+        if runtime in ONNX_FILES:
             import onnxruntime
 
-            return onnxruntime.InferenceSession(str(self._file("model.onnx")), providers=["CPUExecutionProvider"])
+            return onnxruntime.InferenceSession(str(self._file(ONNX_FILES[runtime])), providers=["CPUExecutionProvider"])
         raise BundleError(f"unknown runtime {runtime!r}; choose from: {', '.join(RUNTIMES)}")
 
     def _file(self, name: str) -> Path:
@@ -144,21 +237,33 @@ class Bundle:
 # -- export ----------------------------------------------------------------------------------------
 
 def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dict, config: dict | None = None,
-                  query_preprocess: dict | list | str | None = None, runtimes: Sequence[str] = RUNTIMES,
+                  query_preprocess: dict | list | str | None = None, runtimes: Sequence[str] = DEFAULT_RUNTIMES,
                   tolerance: float = PARITY_TOLERANCE, sample_images: torch.Tensor | None = None,
                   source: str | None = None, overwrite: bool = False,
-                  check_images: torch.Tensor | None = None, check_source: str = "") -> Path:
+                  check_images: torch.Tensor | None = None, check_source: str = "",
+                  check_labels: Sequence | None = None, calibration_images: torch.Tensor | None = None) -> Path:
     """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
     so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
     difference exceeds ``tolerance``. bf16 inference is compared with fp32 on ``check_images`` (model
     inputs, ideally real pictures named by ``check_source``; default: synthetic smooth colour fields) and
-    the result goes into the manifest, where ``precision=auto`` reads it."""
+    the result goes into the manifest, where ``precision=auto`` reads it.
+
+    ``onnx-int8`` in ``runtimes`` quantises the ONNX copy, calibrated on ``calibration_images`` (model inputs,
+    not the check images), and keeps it only if its retrieval on the check images (``check_labels`` when
+    known) stays within :data:`cbir.export.int8.MAX_DROP` of fp32's; without calibration images it is skipped.
+    Either way the manifest says what happened."""
+    import torch
+
+    from cbir.models.precision import bf16_parity
+
     out_dir = Path(out_dir)
     check_bundle_target(out_dir, overwrite)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BundleError(f"runtimes: unknown {unknown}; choose from: {', '.join(RUNTIMES)}")
+    if "onnx-int8" in runtimes and "onnx" not in runtimes:
+        raise BundleError("runtimes: onnx-int8 is made from the ONNX copy; list onnx too")
     embedder = embedder.cpu().eval()
     preprocessing = Preprocessing(input_size=int(embedder.input_size), mean=tuple(embedder.mean),
                                   std=tuple(embedder.std), query=query_preprocess)
@@ -168,7 +273,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         sample_images = torch.randn(4, 3, size, size, generator=generator)
     if check_images is None:
         check_images = synthetic_check_images(preprocessing)
-        check_source = "synthetic smooth colour fields"
+        check_source, check_labels = "synthetic smooth colour fields", None
 
     with atomic_folder(out_dir) as staging:
         torch.save(embedder.state_dict(), staging / "weights.pt")
@@ -182,11 +287,21 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             reference = embedder(sample_images).float()
         parity = {}
         for runtime in runtimes:
-            parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
+            if runtime == "onnx-int8":
+                parity[runtime] = _write_int8_copy(embedder, staging, parity.get("onnx") or {}, calibration_images,
+                                                   check_images, check_labels, check_source)
+            else:
+                parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
         bf16_check = bf16_parity(embedder, check_images, source=check_source)
         log.info("bf16 check on %d images (%s): min cosine %.5f, recall@%d %.3f → %s", bf16_check["images"],
                  check_source, bf16_check["cosine_min"], bf16_check["k"], bf16_check["recall"],
                  "precision=auto may use bf16" if bf16_check["passed"] else "precision=auto stays fp32")
+        speeds = {f"eager {name}": ips for name, ips in (bf16_check.get("images_per_second") or {}).items()}
+        for runtime in ("onnx", "onnx-int8"):
+            if (parity.get(runtime) or {}).get("file"):
+                speeds[runtime] = measure_speed(OnnxEncoder(staging / parity[runtime]["file"]), check_images.numpy())
+        log.info("speed on %d images here (%s): %s", len(check_images), cpu_name(),
+                 ", ".join(f"{name} {ips:g} img/s" for name, ips in speeds.items()))
         manifest = {
             "format_version": FORMAT_VERSION,
             "embedding_dim": int(reference.shape[1]),
@@ -195,16 +310,63 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             "versions": _versions(),
             "parity": parity,
             "precision": {"bf16": bf16_check},
+            # what runtime=auto compares (on a machine with the same CPU model): batch 32, the check images
+            "speed": {"cpu": cpu_name(), "batch": 32, "images": int(len(check_images)), "img_per_s": speeds},
             "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
         _write_json(staging / "manifest.json", manifest)
     return out_dir
 
 
+def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibration: torch.Tensor | None,
+                     check_images: torch.Tensor, check_labels: Sequence | None, check_source: str) -> dict:
+    """Quantise ``model.onnx`` into ``model.int8.onnx`` and keep it only if it passes the retrieval check
+    (:func:`cbir.export.int8.retrieval_parity`); the manifest entry says what was measured, or why not."""
+    from cbir.export.int8 import embed_in_batches, quantize_int8, retrieval_parity
+    from cbir.models.inference import embed
+
+    if not onnx_entry.get("file"):
+        return {"skipped": "no ONNX copy to quantise (" + str(onnx_entry.get("skipped", "not exported")) + ")"}
+    if calibration is None or len(calibration) < 8:
+        return {"skipped": "no calibration images (export with index.collection=... or int8_calibration=...)"}
+    path = folder / ONNX_FILES["onnx-int8"]
+    try:
+        quantize_int8(folder / onnx_entry["file"], path, calibration.numpy())
+    except Exception as exc:  # noqa: BLE001 - the fp32 bundle is still good; say why there is no INT8 copy
+        path.unlink(missing_ok=True)
+        log.warning("int8: quantisation failed (%s); the bundle has no INT8 copy", exc)
+        return {"skipped": f"quantisation failed: {str(exc).splitlines()[0][:200]}"}
+    images = check_images.numpy()
+    reference = embed_in_batches(lambda batch: embed(embedder, _as_tensor(batch)).numpy(), images)
+    int8 = embed_in_batches(OnnxEncoder(path), images)
+    check = retrieval_parity(reference, int8, check_labels)
+    check.update(source=check_source, calibration_images=int(len(calibration)))
+    verdict = "kept" if check["passed"] else "dropped"
+    log.info("int8 copy on %d held-out images (%s, %s): P@1 %.4f vs fp32 %.4f, R@%d %.4f vs %.4f, min cosine %.4f → %s",
+             check["images"], check_source, check["basis"], check["int8"]["p_at_1"], check["fp32"]["p_at_1"],
+             check["k"], check["int8"][f"r_at_{check['k']}"], check["fp32"][f"r_at_{check['k']}"],
+             check["cosine_min"], verdict)
+    if check["passed"]:
+        check["file"] = path.name
+    else:
+        path.unlink()
+        check["reason"] = (f"retrieval dropped more than {100 * check['max_drop']:.1f} points against fp32 "
+                           f"({check['drop']})")
+    return check
+
+
+def _as_tensor(batch: np.ndarray) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(batch))
+
+
 def synthetic_check_images(preprocessing: Preprocessing, count: int = 64, seed: int = 0) -> torch.Tensor:
     """Model inputs for the bf16 check when no real pictures are at hand: smooth random colour fields
     (a few coarse colour cells blown up bilinearly, plus fine noise), normalised as real inputs are —
     unlike white noise they spread out in embedding space, so neighbour recall means something."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     size = preprocessing.input_size
     cells = torch.randint(2, 9, (count,), generator=generator)
@@ -235,6 +397,8 @@ def _write_runtime_copy(runtime: str, embedder: nn.Module, folder: Path, sample:
                         reference: torch.Tensor, tolerance: float) -> dict:
     """Save one runtime copy, run it on ``sample`` (and on a different batch size, to prove the batch
     axis is dynamic), and return the largest difference from the eager model."""
+    import torch
+
     if getattr(embedder, "scriptable", True) is False:
         return {"skipped": f"{type(embedder).__name__} has no graph to export (eager only)"}
     example = sample[:2]
@@ -263,6 +427,8 @@ def _write_runtime_copy(runtime: str, embedder: nn.Module, folder: Path, sample:
 
 
 def _export_onnx(embedder: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import torch
+
     kwargs = dict(input_names=["images"], output_names=["embeddings"], opset_version=17)
     try:  # the TorchScript-based exporter: fast, quiet, and enough for these graphs
         torch.onnx.export(embedder, (example,), str(path), dynamo=False,
@@ -275,9 +441,10 @@ def _export_onnx(embedder: nn.Module, example: torch.Tensor, path: Path) -> None
 
 # -- load ------------------------------------------------------------------------------------------
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Restore a bundle written by :func:`export_bundle` (or ``zoo:<name>``, a model of the zoo): the eager
-    Embedder in eval mode on CPU."""
+def load_bundle(path: str | Path, *, lazy: bool = False) -> Bundle:
+    """Restore a bundle written by :func:`export_bundle` (or ``zoo:<name>``, a model of the zoo): its files
+    checked against the manifest, and the eager Embedder in eval mode on CPU — built now, or with ``lazy``
+    the first time ``bundle.embedder`` is used (an ONNX Runtime search never needs it, nor torch)."""
     from cbir.zoo import is_zoo_name, zoo_bundle_path
 
     path = zoo_bundle_path(str(path)) if is_zoo_name(path) else Path(path)
@@ -294,8 +461,21 @@ def load_bundle(path: str | Path) -> Bundle:
         if name.endswith((".pt", ".onnx")) and (path / name).is_file() and sha256_file(path / name) != expected:
             raise BundleError(f"bundle: {path / name} does not match the checksum in manifest.json "
                               "(modified or damaged after export; export the bundle again)")
-    model_config = _read_json(path / "model.json")
-    preprocessing = Preprocessing.from_json(_read_json(path / "preprocessing.json"))
+    config = None
+    if (path / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    bundle = Bundle(path=path, preprocessing=Preprocessing.from_json(_read_json(path / "preprocessing.json")),
+                    model_config=_read_json(path / "model.json"), manifest=manifest, config=config)
+    if not lazy:
+        bundle.embedder  # noqa: B018 - build it now, so a bad weights file is reported by load_bundle
+    return bundle
+
+
+def _load_embedder(path: Path, model_config: dict) -> nn.Module:
+    """The eager Embedder of the bundle at ``path`` (eval mode, CPU)."""
+    import torch
 
     from cbir.models.from_config import embedder_from_model_config
 
@@ -308,13 +488,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if result.missing_keys or result.unexpected_keys:
         raise BundleError(f"bundle: {path / 'weights.pt'} does not fit model.json "
                           f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
-    config = None
-    if (path / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
-    return Bundle(path=path, embedder=embedder.eval(), preprocessing=preprocessing, model_config=model_config,
-                  manifest=manifest, config=config)
+    return embedder.eval()
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 
 from cbir.data.catalog import parse_array_source
 from cbir.errors import ConfigError, DataError
+from cbir.export.runtimes import ONNX_FILES
 from cbir.index.builder import IndexOptions, choose_kind
 from cbir.index.calibration import calibrate_scores
 from cbir.index.collection import Collection, read_collection
@@ -58,6 +59,9 @@ def build_collection_index(embedder: nn.Module, collection: str | os.PathLike | 
     :class:`ExtractionOptions` fields (``kind="flat"``, ``batch_size=8``). Under ``torchrun`` the ranks
     other than 0 only extract and return None."""
     extraction_options, index_options = split_options(options)
+    if extraction_options.runtime in ONNX_FILES and not callable(getattr(embedder, "fingerprint", None)):
+        raise ConfigError(f"index.runtime={extraction_options.runtime} runs a bundle's ONNX copy: build from a "
+                          "bundle (bundle=DIR), or use runtime=eager|compiled with a checkpoint")
     if not isinstance(collection, Collection):
         collection = read_collection(collection)
     out = Path(out_dir)
@@ -147,16 +151,31 @@ def build_bundle_index(bundle, collection: str | os.PathLike | Collection, out_d
     weights = (getattr(bundle, "manifest", None) or {}).get("files", {}).get("weights.pt")
     extra = {"bundle": str(getattr(bundle, "path", "")), "bundle_weights_sha256": weights}
     extraction_options, _ = split_options(options)
-    options = {**options, "precision": with_resolved_precision(extraction_options, bundle).precision}
-    return build_collection_index(bundle.embedder, collection, out_dir, extra_info=extra, **options)
+    model, resolved = bundle_model(bundle, extraction_options)
+    options = {**options, "precision": resolved.precision, "runtime": resolved.runtime}
+    return build_collection_index(model, collection, out_dir, extra_info=extra, **options)
+
+
+def bundle_model(bundle, options: ExtractionOptions) -> tuple[nn.Module, ExtractionOptions]:
+    """The model a bundle's extraction runs (the eager Embedder, or an ONNX copy for ``runtime=onnx|onnx-int8``)
+    and ``options`` with runtime and precision made concrete (:func:`with_resolved_precision`)."""
+    from cbir.index.shards import default_device
+
+    device = options.device or default_device()
+    runtime = bundle.resolve_runtime(options.runtime, device, options.precision)
+    options = with_resolved_precision(options.with_changes(runtime=runtime), bundle)
+    return bundle.module_for(runtime, device), options
 
 
 def with_resolved_precision(options: ExtractionOptions, bundle) -> ExtractionOptions:
     """``options`` with ``precision=auto`` made concrete for the extraction device: bf16 where the device has
-    it natively and the bundle's bf16 check passed (:meth:`cbir.export.bundle.Bundle.use_bf16`), else fp32."""
+    it natively and the bundle's bf16 check passed (:meth:`cbir.export.bundle.Bundle.use_bf16`), else fp32
+    (always for an ONNX runtime, which runs its own graph in fp32 or INT8)."""
     from cbir.index.shards import default_device
     from cbir.models.precision import use_bf16
 
+    if options.runtime in ONNX_FILES:
+        return options.with_changes(precision="fp32")
     parity = getattr(bundle, "bf16_parity", None)
     bf16 = use_bf16(options.precision, options.device or default_device(), parity)
     return options.with_changes(precision="bf16" if bf16 else "fp32")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from cbir.data.datasets import RecordDataset
 from cbir.data.transforms import eval_transform
 from cbir.errors import ConfigError
+from cbir.export.runtimes import check_runtime
 from cbir.index.collection import Collection
 from cbir.index.errors import ExtractionMismatchError
 from cbir.io import atomic_save_npy, atomic_write_json
@@ -52,6 +53,7 @@ class ExtractionOptions:
     keep_shards: bool = False  # keep the embedding shards after the index is saved (to rebuild without re-embedding)
     progress: bool = True
     processes: int = 1  # extraction ranks to spawn (one per GPU on CUDA); under torchrun the launcher decides
+    runtime: str = "eager"  # eager | compiled (torch.compile) | onnx | onnx-int8 (a bundle's copies) | auto
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
@@ -60,6 +62,7 @@ class ExtractionOptions:
         if self.processes < 1:
             raise ConfigError(f"index.processes={self.processes}: must be >= 1")
         check_precision(self.precision)
+        check_runtime(self.runtime)
 
     @property
     def bf16(self) -> bool:
@@ -101,6 +104,8 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name in ("input_size", "mean", "std", "embedding_dim"):
         digest.update(repr(getattr(model, name, None)).encode())
+    if callable(getattr(model, "fingerprint", None)):  # a runtime copy (ONNX): its file, not torch weights
+        digest.update(model.fingerprint().encode())
     for key, tensor in model.state_dict().items():
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -184,7 +189,8 @@ def extract_shards(model: nn.Module, collection: Collection, work: Path, shards:
                  for start in range(shard * shard_size, stop, batch_size)]
     loader = DataLoader(dataset, batch_sampler=[batch for _, batch in plan], num_workers=options.num_workers,
                         collate_fn=collate_items, pin_memory=device.startswith("cuda"))
-    runner = prepare_for_inference(model, device=device, channels_last=channels_last)
+    runner = prepare_for_inference(model, device=device, channels_last=channels_last,
+                                   compile=options.runtime == "compiled")
     # in a log file (no terminal) a line every 30 s instead of one per batch
     interactive = sys.stderr.isatty()
     bar = tqdm(total=len(collection) if total is None else total, initial=done_images, unit="img", desc=desc,
