@@ -47,7 +47,7 @@ def export(cfg: DictConfig) -> Path:
     index_cfg = cfg.get("index") or {}
     runtimes = list(cfg.runtimes)
     samples = export_samples(embedder, cfg.get("int8_calibration") or index_cfg.get("collection") or
-                             training_collection(config), int(cfg.get("precision_check_images", 128)),
+                             training_collection(config), int(cfg.get("precision_check_images", 512)),
                              int(cfg.get("int8_calibration_images", 256)) if "onnx-int8" in runtimes else 0)
     out = export_bundle(embedder, cfg.out, model_config=model_config, config=config,
                         query_preprocess=query_preprocess, runtimes=runtimes,
