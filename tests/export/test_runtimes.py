@@ -50,13 +50,15 @@ def _inputs(embedder, images) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def int8_bundle(pictures, tmp_path_factory) -> Path:
-    """A bundle with every runtime copy: a small ResNet-18, calibrated on 48 pictures, checked on the other 48."""
+    """A bundle with every runtime copy: a small ResNet-18, calibrated on 48 pictures, checked on the other 48
+    (so few that one flipped neighbour is 2 points: the copy is kept within 5, a setting of its own)."""
     images, labels = pictures
     embedder, cfg = _model()
     inputs = _inputs(embedder, images)
     return export_bundle(embedder, tmp_path_factory.mktemp("int8") / "bundle", model_config=cfg,
                          runtimes=["torchscript", "onnx", "onnx-int8"], calibration_images=inputs[::2],
-                         check_images=inputs[1::2], check_labels=labels[1::2], check_source="test pictures")
+                         check_images=inputs[1::2], check_labels=labels[1::2], check_source="test pictures",
+                         int8_max_drop=0.05)
 
 
 def test_numpy_preprocessing_is_the_evaluation_transform(pictures):
@@ -121,7 +123,7 @@ def test_int8_copy_is_made_checked_and_recorded(int8_bundle, pictures):
     assert all(ips > 0 for ips in speed["img_per_s"].values())
     assert set(entry["drop"]) == {"p_at_1", "r_at_10"}
     # only convolutions and matrix products are quantised: this model keeps its neighbours (min cosine ~0.997)
-    assert entry["passed"] and entry["cosine_min"] > 0.99
+    assert entry["passed"] and entry["cosine_min"] > 0.99 and entry["max_drop"] == 0.05
     assert all(d <= entry["max_drop"] + 1e-9 for d in entry["drop"].values())
     assert (int8_bundle / "model.int8.onnx").is_file() and "model.int8.onnx" in manifest["files"]
     bundle = load_bundle(int8_bundle)

@@ -53,7 +53,7 @@ def export(cfg: DictConfig) -> Path:
                         query_preprocess=query_preprocess, runtimes=runtimes,
                         tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite),
                         check_images=samples.check, check_source=samples.source, check_labels=samples.labels,
-                        calibration_images=samples.calibration)
+                        calibration_images=samples.calibration, int8_max_drop=float(cfg.get("int8_max_drop", 0.005)))
     bundle = load_bundle(out)
     print(describe_bundle(bundle))
     if index_cfg.get("collection"):

@@ -242,7 +242,8 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
                   tolerance: float = PARITY_TOLERANCE, sample_images: torch.Tensor | None = None,
                   source: str | None = None, overwrite: bool = False,
                   check_images: torch.Tensor | None = None, check_source: str = "",
-                  check_labels: Sequence | None = None, calibration_images: torch.Tensor | None = None) -> Path:
+                  check_labels: Sequence | None = None, calibration_images: torch.Tensor | None = None,
+                  int8_max_drop: float | None = None) -> Path:
     """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
     so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
@@ -252,7 +253,8 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
 
     ``onnx-int8`` in ``runtimes`` quantises the ONNX copy, calibrated on ``calibration_images`` (model inputs,
     not the check images), and keeps it only if its retrieval on the check images (``check_labels`` when
-    known) stays within :data:`cbir.export.int8.MAX_DROP` of fp32's; without calibration images it is skipped.
+    known) stays within ``int8_max_drop`` (default :data:`cbir.export.int8.MAX_DROP`, 0.5 points) of fp32's;
+    without calibration images it is skipped.
     Either way the manifest says what happened."""
     import torch
 
@@ -290,7 +292,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         for runtime in runtimes:
             if runtime == "onnx-int8":
                 parity[runtime] = _write_int8_copy(embedder, staging, parity.get("onnx") or {}, calibration_images,
-                                                   check_images, check_labels, check_source)
+                                                   check_images, check_labels, check_source, int8_max_drop)
             else:
                 parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
         bf16_check = bf16_parity(embedder, check_images, source=check_source)
@@ -321,10 +323,11 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
 
 
 def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibration: torch.Tensor | None,
-                     check_images: torch.Tensor, check_labels: Sequence | None, check_source: str) -> dict:
+                     check_images: torch.Tensor, check_labels: Sequence | None, check_source: str,
+                     max_drop: float | None = None) -> dict:
     """Quantise ``model.onnx`` into ``model.int8.onnx`` and keep it only if it passes the retrieval check
     (:func:`cbir.export.int8.retrieval_parity`); the manifest entry says what was measured, or why not."""
-    from cbir.export.int8 import embed_in_batches, quantize_int8, retrieval_parity
+    from cbir.export.int8 import MAX_DROP, embed_in_batches, quantize_int8, retrieval_parity
     from cbir.models.inference import embed
 
     if not onnx_entry.get("file"):
@@ -341,7 +344,7 @@ def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibr
     images = check_images.numpy()
     reference = embed_in_batches(lambda batch: embed(embedder, _as_tensor(batch)).numpy(), images)
     int8 = embed_in_batches(OnnxEncoder(path), images)
-    check = retrieval_parity(reference, int8, check_labels)
+    check = retrieval_parity(reference, int8, check_labels, max_drop=MAX_DROP if max_drop is None else float(max_drop))
     check.update(source=check_source, calibration_images=int(len(calibration)))
     verdict = "kept" if check["passed"] else "dropped"
     log.info("int8 copy on %d held-out images (%s, %s): P@1 %.4f vs fp32 %.4f, R@%d %.4f vs %.4f, min cosine %.4f → %s",
