@@ -15,6 +15,8 @@ among those images; without, whether each image's fp32 nearest neighbour is stil
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -73,12 +75,13 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path, calibration: np.n
         except Exception as exc:  # noqa: BLE001 - quantise the graph as it is
             log.info("int8: pre-processing the ONNX graph failed (%s); quantising it as exported", exc)
             prepared = Path(onnx_path)
-        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.Percentile,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                       "CalibPercentile": CALIBRATION_PERCENTILE,
-                                       "CalibStridedMinMax": 1})  # (any calibrator): one batch per collection
+        with contextlib.redirect_stdout(io.StringIO()):  # its calibrator prints progress lines for every batch
+            quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.Percentile,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibPercentile": CALIBRATION_PERCENTILE,
+                                           "CalibStridedMinMax": 1})  # (any calibrator): one batch per collection
 
 
 def _input_name(onnx_path: str | Path) -> str:
