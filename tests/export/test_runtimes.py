@@ -218,3 +218,19 @@ def test_check_images_come_in_class_groups_and_calibration_images_apart():
     unlabelled_check, unlabelled_calibration = sample_positions([None] * 400, 64, 100)
     assert len(unlabelled_check) == 64 and len(unlabelled_calibration) == 100
     assert not set(unlabelled_check) & set(unlabelled_calibration)
+
+
+def test_a_checkpoint_export_checks_and_calibrates_on_its_own_training_data(tiny_folder):
+    """Without index.collection the export takes the run's training images (a user's folder here) as they ran."""
+    from omegaconf import OmegaConf
+
+    from cbir.commands.export import training_collection
+    from cbir.configs import load_option
+
+    data = OmegaConf.to_container(OmegaConf.merge(load_option("data", "folder"), {"root": str(tiny_folder)}))
+    collection = training_collection({"data": data})
+    assert collection is not None and collection.spec == "folder:train" and len(collection) > 0
+    assert all(collection.source(int(i)).startswith(str(tiny_folder)) for i in collection.indices)
+    missing = training_collection({"data": {**data, "root": str(tiny_folder / "gone")}})
+    assert missing is None  # not readable here: the export falls back to synthetic check images, no INT8 copy
+    assert training_collection(None) is None and training_collection({"data": {"name": "x"}}) is None

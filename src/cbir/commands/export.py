@@ -78,7 +78,7 @@ class ExportSamples:
     source: str = ""
 
 
-def export_samples(embedder, collection: str | None, count: int, calibration_count: int = 0) -> ExportSamples:
+def export_samples(embedder, collection, count: int, calibration_count: int = 0) -> ExportSamples:
     """Up to ``count`` check images and ``calibration_count`` calibration images of ``collection`` (the
     collection being indexed, else the training data), disjoint; empty without a collection (the export then
     checks on synthetic images and makes no INT8 copy). In a labelled collection the check images come as
@@ -91,9 +91,9 @@ def export_samples(embedder, collection: str | None, count: int, calibration_cou
     from cbir.data.images import load_record
     from cbir.data.transforms import eval_transform
     from cbir.errors import BadImageError
-    from cbir.index.collection import read_collection
+    from cbir.index.collection import Collection, read_collection
 
-    chosen = read_collection(collection)
+    chosen = collection if isinstance(collection, Collection) else read_collection(collection)
     check_positions, calibration_positions = sample_positions([chosen.label(int(i)) for i in chosen.indices],
                                                              count, calibration_count)
     transform = eval_transform(int(embedder.input_size), embedder.mean, embedder.std)
@@ -113,7 +113,8 @@ def export_samples(embedder, collection: str | None, count: int, calibration_cou
     if len(check) < 2:
         return ExportSamples()
     return ExportSamples(torch.stack(check), labels if all(label is not None for label in labels) else None,
-                         torch.stack(calibration) if calibration else None, f"{len(check)} images of {collection}")
+                         torch.stack(calibration) if calibration else None,
+                         f"{len(check)} images of {getattr(collection, 'spec', collection)}")
 
 
 def sample_positions(labels: list, count: int, calibration_count: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -148,18 +149,27 @@ def sample_positions(labels: list, count: int, calibration_count: int, seed: int
     return [int(p) for p in picks[~calibrate]], [int(p) for p in picks[calibrate]]
 
 
-def training_collection(run_config: dict | None) -> str | None:
-    """``<data>:<train split>`` of the training run, when its data config is one cbir ships (a user's own
-    folder data is not findable from the config alone: give index.collection or int8_calibration)."""
+def training_collection(run_config: dict | None):
+    """The training run's own training images (its data config as it ran: a user's folder, a CSV or a shipped
+    dataset, the ``train_split`` with its validation classes still in it) as a Collection, for the export's
+    checks and the INT8 calibration; None without a run config or when its data cannot be read here."""
     data = (run_config or {}).get("data") or {}
-    name = data.get("name")
-    if not name:
+    if not data.get("reader"):
         return None
-    from cbir.configs import group_options
+    from cbir.data.readers import catalog_from_config
+    from cbir.errors import CbirError
+    from cbir.index.collection import Collection
 
-    if name not in group_options("data"):
+    split = str(data.get("train_split", "train"))
+    try:
+        catalog = catalog_from_config(data, validation=False)
+        indices = catalog.select(split)
+    except (CbirError, OSError) as exc:
+        log.info("export: the training data is not readable here (%s); checking on synthetic images", exc)
         return None
-    return f"{name}:{data.get('train_split', 'train')}"
+    if len(indices) == 0:
+        return None
+    return Collection(f"{data.get('name', 'training data')}:{split}", catalog, indices)
 
 
 def _refuse_launched_ranks() -> None:
