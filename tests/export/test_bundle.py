@@ -140,12 +140,12 @@ def test_bundle_records_its_bf16_check_and_auto_follows_it(tmp_path, monkeypatch
 def test_export_checks_bf16_on_the_collection_it_indexes(tiny_checkpoint, tiny_folder, tmp_path):
     out = tmp_path / "bundle"
     run = subprocess.run([sys.executable, str(ROOT / "export.py"), f"ckpt_path={tiny_checkpoint}", f"out={out}",
-                          f"index.collection={tiny_folder}", "runtimes=[]", "precision_check_images=5",
+                          f"index.collection={tiny_folder}", "runtimes=[]", "precision_check_images=6",
                           f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     check = load_bundle(out).bf16_parity
-    assert check["images"] == 5 and check["source"] == f"5 images of {tiny_folder}"
-    assert "bf16 vs fp32 on 5 images of" in run.stdout
+    assert check["images"] == 6 and check["source"] == f"6 images of {tiny_folder}"  # 3 classes, 2 images each
+    assert "bf16 vs fp32 on 6 images of" in run.stdout
 
 
 def test_export_refuses_to_run_under_a_launcher(tmp_path, monkeypatch):
@@ -172,8 +172,6 @@ def test_export_refuses_a_nonempty_folder_and_leaves_no_staging(tmp_path):
 
 
 def test_parity_failure_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    import cbir.export.bundle as bundle_module
-
     embedder, model_cfg = _embedder()
     real_trace = torch.jit.trace
 
@@ -183,7 +181,7 @@ def test_parity_failure_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
             next(p for p in traced.parameters()).add_(0.5)
         return traced
 
-    monkeypatch.setattr(bundle_module.torch.jit, "trace", broken_trace)
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)  # bundle.py imports torch where it traces
     with pytest.raises(BundleError, match="torchscript copy differs"):
         export_bundle(embedder, tmp_path / "b", model_config=model_cfg, runtimes=["torchscript"])
     assert not any(tmp_path.iterdir())

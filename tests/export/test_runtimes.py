@@ -184,7 +184,7 @@ def test_index_extraction_through_the_onnx_copy(int8_bundle, tiny_folder, tmp_pa
 
     bundle = load_bundle(int8_bundle)
     eager = build_bundle_index(bundle, tiny_folder, tmp_path / "eager", kind="flat", num_workers=0, precision="fp32",
-                               progress=False)
+                               runtime="eager", progress=False)
     onnx = build_bundle_index(bundle, tiny_folder, tmp_path / "onnx", kind="flat", num_workers=0, runtime="onnx",
                               progress=False)
     queries = bundle.encoder("eager", device="cpu", precision="fp32")([np.full((24, 24, 3), 90, np.uint8)])

@@ -53,7 +53,8 @@ class ExtractionOptions:
     keep_shards: bool = False  # keep the embedding shards after the index is saved (to rebuild without re-embedding)
     progress: bool = True
     processes: int = 1  # extraction ranks to spawn (one per GPU on CUDA); under torchrun the launcher decides
-    runtime: str = "eager"  # eager | compiled (torch.compile) | onnx | onnx-int8 (a bundle's copies) | auto
+    runtime: str = "auto"  # auto | eager | compiled (torch.compile) | onnx | onnx-int8 (a bundle's copies); auto is
+    # resolved against a bundle's measured speeds (pipeline.bundle_model); a bare model runs eager
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
