@@ -158,32 +158,25 @@ class Bundle:
         ``one_shot``: for a process that embeds a few queries and exits). The callable carries ``runtime``
         (the one chosen) and ``bf16`` (eager/compiled under bf16)."""
         chosen = self.resolve_runtime(runtime, device, precision, one_shot=one_shot)
+        bf16 = False
         if chosen in ONNX_FILES:
             session = OnnxEncoder(self.path / ONNX_FILES[chosen])
 
-            def encode(images: Sequence[np.ndarray]) -> np.ndarray:
-                if not len(images):
-                    return np.zeros((0, self.embedding_dim), dtype=np.float32)
+            def run(images: Sequence[np.ndarray]) -> np.ndarray:
                 return session(self.preprocessing.to_array(images))
-
-            encode.bf16 = False
         else:
+            from cbir.models.inference import embed, prepare_for_inference
+
             bf16 = self.use_bf16(precision, device)
-            model = self.embedder.to(device) if device else self.embedder
-            if chosen == "compiled":
-                from cbir.models.inference import prepare_for_inference
+            model = prepare_for_inference(self.embedder, device=device, compile=chosen == "compiled")
 
-                model = prepare_for_inference(model, device=device, compile=True)
-
-            def encode(images: Sequence[np.ndarray]) -> np.ndarray:
-                from cbir.models.inference import embed
-
-                if not len(images):
-                    return np.zeros((0, self.embedding_dim), dtype=np.float32)
+            def run(images: Sequence[np.ndarray]) -> np.ndarray:
                 return embed(model, self.to_tensor(images), device=device, bf16=bf16).cpu().numpy()
 
-            encode.bf16 = bf16
-        encode.runtime = chosen
+        def encode(images: Sequence[np.ndarray]) -> np.ndarray:
+            return run(images) if len(images) else np.zeros((0, self.embedding_dim), dtype=np.float32)
+
+        encode.runtime, encode.bf16 = chosen, bf16
         return encode
 
     def module_for(self, runtime: str = "eager", device: str | None = None, precision: str = "auto") -> nn.Module:
@@ -258,7 +251,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     Either way the manifest says what happened."""
     import torch
 
-    from cbir.models.precision import bf16_parity
+    from cbir.models.precision import bf16_parity_and_fp32
 
     out_dir = Path(out_dir)
     check_bundle_target(out_dir, overwrite)
@@ -288,14 +281,15 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             OmegaConf.save(OmegaConf.create(config), staging / "config.yaml")
         with torch.inference_mode():
             reference = embedder(sample_images).float()
+        # one fp32 pass over the check images serves the bf16 check and the INT8 gate
+        bf16_check, check_reference = bf16_parity_and_fp32(embedder, check_images, source=check_source)
         parity = {}
         for runtime in runtimes:
             if runtime == "onnx-int8":
-                parity[runtime] = _write_int8_copy(embedder, staging, parity.get("onnx") or {}, calibration_images,
-                                                   check_images, check_labels, check_source, int8_max_drop)
+                parity[runtime] = _write_int8_copy(staging, parity.get("onnx") or {}, calibration_images, check_images,
+                                                   check_reference, check_labels, check_source, int8_max_drop)
             else:
                 parity[runtime] = _write_runtime_copy(runtime, embedder, staging, sample_images, reference, tolerance)
-        bf16_check = bf16_parity(embedder, check_images, source=check_source)
         log.info("bf16 check on %d images (%s): min cosine %.5f, recall@%d %.3f → %s", bf16_check["images"],
                  check_source, bf16_check["cosine_min"], bf16_check["k"], bf16_check["recall"],
                  "precision=auto may use bf16" if bf16_check["passed"] else "precision=auto stays fp32")
@@ -304,8 +298,8 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
             if (parity.get(runtime) or {}).get("file"):
                 speeds[runtime] = measure_speed(OnnxEncoder(staging / parity[runtime]["file"]),
                                                 check_images[:SPEED_IMAGES].numpy())
-        log.info("speed on %d images here (%s): %s", len(check_images), cpu_name(),
-                 ", ".join(f"{name} {ips:g} img/s" for name, ips in speeds.items()))
+        log.info("speed here (%s; eager on %d check images, ONNX on %d): %s", cpu_name(), len(check_images),
+                 min(len(check_images), SPEED_IMAGES), ", ".join(f"{name} {ips:g} img/s" for name, ips in speeds.items()))
         manifest = {
             "format_version": FORMAT_VERSION,
             "embedding_dim": int(reference.shape[1]),
@@ -322,13 +316,13 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     return out_dir
 
 
-def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibration: torch.Tensor | None,
-                     check_images: torch.Tensor, check_labels: Sequence | None, check_source: str,
+def _write_int8_copy(folder: Path, onnx_entry: dict, calibration: torch.Tensor | None, check_images: torch.Tensor,
+                     reference: np.ndarray, check_labels: Sequence | None, check_source: str,
                      max_drop: float | None = None) -> dict:
     """Quantise ``model.onnx`` into ``model.int8.onnx`` and keep it only if it passes the retrieval check
-    (:func:`cbir.export.int8.retrieval_parity`); the manifest entry says what was measured, or why not."""
+    (:func:`cbir.export.int8.retrieval_parity`) against ``reference``, the fp32 embeddings of ``check_images``;
+    the manifest entry says what was measured, or why not."""
     from cbir.export.int8 import MAX_DROP, embed_in_batches, quantize_int8, retrieval_parity
-    from cbir.models.inference import embed
 
     if not onnx_entry.get("file"):
         return {"skipped": "no ONNX copy to quantise (" + str(onnx_entry.get("skipped", "not exported")) + ")"}
@@ -341,9 +335,7 @@ def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibr
         path.unlink(missing_ok=True)
         log.warning("int8: quantisation failed (%s); the bundle has no INT8 copy", exc)
         return {"skipped": f"quantisation failed: {str(exc).splitlines()[0][:200]}"}
-    images = check_images.numpy()
-    reference = embed_in_batches(lambda batch: embed(embedder, _as_tensor(batch)).numpy(), images)
-    int8 = embed_in_batches(OnnxEncoder(path), images)
+    int8 = embed_in_batches(OnnxEncoder(path), check_images.numpy())
     check = retrieval_parity(reference, int8, check_labels, max_drop=MAX_DROP if max_drop is None else float(max_drop))
     check.update(source=check_source, calibration_images=int(len(calibration)))
     verdict = "kept" if check["passed"] else "dropped"
@@ -358,12 +350,6 @@ def _write_int8_copy(embedder: nn.Module, folder: Path, onnx_entry: dict, calibr
         check["reason"] = (f"retrieval dropped more than {100 * check['max_drop']:.1f} points against fp32 "
                            f"({check['drop']})")
     return check
-
-
-def _as_tensor(batch: np.ndarray) -> torch.Tensor:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(batch))
 
 
 def synthetic_check_images(preprocessing: Preprocessing, count: int = 64, seed: int = 0) -> torch.Tensor:

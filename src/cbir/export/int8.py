@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir.models.precision import nearest_others, neighbour_overlap, unit_rows
+
 log = logging.getLogger(__name__)
 
 MAX_DROP = 0.005  # P@1 and R@10 of the INT8 copy may be at most this much (0.5 points) below fp32's
@@ -99,9 +101,9 @@ def retrieval_parity(reference: np.ndarray, candidate: np.ndarray, labels: Seque
                      k: int = K, max_drop: float = MAX_DROP) -> dict:
     """How the ``candidate`` embeddings (INT8) retrieve among themselves against ``reference`` (fp32), both
     (N, D) of the same held-out images, each image a query against the others. See the module docstring."""
-    reference, candidate = _unit(reference), _unit(candidate)
+    reference, candidate = unit_rows(reference), unit_rows(candidate)
     k = max(1, min(k, len(reference) - 1))
-    ref_top, cand_top = _top(reference, k), _top(candidate, k)
+    ref_top, cand_top = nearest_others(reference, k), nearest_others(candidate, k)
     cosine = (reference * candidate).sum(axis=1)
     label_of = np.asarray([str(label) for label in labels]) if labels is not None else None
     # labels decide only where enough images have a same-class partner among the samples (else one flip
@@ -121,7 +123,7 @@ def retrieval_parity(reference: np.ndarray, candidate: np.ndarray, labels: Seque
     return {
         "images": int(len(reference)), "basis": basis, "k": k, "fp32": scores["fp32"], "int8": scores["int8"],
         "drop": drops, "max_drop": float(max_drop),
-        "neighbour_recall": float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top)])),
+        "neighbour_recall": neighbour_overlap(ref_top, cand_top),
         "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
         "passed": bool(all(drop <= max_drop + 1e-9 for drop in drops.values())),
     }
@@ -135,13 +137,3 @@ def _label_metrics(top: np.ndarray, labels: np.ndarray, k: int) -> dict:
     same = same[has_positive]
     return {"p_at_1": float(same[:, 0].mean()), f"r_at_{k}": float(same.any(axis=1).mean())}
 
-
-def _top(vectors: np.ndarray, k: int) -> np.ndarray:
-    similarity = vectors @ vectors.T
-    np.fill_diagonal(similarity, -np.inf)
-    return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -96,6 +96,13 @@ def bf16_parity(model: nn.Module, images: torch.Tensor, *, k: int = 10, batch_si
     between the two embeddings of one image, and how many of each image's ``k`` nearest neighbours among
     the samples (self excluded) bf16 recovers. Passed when they reach :data:`MIN_COSINE` and
     :data:`MIN_RECALL`; the img/s of each format on this machine are recorded beside them."""
+    return bf16_parity_and_fp32(model, images, k=k, batch_size=batch_size, source=source)[0]
+
+
+def bf16_parity_and_fp32(model: nn.Module, images: torch.Tensor, *, k: int = 10, batch_size: int = 32,
+                         source: str = "") -> tuple[dict, np.ndarray]:
+    """:func:`bf16_parity` and the fp32 embeddings it computed, for other checks on the same images (the
+    export's INT8 gate) to compare against without embedding them again."""
     from cbir.models.inference import embed, prepare_for_inference
 
     # a copy in the layout extraction uses (channels-last), so the speeds are the ones extraction will see
@@ -107,10 +114,10 @@ def bf16_parity(model: nn.Module, images: torch.Tensor, *, k: int = 10, batch_si
         outputs[name] = torch.cat([embed(model, images[i:i + batch_size], channels_last=True, bf16=bf16)
                                    for i in range(0, len(images), batch_size)]).numpy()
         seconds[name] = time.perf_counter() - start
-    exact, low = (_unit(outputs[name]) for name in ("fp32", "bf16"))
+    exact, low = (unit_rows(outputs[name]) for name in ("fp32", "bf16"))
     cosine = (exact * low).sum(axis=1)
     k = max(1, min(k, len(images) - 1))
-    recall = _neighbour_overlap(exact, low, k) if len(images) > 1 else 1.0
+    recall = neighbour_overlap(nearest_others(exact, k), nearest_others(low, k)) if len(images) > 1 else 1.0
     result = {
         "images": len(images), "source": source, "k": k,
         "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()), "recall": float(recall),
@@ -119,19 +126,23 @@ def bf16_parity(model: nn.Module, images: torch.Tensor, *, k: int = 10, batch_si
         "images_per_second": {name: round(len(images) / max(s, 1e-9), 1) for name, s in seconds.items()},
     }
     result["passed"] = bool(result["cosine_min"] >= MIN_COSINE and recall >= MIN_RECALL)
-    return result
+    return result, outputs["fp32"]
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Float32 rows scaled to unit length (cosine = dot product)."""
+    vectors = np.asarray(vectors, np.float32)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def _neighbour_overlap(exact: np.ndarray, low: np.ndarray, k: int) -> float:
-    """Mean fraction of each sample's fp32 top-``k`` (among the other samples) found in its bf16 top-``k``."""
-    def top(vectors: np.ndarray) -> np.ndarray:
-        similarity = vectors @ vectors.T
-        np.fill_diagonal(similarity, -np.inf)
-        return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+def nearest_others(vectors: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest other rows by dot product (itself excluded), best first; ties by position."""
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
 
-    reference, candidate = top(exact), top(low)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(reference, candidate)]))
+
+def neighbour_overlap(reference_top: np.ndarray, candidate_top: np.ndarray) -> float:
+    """Mean fraction of each row's reference neighbours (:func:`nearest_others`) found among its candidate ones."""
+    k = reference_top.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(reference_top, candidate_top)]))
