@@ -72,7 +72,7 @@ def train(overrides: list[str], out: Path) -> dict:
 
 def emoji_run(loss: str, head: str, epochs: int, seed: int, extra: list[str], tmp: Path) -> dict:
     out = tmp / f"emoji-{loss}-{head}"
-    result = train(["data=emoji", "model=mobilenet_v2", "model.pretrained=imagenet", f"head={head}",
+    result = train(["data=emoji", "model=mobilenet_v2", "model.pretrained=imagenet", "train.tune=full", f"head={head}",
                     f"loss={loss}", f"seed={seed}", f"trainer.max_epochs={epochs}", *extra], out)
     result["cross_vendor"] = evaluate([f"ckpt_path={result['ckpt']}", "data=emoji", *CROSS_VENDOR], out / "cv")
     return result
@@ -89,7 +89,7 @@ def baseline_run(name: str, data: str, tmp: Path) -> dict:
 
 def fmnist_run(loss: str, head: str, seed: int, extra: list[str], tmp: Path) -> dict:
     out = tmp / f"fmnist-{loss}-{head}"
-    return train(["experiment=demo", "evaluate_untrained=false", f"head={head}", f"loss={loss}", f"seed={seed}",
+    return train(["experiment=demo", "evaluate_untrained=false", "train.tune=full", f"head={head}", f"loss={loss}", f"seed={seed}",
                   *extra], out)
 
 

@@ -85,11 +85,13 @@ def pml_accuracy(embedder: nn.Module, dataset) -> dict:
             "precision_at_1": float(values["precision_at_1_level0"])}
 
 
-def run_theirs(epochs: int, seed: int, out: Path, limit: int | None = None, tester: bool = False) -> dict:
-    """pytorch_metric_learning.trainers.MetricLossOnly on our Embedder, data and recipe."""
+def run_theirs(epochs: int, seed: int, out: Path, limit: int | None = None, tester: bool = False,
+               overrides: tuple[str, ...] = ("train.tune=full",)) -> dict:
+    """pytorch_metric_learning.trainers.MetricLossOnly on our Embedder, data and recipe; every trunk stage
+    trains (``train.tune=full``), as a PML user's trunk does."""
     from pytorch_metric_learning import samplers, trainers
 
-    cfg = compose_train(recipe(epochs, seed) + [f"paths.output_dir={out}"])
+    cfg = compose_train(recipe(epochs, seed) + [f"paths.output_dir={out}", *overrides])
     pl.seed_everything(seed, workers=True)
     embedder = factory.build_embedder_from_config(cfg)
     catalog = factory.build_catalog(cfg.data)

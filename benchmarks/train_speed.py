@@ -13,12 +13,26 @@ A second column, "model only", times the same steps in-process on synthetic batc
     python benchmarks/train_speed.py                                  # emoji 64 px + Fashion-MNIST 32 px
     python benchmarks/train_speed.py --datasets emoji --batches 10 --repeats 1     # quick look
     python benchmarks/train_speed.py --compile                        # also torch.compile (model only)
+
+``--peers``: ``train.py`` as shipped (``data=emoji model=mobilenet_v2 loss=triplet``, nothing else set) against
+the peers' own training loops on the same network, data, batch (32 classes x 4) and augmentation, one epoch
+each, interleaved rounds: pytorch-metric-learning's ``trainers.MetricLossOnly`` (same venv, same semi-hard
+miner, every trunk stage trained as a PML user's is) and open-metric-learning (``benchmarks/peers/oml_train.py``
+with its hard-triplet miner, in a side environment because OML pins numpy < 2; ``--oml-python``, made with
+``python -m venv /tmp/omlenv && /tmp/omlenv/bin/pip install torch==2.14.1 torchvision==0.29.1
+open-metric-learning==4.0.0 omegaconf``: OML imports omegaconf without declaring it). ``train.py`` rows:
+as shipped (``train.tune=auto``), with every stage trained (``train.tune=full``), and with OML's miner
+(``miner=batch_hard``), for the like-for-like readings.
+
+    python benchmarks/train_speed.py --peers --repeats 5 --oml-python /tmp/omlenv/bin/python \
+        --out benchmarks/results/train_speed_peers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import statistics
@@ -26,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +85,118 @@ def run_train(dataset: str, variant: str, batches: int, extra: list[str]) -> dic
         with open(Path(out) / "csv" / "metrics.csv", newline="") as f:
             speeds = [float(r["train/images_per_second"]) for r in csv.DictReader(f) if r.get("train/images_per_second")]
     return {"images_per_second": speeds[-1], "wall_seconds": wall}
+
+
+PEER_OURS = {  # row name -> train.py overrides on top of the shipped defaults
+    "ours: train.py as shipped": [],
+    "ours: train.py train.tune=full": ["train.tune=full"],
+    "ours: train.py miner=batch_hard": ["miner=batch_hard"],
+}
+PML_ROW = "pytorch-metric-learning MetricLossOnly"
+OML_ROW = "open-metric-learning (HardTripletsMiner)"
+
+
+def run_ours_shipped(extra: list[str]) -> dict:
+    """``train.py data=emoji model=mobilenet_v2 loss=triplet`` for one epoch: only what does not touch the
+    training steps is switched off (validation, checkpoints, test, progress bar)."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(ROOT / "train.py"), "data=emoji", "model=mobilenet_v2", "loss=triplet",
+                   "trainer.max_epochs=1", "trainer.limit_val_batches=0", "test_after_fit=false",
+                   "callbacks.model_checkpoint=null", "trainer.enable_progress_bar=false", "logger=csv",
+                   f"hydra.run.dir={out}", *extra]
+        started = time.perf_counter()
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+        with open(Path(out) / "csv" / "metrics.csv", newline="") as f:
+            speeds = [float(r["train/images_per_second"]) for r in csv.DictReader(f) if r.get("train/images_per_second")]
+    return {"images_per_second": speeds[-1], "wall_seconds": time.perf_counter() - started}
+
+
+def run_pml_peer() -> dict:
+    """PML's ``MetricLossOnly`` for one epoch, in its own process (``--run-pml``)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-pml"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the PML run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pml_epoch() -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pml_reference import run_theirs
+
+    with tempfile.TemporaryDirectory() as out:
+        result = run_theirs(1, 0, Path(out))
+    return {"images_per_second": result["train_images_per_second"], "batches": result["iterations_per_epoch"]}
+
+
+def emoji_training_csv(path: Path) -> int:
+    """The emoji training images train.py trains on (``path,label``), for the OML run; returns batches/epoch."""
+    from hydra import compose, initialize_config_dir
+
+    from cbir.configs import config_dir
+    from cbir.data.sampler import MPerClassBatchSampler
+    from cbir.training import factory
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=emoji", "loss=triplet"])
+    catalog = factory.build_catalog(cfg.data)
+    indices = catalog.select(cfg.data.train_split)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for i in indices:
+            writer.writerow([str((ROOT / catalog.records[i].source).resolve()), catalog.records[i].label])
+    labels = catalog.labels(indices)
+    return len(MPerClassBatchSampler(labels, batch_size=int(cfg.data.batch_size), m=int(cfg.data.m_per_class)))
+
+
+def run_oml_peer(python: str, train_csv: Path, batches: int) -> dict:
+    from cbir.models.weights import imagenet_cache_path
+
+    command = [python, str(ROOT / "benchmarks/peers/oml_train.py"), "--csv", str(train_csv),
+               "--weights", str(imagenet_cache_path("mobilenet_v2")), "--batches", str(batches)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the OML run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peers(args: argparse.Namespace) -> int:
+    """Interleaved rounds of train.py as shipped against the peers' loops; median and range per row."""
+    started, load_before = time.time(), os.getloadavg()
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train_csv = Path(tmp) / "emoji_train.csv"
+        batches = emoji_training_csv(train_csv)
+        rows: list[tuple[str, Callable[[], dict]]] = [
+            (name, lambda extra=extra: run_ours_shipped(extra)) for name, extra in PEER_OURS.items()]
+        rows.append((PML_ROW, run_pml_peer))
+        if args.oml_python:
+            rows.append((OML_ROW, lambda: run_oml_peer(args.oml_python, train_csv, batches)))
+        for round_ in range(args.repeats):
+            order = rows if round_ % 2 == 0 else rows[::-1]  # alternate the order: drift hits all alike
+            for name, run in order:
+                result = run()
+                runs.append({"round": round_, "row": name, **result})
+                print(f"round {round_} {name}: {result['images_per_second']:.0f} img/s", flush=True)
+    speeds = {name: [r["images_per_second"] for r in runs if r["row"] == name] for name, _ in rows}
+    fastest_peer = max((statistics.median(v) for n, v in speeds.items() if not n.startswith("ours")), default=None)
+    lines = ["| training loop | img/s median | min–max | × fastest peer (medians) |", "|---|---|---|---|"]
+    for name, values in speeds.items():
+        ratio = f"{statistics.median(values) / fastest_peer:.2f}×" if fastest_peer else "–"
+        lines.append(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f}–{max(values):.0f} | {ratio} |")
+    text = "\n".join(lines)
+    header = (f"emoji 64 px, ImageNet MobileNetV2 + GeM 512, triplet 0.1, batch 128 (32 x 4), one epoch "
+              f"({batches} batches) per run, {args.repeats} interleaved rounds; {os.cpu_count()} CPUs, load average "
+              f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(f"\n{header}\n{text}")
+    write_json(args.out, {"header": header, "table": text, "images_per_second": speeds, "runs": runs,
+                          "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                                      "torch": torch.__version__},
+                          "args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.time() - started})
+    return 0
 
 
 def model_only_speed(size: int, m: int, channels_last: bool, bf16: bool, compile: bool = False,
@@ -138,7 +265,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (model only)")
     parser.add_argument("--loader", action="store_true", help="also time the input pipeline alone (one core)")
     parser.add_argument("--no-train", action="store_true", help="only the in-process model-only timings")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_speed_cpu.json")
+    parser.add_argument("--peers", action="store_true", help="train.py as shipped against PML's and OML's loops")
+    parser.add_argument("--oml-python", help="--peers: the python of an environment with open-metric-learning")
+    parser.add_argument("--run-pml", action="store_true", help=argparse.SUPPRESS)  # one PML epoch, JSON out
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/train_speed_cpu.json, --peers: train_speed_peers.json)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every train.py run")
     return parser.parse_args(argv)
 
@@ -158,6 +289,13 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.run_pml:
+        print(json.dumps(pml_epoch()))
+        return 0
+    if args.peers:
+        args.out = args.out or ROOT / "benchmarks/results/train_speed_peers.json"
+        return peers(args)
+    args.out = args.out or ROOT / "benchmarks/results/train_speed_cpu.json"
     started = time.time()
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict]] = {d: {v: {} for v in args.variants} for d in args.datasets}

@@ -38,6 +38,28 @@ def test_tune_modes_count_their_parameters(tmp_path):
         assert not frozen
 
 
+def test_auto_tuning_keeps_a_pretrained_cnns_stem_and_first_stage(tmp_path):
+    def frozen(*overrides: str):
+        cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + ["model=resnet18", *overrides])
+        return factory.freeze_stages_for(cfg)
+
+    assert compose_config("train", tiny_train_overrides(tmp_path, tmp_path)).train.tune == "auto"  # the default
+    assert frozen("model.pretrained=imagenet") == factory.AUTO_FROZEN_CNN_STAGES == 1
+    assert frozen("model.pretrained=imagenet", "model.freeze_stages=3") == 3  # the model's own setting wins
+    assert frozen("model.pretrained=none") == 0  # a random trunk has nothing to keep
+    assert frozen("model.pretrained=imagenet", "train.tune=full") == 0
+    assert frozen("model=dinov2_vits14", "model.pretrained=dinov2") == 0  # ViTs train in full
+
+    # what it freezes: exactly the first stage's parameters (the stem is counted in it)
+    cfg = compose_config("train", tiny_train_overrides(tmp_path, tmp_path) + ["model=resnet18"])
+    cfg.model.freeze_stages = factory.AUTO_FROZEN_CNN_STAGES
+    embedder = factory.build_embedder_from_config(cfg)
+    stages = embedder.backbone.stage_parameters()
+    first = next(iter(stages))
+    assert not any(p.requires_grad for p in stages[first])
+    assert all(p.requires_grad for name, params in stages.items() if name != first for p in params)
+
+
 @pytest.mark.parametrize("tune,message", [("last:0", "choose from"), ("last:9", "N from 1 to"), ("some", "choose from")])
 def test_bad_tune_modes_are_config_errors(tmp_path, tune, message):
     with pytest.raises(ConfigError, match=message):

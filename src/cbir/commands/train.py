@@ -122,10 +122,19 @@ def describe_run(cfg: DictConfig, embedder, output_dir: Path) -> str:
 
     total = sum(p.numel() for p in embedder.parameters())
     trained = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
+    tune = str((cfg.get("train") or {}).get("tune", "full"))
+    if tune == "auto":  # say what auto chose
+        frozen = factory.freeze_stages_for(cfg)
+        if str(frozen).strip().lower() in ("0", "none", ""):
+            tune += " (full)"
+        elif isinstance(frozen, int):
+            tune += f" (stem + first {frozen} stage{'s' if frozen != 1 else ''} frozen)"
+        else:
+            tune += f" (model.freeze_stages={frozen})"
     return (f"run: data={cfg.data.name} ({cfg.data.image_size} px, batch {cfg.data.batch_size}) "
             f"model={cfg.model.backbone} (pretrained={cfg.model.pretrained}) head={pick('head')} loss={pick('loss')} "
             f"miner={pick('miner')} optimizer={pick('optimizer')} lr={cfg.optimizer.get('lr')} "
-            f"epochs={cfg.trainer.max_epochs} tune={(cfg.get('train') or {}).get('tune', 'full')}; "
+            f"epochs={cfg.trainer.max_epochs} tune={tune}; "
             f"{embedder.embedding_dim}-d embeddings, {total / 1e6:.1f} M parameters, {trained / 1e6:.1f} M trained; "
             f"config: {output_dir / 'config.yaml'}")
 

@@ -91,20 +91,33 @@ def lora_config(cfg: DictConfig) -> dict:
     return {"lora": {"rank": int(train.get("lora_rank", 8)), "alpha": float(train.get("lora_alpha", 16.0))}}
 
 
-TUNE_MODES = "full, head, last:N, lora"
+TUNE_MODES = "auto, full, head, last:N, lora"
+AUTO_FROZEN_CNN_STAGES = 1  # train.tune=auto on a CNN: the stem and the first stage keep their weights
 
 
 def freeze_stages_for(cfg: DictConfig) -> int | str:
     """``train.tune`` as the trunk's ``freeze_stages``: ``full`` trains every stage (or what
     ``model.freeze_stages`` says), ``head`` freezes the whole trunk (only the head learns), ``last:N``
-    trains only the last N stages (the stem and earlier stages keep their pretrained weights)."""
+    trains only the last N stages (the stem and earlier stages keep their pretrained weights).
+
+    ``auto`` (the default) is ``full`` for a ViT and, for a pretrained CNN, freezes the stem and the first
+    stage, as detectron2 does by default: their filters are generic edges and colours, and back-propagating
+    through them at the highest resolution is the costliest part of a step (MobileNetV2 at 64 px trains
+    ~1.25x faster, at unchanged accuracy; README *Training speed*). ``model.freeze_stages``, when set,
+    wins; a randomly initialised trunk (``model.pretrained=none``) has nothing to keep and trains in full."""
     from cbir.models.trunks import is_vit, stage_count
 
     tune = str((cfg.get("train") or {}).get("tune", "full") or "full").strip()
     freeze = cfg.model.get("freeze_stages", 0)
+    unset = str(freeze).strip().lower() in ("0", "none", "")
+    if tune == "auto":
+        pretrained = str(cfg.model.get("pretrained") or "none").strip().lower() not in ("none", "null", "")
+        if not unset or is_vit(cfg.model.backbone) or not pretrained:
+            return freeze
+        return min(AUTO_FROZEN_CNN_STAGES, stage_count(cfg.model.backbone) - 1)
     if tune == "full":
         return freeze
-    if str(freeze).strip().lower() not in ("0", "none", ""):
+    if not unset:
         raise ConfigError(f"train.tune={tune} and model.freeze_stages={freeze}: choose one way to freeze the trunk")
     stages = stage_count(cfg.model.backbone)
     if tune == "head":
