@@ -128,14 +128,14 @@ def describe_run(cfg: DictConfig, embedder, output_dir: Path) -> str:
         if str(frozen).strip().lower() in ("0", "none", ""):
             tune += " (full)"
         elif isinstance(frozen, int):
-            tune += f" (stem + first {frozen} stage{'s' if frozen != 1 else ''} frozen)"
+            tune += " (stem + first stage frozen)" if frozen == 1 else f" (stem + first {frozen} stages frozen)"
         else:
             tune += f" (model.freeze_stages={frozen})"
     return (f"run: data={cfg.data.name} ({cfg.data.image_size} px, batch {cfg.data.batch_size}) "
             f"model={cfg.model.backbone} (pretrained={cfg.model.pretrained}) head={pick('head')} loss={pick('loss')} "
             f"miner={pick('miner')} optimizer={pick('optimizer')} lr={cfg.optimizer.get('lr')} "
             f"epochs={cfg.trainer.max_epochs} tune={tune}; "
-            f"{embedder.embedding_dim}-d embeddings, {total / 1e6:.1f} M parameters, {trained / 1e6:.1f} M trained; "
+            f"{embedder.embedding_dim}-d embeddings, {total / 1e6:.1f} M parameters, {trained / 1e6:.2f} M trained; "
             f"config: {output_dir / 'config.yaml'}")
 
 
