@@ -54,6 +54,8 @@ RECIPES = {  # name -> train.py overrides on top of experiment=emoji_fast (whose
     "last:2": ["train.tune=last:2"],
     "head": ["train.tune=head"],
     "full+lld": ["train.tune=full", "train.layer_decay=0.75"],  # layer-wise lr decay
+    "lora": ["train.tune=lora"],  # ViT trunks: low-rank adapters, merged at export
+    "auto": ["train.tune=auto"],  # the default: a pretrained CNN's stem and first stage frozen
 }
 PROBES = {  # name -> eval.py overrides (the checkpoint or untrained model is added)
     "emoji": ["data=emoji"],

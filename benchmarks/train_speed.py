@@ -64,6 +64,7 @@ def train_overrides(dataset: str, variant: str, batches: int, out: str, extra: l
     channels_last, bf16 = VARIANTS[variant]
     return [
         f"data={dataset}", "model=mobilenet_v2", "model.pretrained=imagenet", "loss=triplet",
+        "train.tune=full",  # every stage, as the "model only" column trains it
         "trainer.max_epochs=1", f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}", "test_after_fit=false",
