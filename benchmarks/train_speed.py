@@ -74,18 +74,22 @@ def train_overrides(dataset: str, variant: str, batches: int, out: str, extra: l
     ]
 
 
-def run_train(dataset: str, variant: str, batches: int, extra: list[str]) -> dict:
-    """One ``train.py`` subprocess; its logged training img/s and wall time."""
+def train_py_speed(overrides_for: Callable[[str], list[str]], what: str) -> dict:
+    """One ``train.py`` subprocess with ``overrides_for(run folder)``; its logged training img/s and wall time."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, str(ROOT / "train.py"), *train_overrides(dataset, variant, batches, out, extra)]
+        command = [sys.executable, str(ROOT / "train.py"), *overrides_for(out)]
         started = time.perf_counter()
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode != 0:
-            raise RuntimeError(f"train.py failed for {dataset}/{variant}:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"train.py failed for {what}:\n{proc.stderr[-3000:]}")
         with open(Path(out) / "csv" / "metrics.csv", newline="") as f:
             speeds = [float(r["train/images_per_second"]) for r in csv.DictReader(f) if r.get("train/images_per_second")]
     return {"images_per_second": speeds[-1], "wall_seconds": wall}
+
+
+def run_train(dataset: str, variant: str, batches: int, extra: list[str]) -> dict:
+    return train_py_speed(lambda out: train_overrides(dataset, variant, batches, out, extra), f"{dataset}/{variant}")
 
 
 PEER_OURS = {  # row name -> train.py overrides on top of the shipped defaults
@@ -100,18 +104,10 @@ OML_ROW = "open-metric-learning (HardTripletsMiner)"
 def run_ours_shipped(extra: list[str]) -> dict:
     """``train.py data=emoji model=mobilenet_v2 loss=triplet`` for one epoch: only what does not touch the
     training steps is switched off (validation, checkpoints, test, progress bar)."""
-    with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, str(ROOT / "train.py"), "data=emoji", "model=mobilenet_v2", "loss=triplet",
-                   "trainer.max_epochs=1", "trainer.limit_val_batches=0", "test_after_fit=false",
-                   "callbacks.model_checkpoint=null", "trainer.enable_progress_bar=false", "logger=csv",
-                   f"hydra.run.dir={out}", *extra]
-        started = time.perf_counter()
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"train.py {' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
-        with open(Path(out) / "csv" / "metrics.csv", newline="") as f:
-            speeds = [float(r["train/images_per_second"]) for r in csv.DictReader(f) if r.get("train/images_per_second")]
-    return {"images_per_second": speeds[-1], "wall_seconds": time.perf_counter() - started}
+    return train_py_speed(lambda out: [
+        "data=emoji", "model=mobilenet_v2", "loss=triplet", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+        "test_after_fit=false", "callbacks.model_checkpoint=null", "trainer.enable_progress_bar=false", "logger=csv",
+        f"hydra.run.dir={out}", *extra], " ".join(extra) or "the shipped defaults")
 
 
 def run_pml_peer() -> dict:

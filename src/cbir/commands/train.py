@@ -123,14 +123,10 @@ def describe_run(cfg: DictConfig, embedder, output_dir: Path) -> str:
     total = sum(p.numel() for p in embedder.parameters())
     trained = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
     tune = str((cfg.get("train") or {}).get("tune", "full"))
-    if tune == "auto":  # say what auto chose
-        frozen = factory.freeze_stages_for(cfg)
-        if str(frozen).strip().lower() in ("0", "none", ""):
-            tune += " (full)"
-        elif isinstance(frozen, int):
-            tune += " (stem + first stage frozen)" if frozen == 1 else f" (stem + first {frozen} stages frozen)"
-        else:
-            tune += f" (model.freeze_stages={frozen})"
+    if tune == "auto":  # say what auto chose, read from the trunk as built
+        frozen = len(getattr(embedder.backbone, "frozen_stages", ()))
+        tune += (" (full)" if not frozen else " (stem + first stage frozen)" if frozen == 1
+                 else f" (stem + first {frozen} stages frozen)")
     return (f"run: data={cfg.data.name} ({cfg.data.image_size} px, batch {cfg.data.batch_size}) "
             f"model={cfg.model.backbone} (pretrained={cfg.model.pretrained}) head={pick('head')} loss={pick('loss')} "
             f"miner={pick('miner')} optimizer={pick('optimizer')} lr={cfg.optimizer.get('lr')} "

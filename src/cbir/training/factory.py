@@ -111,7 +111,7 @@ def freeze_stages_for(cfg: DictConfig) -> int | str:
     freeze = cfg.model.get("freeze_stages", 0)
     unset = str(freeze).strip().lower() in ("0", "none", "")
     if tune == "auto":
-        pretrained = str(cfg.model.get("pretrained") or "none").strip().lower() not in ("none", "null", "")
+        pretrained = str(cfg.model.get("pretrained") or "none").strip().lower() != "none"  # as weights.py reads it
         if not unset or is_vit(cfg.model.backbone) or not pretrained:
             return freeze
         return min(AUTO_FROZEN_CNN_STAGES, stage_count(cfg.model.backbone) - 1)
