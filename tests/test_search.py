@@ -395,3 +395,27 @@ def test_kreciprocal_puts_the_hit_with_the_querys_neighbourhood_above_a_lone_loo
     reranked = Searcher(bundle, index, rerank="kreciprocal", rerank_n=3).search_embeddings(query, k=4)[0]
     assert reranked[0].path in ("c2", "m1", "m2") and [h.path for h in reranked].index("c1") == 3  # below the cluster
     assert all(a.score >= b.score for a, b in zip(reranked, reranked[1:]))  # the combined score, best first
+
+
+def test_pairwise_reranking_reorders_the_first_candidates_by_the_rerankers_score(searcher_parts, tiny_folder,
+                                                                                 tmp_path):
+    """A re-ranker that scores by minus the cosine turns the first candidates upside down: the known answer."""
+    import torch
+
+    from cbir.models.pairwise import PairwiseReranker, default_stages, save_reranker
+
+    bundle, index, _ = searcher_parts
+    channels = bundle.embedder.backbone.channels
+    reranker = PairwiseReranker({s: channels[s] for s in default_stages(channels)}, grid=2)
+    with torch.no_grad():
+        reranker.cosine_scale.fill_(-10.0)
+    path = save_reranker(reranker, tmp_path / "reranker.pt", embedder=bundle.embedder, candidates=6)
+    with_reranker = load_bundle(export_bundle(bundle.embedder, tmp_path / "bundle", model_config=bundle.model_config,
+                                              runtimes=[], reranker=path))
+    files = sorted(tiny_folder.rglob("*.png"))[::7]
+    plain = Searcher(with_reranker, index).search_paths(files, k=9)
+    reranked = Searcher(with_reranker, index, rerank="pairwise").search_paths(files, k=9)
+    for before, after in zip(plain, reranked):
+        assert [h.id for h in after[:6]] == [h.id for h in before[:6]][::-1]
+        assert [h.id for h in after[6:]] == [h.id for h in before[6:]]  # past the candidates: the index's order
+        assert [h.score for h in after[:6]] == pytest.approx([-h.score for h in before[:6]][::-1], abs=1e-5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -36,7 +37,8 @@ from cbir.index.calibration import match_probability
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-RERANK_METHODS = ("none", "aqe", "kreciprocal")  # query-time re-ranking the Searcher offers (search.rerank=...)
+RERANK_METHODS = ("none", "aqe", "kreciprocal", "pairwise")  # query-time re-ranking the Searcher offers
+PAIRWISE_TOKEN_CACHE = 20_000  # rerank=pairwise: candidates' tokens kept in memory (a service sees the same ones again)
 KRECIPROCAL_CANDIDATES = 50  # rerank=kreciprocal re-orders this many first hits (or k, when larger)
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
            "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image",
@@ -139,6 +141,9 @@ class Searcher:
                               "this bundle (`cbir index build --bundle ...`)")
         self._check_same_model(bundle, index)
         self.bundle, self.index = bundle, index
+        self._pairwise = self._load_pairwise(bundle) if rerank == "pairwise" else None
+        self._token_cache: OrderedDict[int, object] = OrderedDict()
+        self._token_lock = threading.Lock()
         self.device, self.batch_size = device, int(batch_size)
         # runtime (cbir.export.runtimes): auto = the faster of eager and ONNX Runtime as the export measured them
         # (one_shot: a CLI process searching a few queries: ONNX Runtime, which needs no torch); precision=auto:
@@ -150,6 +155,18 @@ class Searcher:
         self.preprocessor = build_preprocessor(spec)
         self._datasets: dict = {}  # array-backed datasets opened for their pixels, by name
         self._datasets_lock = threading.Lock()
+
+    @staticmethod
+    def _load_pairwise(bundle):
+        """The bundle's re-ranker, checked against its model (SearchError when it has none)."""
+        from cbir.models.pairwise import check_embedder
+
+        try:
+            reranker, info = bundle.reranker()
+            check_embedder(info, bundle.embedder)
+        except CbirError as exc:
+            raise SearchError(f"rerank=pairwise: {exc}") from None
+        return reranker, int(info["candidates"])
 
     @classmethod
     def open(cls, bundle_path: str | Path, index_path: str | Path | None = None, **kwargs) -> Searcher:
@@ -200,8 +217,8 @@ class Searcher:
         self.check_filter(filter)
         if not len(images):
             return []
-        embeddings = self.embed_images(images, preprocess)
-        return self.search_embeddings(embeddings, k, exclude, filter)
+        cleaned = self.clean_images(images, preprocess)
+        return self.search_embeddings(self.embed_clean(cleaned), k, exclude, filter, images=cleaned)
 
     def check_filter(self, filter: str | None) -> None:
         """A FAISS index's label filter is parsed before any image is embedded, so a typo costs nothing."""
@@ -232,9 +249,14 @@ class Searcher:
         return (f"index {getattr(self.index, 'path', '')} holds no labels: k-NN classification needs a labelled "
                 "collection (class sub-folders, a CSV with a label column, or a dataset)")
 
-    def search_embeddings(self, embeddings: np.ndarray, k: int = 10,
-                          exclude: Sequence[str | None] | None = None, filter: str | None = None) -> list[list[Hit]]:
+    def search_embeddings(self, embeddings: np.ndarray, k: int = 10, exclude: Sequence[str | None] | None = None,
+                          filter: str | None = None, images: Sequence[np.ndarray] | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits of each embedding (see :meth:`search_images`); ``rerank=pairwise`` also needs the query
+        ``images`` (preprocessed already), since it compares them with each candidate image."""
         k = check_k(k)
+        if self._pairwise is not None and (images is None or len(images) != len(embeddings)):
+            raise SearchError("rerank=pairwise compares each query image with its candidates' images: search images "
+                              "(search_images / search_paths, or search_embeddings(..., images=...))")
         self.check_filter(filter)
         size = len(self.index)
         if size == 0:
@@ -246,6 +268,8 @@ class Searcher:
             queries = self._expanded(queries, excluded, filter, size)
         if self.rerank == "kreciprocal":
             scores, ids = self._kreciprocal(queries, excluded, filter, size, wanted)
+        elif self._pairwise is not None:
+            scores, ids = self._pairwise_reranked(queries, images, excluded, filter, size, wanted)
         else:
             scores, ids = self.index.search(queries, min(wanted, size), filter=filter)
         return [[Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"),
@@ -314,6 +338,58 @@ class Searcher:
             out_scores[r, :len(row)] = rescored[order].numpy()
             out_ids[r, :len(row)] = [row[j][1] for j in order]
         return out_scores, out_ids
+
+    def _pairwise_reranked(self, queries: np.ndarray, images: Sequence[np.ndarray], excluded: Sequence[str | None],
+                           filter: str | None, size: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """The learned pairwise re-ranker (:mod:`cbir.models.pairwise`, as ``eval.py rerank.methods=[pairwise]``
+        measures it) re-orders the first ``candidates`` hits (or k, when larger) by comparing each query image's
+        feature maps with each candidate's; candidates' images are read from the collection (their tokens then
+        kept, up to :data:`PAIRWISE_TOKEN_CACHE`). The score returned is the re-ranker's, on the cosine's scale."""
+        import torch
+
+        reranker, candidates = self._pairwise
+        spare = 1 if any(excluded) else 0
+        scores, ids = self.index.search(queries, min(max(wanted, candidates) + spare, size), filter=filter)
+        rows = self._without_own(scores, ids, excluded)
+        width = max((len(row) for row in rows), default=0)
+        out_scores = np.full((len(rows), width), -np.inf, np.float32)
+        out_ids = np.full((len(rows), width), -1, np.int64)
+        with torch.inference_mode():
+            query_tokens = self._tokens(images)
+            for r, row in enumerate(rows):
+                if not row:
+                    continue
+                head = row[:max(candidates, 1)]
+                cosine = torch.tensor([[s for s, _ in head]])
+                rescored = reranker.score(query_tokens[r:r + 1], self._candidate_tokens([i for _, i in head])[None],
+                                          cosine)[0] / reranker.cosine_scale.abs().clamp(min=1e-6)
+                order = torch.argsort(rescored, descending=True, stable=True).tolist()
+                out_scores[r, :len(head)] = rescored[order].float().numpy()
+                out_ids[r, :len(head)] = [head[j][1] for j in order]
+                out_scores[r, len(head):len(row)] = [s for s, _ in row[len(head):]]
+                out_ids[r, len(head):len(row)] = [i for _, i in row[len(head):]]
+        return out_scores, out_ids
+
+    def _tokens(self, images: Sequence[np.ndarray]):
+        """Re-ranker tokens of preprocessed images (the bundle's eager trunk)."""
+        reranker, _ = self._pairwise
+        return reranker.tokens(self.bundle.embedder.backbone(self.bundle.to_tensor(images)))
+
+    def _candidate_tokens(self, ids: Sequence[int]):
+        import torch
+
+        with self._token_lock:
+            known = {i: self._token_cache[i] for i in ids if i in self._token_cache}
+        missing = [i for i in dict.fromkeys(ids) if i not in known]
+        if missing:
+            fresh = self._tokens([self.load_source(self.image_source(i)) for i in missing])
+            known.update(zip(missing, fresh))
+            with self._token_lock:
+                for i in missing:
+                    self._token_cache[i] = known[i]
+                while len(self._token_cache) > PAIRWISE_TOKEN_CACHE:
+                    self._token_cache.popitem(last=False)
+        return torch.stack([known[i] for i in ids])
 
     def _match(self, score: float) -> float | None:
         if self.rerank != "none":  # the curve was fitted on plain scores; an expanded query's scores run higher

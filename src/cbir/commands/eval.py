@@ -33,13 +33,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
         bundle = load_bundle(cfg.bundle)
         if bundle.config:  # a bundle exported from a run folder knows the run's data
-            _use_the_runs_data(cfg, bundle.config)
+            use_the_runs_data(cfg, bundle.config)
         runtime = bundle.resolve_runtime(str(cfg.get("runtime", "eager")))
         embedder = bundle.module_for(runtime)  # eager, or the bundle's ONNX / INT8 copy as search would run it
         name = f"bundle {cfg.bundle}" + (f" ({runtime})" if runtime != "eager" else "")
         index_kind = index_kind or _bundle_index_kind(Path(bundle.path))
     elif cfg.get("ckpt_path"):
-        _use_the_runs_data(cfg)
+        use_the_runs_data(cfg)
         embedder = load_embedder_checkpoint(cfg.ckpt_path)
         name = f"checkpoint {Path(cfg.ckpt_path).name}"
         if cfg.model.get("scales"):  # multi-scale evaluation of a checkpoint trained at one scale
@@ -56,17 +56,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     rerank = cfg.get("rerank") or {}
     methods = [str(m) for m in (rerank.get("methods") or []) if str(m) != "none"]
-    unknown = [m for m in methods if m not in RERANK_METHODS]
+    unknown = [m for m in methods if m not in (*RERANK_METHODS, "pairwise")]
     if unknown:
-        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(RERANK_METHODS)}")
+        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(RERANK_METHODS)}, pairwise")
     n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
+    if "pairwise" in methods:
+        candidates = _attach_pairwise(module, embedder, rerank)
     results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:
         datamodule.test_spec = spec
         trainer.test(module, datamodule=datamodule, verbose=False)
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
-            settings = f"k={n}, λ=0.3" if method == "kreciprocal" else f"n={n}, α={alpha:g}"
+            settings = (f"k={n}, λ=0.3" if method == "kreciprocal" else f"first {candidates}" if method == "pairwise"
+                        else f"n={n}, α={alpha:g}")
             results.setdefault(f"{name} + {method} ({settings})", []).append(module.rescore(method, n, alpha))
         if index_kind:  # the same embeddings through the index a search would use
             for row, metrics in _through_index(module, cfg, str(index_kind)):
@@ -78,6 +81,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table(rows) + "\n")
         write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", rows)
     return metrics
+
+
+def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> int:
+    """Load ``rerank.model`` (a re-ranker file or the ``stage=reranker`` run folder holding one), check it was
+    trained on this very model, and have the evaluation keep its tokens; the number of candidates it re-orders."""
+    from cbir.models.pairwise import check_embedder, load_reranker
+
+    if not rerank.get("model"):
+        raise ConfigError("rerank.methods=[pairwise] needs rerank.model=<reranker.pt, or the folder of a "
+                          "`python train.py stage=reranker` run>")
+    if not hasattr(embedder, "backbone"):
+        raise ConfigError("rerank.methods=[pairwise] reads the trunk's feature maps: evaluate with runtime=eager")
+    reranker, info = load_reranker(rerank.model)
+    check_embedder(info, embedder)
+    candidates = int(rerank.get("candidates") or info["candidates"])
+    module.attach_reranker(reranker, candidates)
+    return candidates
 
 
 def _bundle_index_kind(bundle_dir: Path) -> str | None:
@@ -115,7 +135,7 @@ def _through_index(module: MetricLearningModule, cfg: DictConfig, kind: str) -> 
     return rows
 
 
-def _use_the_runs_data(cfg: DictConfig, run: dict | None = None) -> None:
+def use_the_runs_data(cfg: DictConfig, run: dict | None = None) -> None:
     """``eval.py ckpt_path=<a run's checkpoint>`` (or ``bundle=`` whose config is ``run``) without ``data=...``
     evaluates on the data the run trained on (its ``config.yaml``), not on eval.yaml's default, with this
     command line's ``data.x=...`` on top; naming ``data=...`` evaluates elsewhere."""

@@ -53,7 +53,8 @@ def export(cfg: DictConfig) -> Path:
                         query_preprocess=query_preprocess, runtimes=runtimes,
                         tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite),
                         check_images=samples.check, check_source=samples.source, check_labels=samples.labels,
-                        calibration_images=samples.calibration, int8_max_drop=float(cfg.get("int8_max_drop", 0.005)))
+                        calibration_images=samples.calibration, int8_max_drop=float(cfg.get("int8_max_drop", 0.005)),
+                        reranker=cfg.get("reranker"))
     bundle = load_bundle(out)
     print(describe_bundle(bundle))
     if index_cfg.get("collection"):
@@ -196,6 +197,8 @@ def describe_bundle(bundle) -> str:
                  + ("passed" if check["passed"] else "failed (precision=auto keeps fp32)")
                  + (f"; here {speed['fp32']:.0f} → {speed['bf16']:.0f} img/s" if speed else "")
                  + (f"; precision=auto on this machine: {'bf16' if bundle.use_bf16() else 'fp32'}"))
+    if bundle.has_reranker:
+        text += "\npairwise re-ranker: reranker.pt (search with rerank.method=pairwise)"
     return text
 
 

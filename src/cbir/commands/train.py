@@ -32,6 +32,16 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    stage = str(cfg.get("stage") or "embedder")
+    if stage not in ("embedder", "reranker"):
+        raise ConfigError(f"stage={stage}: choose embedder (train the embedding network) or reranker (train the "
+                          "pairwise re-ranker on a trained one)")
+    if stage == "reranker":
+        from cbir.commands.train_reranker import train_reranker
+
+        result = train_reranker(cfg)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # with the Embedder's run's data
+        return result
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     fit = bool((cfg.get("train") or {}).get("fit", True))

@@ -131,6 +131,14 @@ class RetrievalDataModule(ImageDataModule):
         return loader_class(dataset, batch_sampler=sampler, worker_init_fn=seed_transform_in_worker,
                             **self._loader_kwargs(collate_records))
 
+    def split_dataloader(self, split: str, augmented: bool = False) -> DataLoader:
+        """Every image of ``split`` once, in catalog order, through the evaluation transform (or, ``augmented``,
+        the training one): the pairwise re-ranker's training passes (:mod:`cbir.training.reranker`)."""
+        dataset = self._dataset(self.catalog.select(split), self.train_tf if augmented else self.eval_tf)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          worker_init_fn=seed_transform_in_worker if augmented else None,
+                          **self._loader_kwargs(collate_records))
+
     def eval_dataloader(self, spec: EvalSpec, limit: int | float | None = None) -> DataLoader:
         dataset = spec.dataset(self.catalog, self.eval_tf, on_bad_image=self.options.on_bad_image, cache=self.cache)
         dataset = subsample_eval_set(dataset, limit, spec)

@@ -50,13 +50,13 @@ def retrieval_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     memory_budget_mb: float = 256.0,
     knn_k: int | None = None,
-    reorder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    reorder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     min_depth: int = 0,
 ) -> dict[str, float]:
     """Compute retrieval metrics of ``query`` embeddings against ``gallery`` embeddings.
 
-    ``reorder(sims, ranked)`` (a re-ranker) may re-order each chunk's ranked gallery positions, at least
-    ``min_depth`` deep, before they are scored.
+    ``reorder(sims, ranked, rows)`` (a re-ranker) may re-order each chunk's ranked gallery positions, at least
+    ``min_depth`` deep, before they are scored; ``rows`` are the chunk's positions in ``query``.
 
     With ``gallery=None`` the protocol is all-vs-all: every query searches all *other* queries (CUB, SOP,
     zero-shot splits). Otherwise it is query-vs-gallery (Fashion-MNIST test→train, In-Shop); pass
@@ -106,7 +106,7 @@ def retrieval_metrics(
         depth = min(max(ks[-1], int(num_relevant.max()), int(knn_k or 0), min_depth), num_gallery)
         ranked = stable_topk_indices(sims, depth)
         if reorder is not None:
-            ranked = reorder(sims, ranked)
+            ranked = reorder(sims, ranked, torch.arange(start, stop, device=sims.device)[keep])
         if knn_k:
             predicted.append(_knn_vote(sims, ranked[:, :knn_k], gallery_labels, classes))
             truth.append(query_labels[start:stop][keep])
@@ -161,7 +161,7 @@ def kreciprocal_retrieval_metrics(query: torch.Tensor, query_labels: torch.Tenso
     gallery = gallery.float()
     _, gallery_neighbours = top_neighbours(gallery, gallery, k, gallery_ids, gallery_ids)
 
-    def reorder(sims: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+    def reorder(sims: torch.Tensor, ranked: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
         ranked = ranked.clone()
         for rows in torch.arange(len(ranked)).split(chunk):
             top = ranked[rows, :min(candidates, ranked.shape[1])]

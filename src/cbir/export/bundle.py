@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import threading
 import warnings
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ RUNTIMES = ("torchscript", "onnx", "onnx-int8")  # runtime copies an export can 
 DEFAULT_RUNTIMES = ("torchscript", "onnx")  # export_bundle's default (export.py adds onnx-int8 where it has images)
 PARITY_TOLERANCE = 1e-3  # max |eager - copy| on L2-normalised embeddings
 SPEED_IMAGES = 128  # the ONNX copies' img/s (what runtime=auto compares) is measured on this many check images
+RERANKER_FILE = "reranker.pt"  # optional: the learned pairwise re-ranker
 _REQUIRED = ("manifest.json", "model.json", "preprocessing.json", "weights.pt")
 
 
@@ -120,6 +122,20 @@ class Bundle:
                 if self._embedder is None:
                     self._embedder = _load_embedder(self.path, self.model_config)
         return self._embedder
+
+    @property
+    def has_reranker(self) -> bool:
+        return (self.path / RERANKER_FILE).is_file()
+
+    def reranker(self):
+        """The bundle's pairwise re-ranker (:mod:`cbir.models.pairwise`) and its file's fields; BundleError
+        when the bundle has none."""
+        if not self.has_reranker:
+            raise BundleError(f"bundle {self.path} has no pairwise re-ranker: train one (`python train.py "
+                              "stage=reranker reranker.embedder=<run>`) and export with reranker=<its folder>")
+        from cbir.models.pairwise import load_reranker
+
+        return load_reranker(self.path / RERANKER_FILE)
 
     @property
     def embedding_dim(self) -> int:
@@ -236,7 +252,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
                   source: str | None = None, overwrite: bool = False,
                   check_images: torch.Tensor | None = None, check_source: str = "",
                   check_labels: Sequence | None = None, calibration_images: torch.Tensor | None = None,
-                  int8_max_drop: float | None = None) -> Path:
+                  int8_max_drop: float | None = None, reranker: str | Path | None = None) -> Path:
     """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
     so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
@@ -248,7 +264,10 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     not the check images), and keeps it only if its retrieval on the check images (``check_labels`` when
     known) stays within ``int8_max_drop`` (default :data:`cbir.export.int8.MAX_DROP`, 0.5 points) of fp32's;
     without calibration images it is skipped.
-    Either way the manifest says what happened."""
+    Either way the manifest says what happened.
+
+    ``reranker``: a pairwise re-ranker file (``train.py stage=reranker``) trained on this very model, copied in as
+    ``reranker.pt`` (``Searcher(..., rerank="pairwise")`` uses it)."""
     import torch
 
     from cbir.models.precision import bf16_parity_and_fp32
@@ -261,6 +280,7 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     if "onnx-int8" in runtimes and "onnx" not in runtimes:
         raise BundleError("runtimes: onnx-int8 is made from the ONNX copy; list onnx too")
     embedder = embedder.cpu().eval()
+    reranker_file = _checked_reranker(reranker, embedder) if reranker else None
     preprocessing = Preprocessing(input_size=int(embedder.input_size), mean=tuple(embedder.mean),
                                   std=tuple(embedder.std), query=query_preprocess)
     if sample_images is None:
@@ -273,6 +293,8 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
 
     with atomic_folder(out_dir) as staging:
         torch.save(embedder.state_dict(), staging / "weights.pt")
+        if reranker_file is not None:
+            shutil.copyfile(reranker_file, staging / RERANKER_FILE)
         _write_json(staging / "model.json", model_config)
         _write_json(staging / "preprocessing.json", preprocessing.to_json())
         if config is not None:
@@ -314,6 +336,19 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
         }
         _write_json(staging / "manifest.json", manifest)
     return out_dir
+
+
+def _checked_reranker(path: str | Path, embedder: nn.Module) -> Path:
+    """The re-ranker file behind ``path``, refused unless it was trained on ``embedder`` (a WiSE-FT trunk, or
+    another run's, gives it feature maps it never saw)."""
+    from cbir.models.pairwise import check_embedder, load_reranker
+
+    try:
+        _, info = load_reranker(path)
+        check_embedder(info, embedder)
+    except CbirError as exc:
+        raise BundleError(f"reranker: {exc}") from None
+    return Path(info["path"])
 
 
 def _write_int8_copy(folder: Path, onnx_entry: dict, calibration: torch.Tensor | None, check_images: torch.Tensor,

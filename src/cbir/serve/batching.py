@@ -57,7 +57,7 @@ class QueryBatcher:
         return await future
 
     def _search_images(self, images: list[np.ndarray], k: int, filter: str | None = None) -> list[list[Hit]]:
-        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k, filter=filter)
+        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k, filter=filter, images=images)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,7 +111,8 @@ class QueryBatcher:
         results: list[list[Hit]] = [[] for _ in queries]
         for filter in dict.fromkeys(q.filter for q in queries):
             rows = [i for i, q in enumerate(queries) if q.filter == filter]
-            hits = self.searcher.search_embeddings(embeddings[rows], max(queries[i].k for i in rows), filter=filter)
+            hits = self.searcher.search_embeddings(embeddings[rows], max(queries[i].k for i in rows), filter=filter,
+                                                   images=[queries[i].image for i in rows])
             for i, row in zip(rows, hits):
                 results[i] = row[:queries[i].k]  # top-k is a prefix of top-max(k)
         return results

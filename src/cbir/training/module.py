@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, evaluate_embeddings, unique_by_id
@@ -81,6 +82,7 @@ class MetricLearningModule(pl.LightningModule):
         self.last_eval_outputs: dict[str, torch.Tensor] = {}
         self.bad_images: set[str] = set()
         self._step_loss: TrainingLoss | None = None
+        self._pairwise: tuple | None = None  # (re-ranker, candidates): not a submodule, never in a checkpoint
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -216,15 +218,25 @@ class MetricLearningModule(pl.LightningModule):
             log.warning("%d unreadable images were skipped (data.on_bad_image=skip); see the warnings above",
                         len(self.bad_images))
 
+    def attach_reranker(self, reranker: nn.Module, candidates: int) -> None:
+        """Evaluations from now on also keep each image's pairwise re-ranker tokens (:mod:`cbir.models.pairwise`),
+        so :meth:`rescore` can report ``pairwise`` re-ranking of the first ``candidates`` hits."""
+        self._pairwise = (reranker.eval(), int(candidates))
+
     def _collect(self, batch: dict) -> None:
         if not self._note_bad_images(batch):
             return
-        self._eval_outputs.append({
-            "embedding": self.embedder(batch["image"]).float(),
-            "label": batch["label"],
-            "index": batch["index"],
-            "role": batch["role"],
-        })
+        images = batch["image"]
+        outputs = {"label": batch["label"], "index": batch["index"], "role": batch["role"]}
+        if self._pairwise is not None:
+            reranker = self._pairwise[0].to(images.device)
+            features = self.embedder.backbone(images)
+            outputs["rerank_tokens"] = reranker.tokens(features).half()
+            if self.embedder.scales == (1.0,):  # one trunk pass serves both
+                outputs["embedding"] = F.normalize(self.embedder.head(features), dim=1).float()
+        if "embedding" not in outputs:
+            outputs["embedding"] = self.embedder(images).float()
+        self._eval_outputs.append(outputs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._collect(batch)
@@ -266,7 +278,20 @@ class MetricLearningModule(pl.LightningModule):
 
     def rescore(self, method: str, n: int = 5, alpha: float = 3.0) -> dict[str, float]:
         """The last evaluation's metrics again, with query expansion / database augmentation ``method``
-        (:mod:`cbir.evaluation.rerank`) on the same embeddings: no second forward pass."""
+        (:mod:`cbir.evaluation.rerank`) on the same embeddings, or ``pairwise`` re-ranking (after
+        :meth:`attach_reranker`): no second forward pass."""
+        if method == "pairwise":
+            if self._pairwise is None or "rerank_tokens" not in self.last_eval_outputs:
+                raise ValueError("rescore('pairwise') needs attach_reranker() before the evaluation")
+            from cbir.evaluation.pairwise import pairwise_evaluate
+
+            gathered = self.last_eval_outputs
+            ids, embeddings, labels, roles, tokens = unique_by_id(gathered["index"], gathered["embedding"],
+                                                                  gathered["label"], gathered["role"],
+                                                                  gathered["rerank_tokens"])
+            reranker, candidates = self._pairwise
+            return pairwise_evaluate(embeddings, labels, roles, tokens.float(), reranker.to(tokens.device),
+                                     candidates, self.ks, knn_k=self.knn_k)
         return self._score(self.last_eval_outputs, rerank=method, rerank_n=n, rerank_alpha=alpha)
 
 
