@@ -106,6 +106,29 @@ def test_auto_leaves_a_clean_image_alone_and_fixes_noisy_dark_blurred_ones(photo
     assert "clahe" in [a["step"] for a in build_preprocessor({"name": "auto", "contrast_threshold": 20}).apply(flat)[1]]
 
 
+def test_jpeg_is_found_on_its_own_grid_and_heavy_blocking_is_smoothed(photo):
+    from cbir.preprocess.quality import blockiness, jpeg_grid, luminance
+
+    clean, blurred = measure(photo), measure(gaussian_blur(photo, 1.5))
+    compressed = {q: measure(jpeg(photo, q)) for q in (10, 20, 70)}
+    assert clean.jpeg_grid < 0.05 and blurred.jpeg_grid < 0.05  # blur removes detail on every grid alike
+    assert all(m.jpeg_grid > 0.1 for m in compressed.values())
+    shifted = jpeg(photo, 10)[3:, 3:]  # cropped after compression: off the 8 x 8 grid, the detector must not fire
+    assert jpeg_grid(luminance(shifted)) < 0.1
+    assert compressed[10].blockiness > compressed[70].blockiness and compressed[10].blockiness > 1.2
+    assert 0.8 < clean.blockiness < 1.2 and blockiness(np.full((64, 64), 90.0, np.float32)) == 1.0
+
+    auto = build_preprocessor("auto")
+    heavy = jpeg(photo, 10)
+    out, applied = auto.apply(heavy)
+    assert [a["step"] for a in applied] == ["bilateral"] and "JPEG blocking" in applied[0]["reason"]
+    assert measure(out).blockiness < compressed[10].blockiness
+    sharpener = build_preprocessor({"name": "auto", "sharpness_threshold": 1e9})  # everything reads as blurred
+    assert "unsharp" not in [a["step"] for a in sharpener.apply(jpeg(photo, 70))[1]]  # JPEG edges are not sharpened
+    assert "unsharp" in [a["step"] for a in sharpener.apply(photo)[1]]
+    assert auto.apply(jpeg(photo, 95))[1] == []  # barely compressed: nothing to undo
+
+
 def test_degradations_are_deterministic_given_a_seed(photo):
     for degradation in standard_degradations():
         first, again = degradation(photo, seed=5), degradation(photo, seed=5)
