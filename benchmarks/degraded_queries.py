@@ -236,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n\n".join([tables, auto_table(payload["auto_steps"], names, len(queries)), "\n".join(timing)])
     if "train_measurements" in payload:
         lines = ["Quality measurements on emoji train images (percentiles 0/1/5/50/95/99/100):", "",
-                 "| degradation | noise sigma | brightness | contrast | sharpness |", "|---|---|---|---|---|"]
+                 "| degradation | noise sigma | brightness | contrast | sharpness | JPEG grid | blockiness |",
+                 "|---|---|---|---|---|---|---|"]
         for name, per in payload["train_measurements"].items():
             lines.append(f"| {name} | " + " | ".join(" / ".join(f"{v:g}" for v in per[k]) for k in
-                                                     ("noise_sigma", "brightness", "contrast", "sharpness")) + " |")
+                                                     ("noise_sigma", "brightness", "contrast", "sharpness",
+                                                      "jpeg_grid", "blockiness")) + " |")
         report += "\n\n" + "\n".join(lines)
     payload["report"] = report
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)

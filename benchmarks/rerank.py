@@ -3,8 +3,9 @@
 For a trained checkpoint (or a run folder) on a dataset's test protocol (default: emoji all-vs-all, zero-shot
 classes):
 
-1. **Quality** — ``eval.py`` with ``rerank.methods=[aqe,dba,dba+aqe,kreciprocal]`` for each ``--n``: P@1 and
-   MAP@R of every option on the same embeddings (one forward pass), next to plain k-NN.
+1. **Quality** — ``eval.py`` with ``rerank.methods=[aqe,dba,dba+aqe,kreciprocal]`` for each ``--n`` (plus
+   ``pairwise`` with ``--reranker``, a ``train.py stage=reranker`` run of the same checkpoint): P@1 and MAP@R of
+   every option on the same embeddings (one forward pass), next to plain k-NN.
 2. **Latency** — the checkpoint exported as a bundle, a flat index of the test images (``emoji:test``), and
    ``Searcher.search_paths`` timed on ``--queries`` single-image queries per option (embedding, search and
    re-ranking together: what a user waits for), in interleaved rounds; median ms per query and the ratio to
@@ -30,10 +31,14 @@ METHODS = ["aqe", "dba", "dba+aqe", "kreciprocal"]
 SEARCH_METHODS = ["none", "aqe", "kreciprocal"]
 
 
-def quality(ckpt: str, data: list[str], n: int, out: Path, precision: str | None) -> dict[str, dict]:
-    """eval.py's rows for every method at neighbourhood size ``n``: {row name: metrics}."""
+def quality(ckpt: str, data: list[str], n: int, out: Path, precision: str | None,
+            reranker: str | None = None) -> dict[str, dict]:
+    """eval.py's rows for every method at neighbourhood size ``n`` (and the learned ``reranker``'s, when given):
+    {row name: metrics}."""
+    methods = [*METHODS, *(["pairwise"] if reranker else [])]
     command = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", *data,
-               f"rerank.methods=[{','.join(METHODS)}]", f"rerank.n={n}", f"hydra.run.dir={out}",
+               f"rerank.methods=[{','.join(methods)}]", f"rerank.n={n}", f"hydra.run.dir={out}",
+               *([f"rerank.model={reranker}"] if reranker else []),
                "trainer.enable_progress_bar=false", *([f"trainer.precision={precision}"] if precision else [])]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -41,8 +46,11 @@ def quality(ckpt: str, data: list[str], n: int, out: Path, precision: str | None
     return json.loads((out / "eval.json").read_text())["results"]
 
 
-def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work: Path) -> dict[str, float]:
-    """Median ms per single-image query for each Searcher re-ranking option."""
+def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work: Path,
+            reranker: str | None = None) -> dict[str, float]:
+    """Median ms per single-image query for each Searcher re-ranking option (``pairwise`` with a ``reranker``;
+    its candidates' tokens are cached after their first use, so the rounds after the first time the steady
+    state of a service, the first round a cold one)."""
     from cbir.export.bundle import export_bundle, load_bundle
     from cbir.index.pipeline import build_bundle_index
     from cbir.index.store import load_index
@@ -52,16 +60,17 @@ def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work:
     embedder, model_config = load_checkpoint_model(ckpt)
     bundle_dir = work / "bundle"
     if not (bundle_dir / "manifest.json").is_file():
-        export_bundle(embedder, bundle_dir, model_config=model_config, runtimes=[])
+        export_bundle(embedder, bundle_dir, model_config=model_config, runtimes=[], reranker=reranker)
         build_bundle_index(load_bundle(bundle_dir), collection, bundle_dir / "index", kind="flat", progress=False)
     bundle, index = load_bundle(bundle_dir), load_index(bundle_dir / "index")
     paths = sorted(index.paths())[::max(1, len(index) // queries)][:queries]
-    searchers = {m: Searcher(bundle, index, rerank=m, rerank_n=n, precision="fp32") for m in SEARCH_METHODS}
-    times: dict[str, list[float]] = {m: [] for m in SEARCH_METHODS}
-    for method in SEARCH_METHODS:  # warm-up
+    methods = [*SEARCH_METHODS, *(["pairwise"] if reranker else [])]
+    searchers = {m: Searcher(bundle, index, rerank=m, rerank_n=n, precision="fp32") for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for method in methods:  # warm-up
         searchers[method].search_paths(paths[:2], k=10)
     for _ in range(rounds):  # interleaved: each round times every option on the same queries
-        for method in SEARCH_METHODS:
+        for method in methods:
             for path in paths:
                 start = time.perf_counter()
                 searchers[method].search_paths([path], k=10)
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default=None, help="trainer.precision for eval.py, e.g. bf16-mixed")
+    parser.add_argument("--reranker", default=None, help="a pairwise re-ranker of --ckpt (train.py stage=reranker run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rerank_emoji.json")
     args = parser.parse_args()
     from cbir.evaluation.report import write_json
@@ -85,9 +95,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cbir-rerank-"))
     rows: dict[str, dict] = {}
     for n in args.n:
-        for name, metrics in quality(args.ckpt, args.data, n, work / f"eval-{n}", args.precision).items():
+        for name, metrics in quality(args.ckpt, args.data, n, work / f"eval-{n}", args.precision,
+                                     args.reranker).items():
             rows.setdefault(name, {k: metrics[k] for k in ("precision_at_1", "map_at_r")})
-    ms = latency(args.ckpt, args.collection, args.queries, args.n[0], args.rounds, work)
+    ms = latency(args.ckpt, args.collection, args.queries, args.n[0], args.rounds, work, args.reranker)
     print("| option | P@1 | MAP@R |\n|---|---|---|")
     for name, metrics in rows.items():
         print(f"| {name.split(' + ')[-1] if ' + ' in name else 'plain k-NN'} | {100 * metrics['precision_at_1']:.2f} "
@@ -95,7 +106,8 @@ def main() -> None:
     print(f"\n| Searcher option (n={args.n[0]}) | ms / query | × plain |\n|---|---|---|")
     for method, value in ms.items():
         print(f"| {method} | {value:.1f} | {value / ms['none']:.2f} |")
-    write_json(args.out, {"benchmark": "rerank", "ckpt": str(args.ckpt), "data": args.data, "rows": rows,
+    write_json(args.out, {"benchmark": "rerank", "ckpt": str(args.ckpt), "reranker": args.reranker,
+                          "data": args.data, "rows": rows,
                           "latency_ms": ms, "latency_n": args.n[0], "queries": args.queries, "rounds": args.rounds,
                           "command": " ".join(sys.argv)})
 
