@@ -35,7 +35,7 @@ def quality(ckpt: str, data: list[str], n: int, out: Path, precision: str | None
             reranker: str | None = None) -> dict[str, dict]:
     """eval.py's rows for every method at neighbourhood size ``n`` (and the learned ``reranker``'s, when given):
     {row name: metrics}."""
-    methods = [*METHODS, *(["pairwise"] if reranker else [])]
+    methods = [*METHODS, *(["pairwise", "dba+pairwise"] if reranker else [])]
     command = [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", *data,
                f"rerank.methods=[{','.join(methods)}]", f"rerank.n={n}", f"hydra.run.dir={out}",
                *([f"rerank.model={reranker}"] if reranker else []),

@@ -40,7 +40,7 @@ def test_train_eval_export_and_search_with_a_pairwise_reranker(embedder_run, tin
 
     common = ["data=folder", f"data.root={tiny_folder}", "data.image_size=32", "data.num_workers=0",
               "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"ckpt_path={embedder_run}"]
-    evaluate(compose_config("eval", common + ["rerank.methods=[pairwise]", f"rerank.model={out}",
+    evaluate(compose_config("eval", common + ["rerank.methods=[pairwise,dba+pairwise]", f"rerank.model={out}",
                                               f"paths.output_dir={tmp_path / 'eval'}"]))
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
     plain = next(v for k, v in rows.items() if "pairwise" not in k)
@@ -48,6 +48,7 @@ def test_train_eval_export_and_search_with_a_pairwise_reranker(embedder_run, tin
     assert reranked["num_queries"] == plain["num_queries"] == 12
     # the first 5 hits were re-ordered, nothing else: R@8 (>5) cannot change
     assert reranked["recall_at_8"] == pytest.approx(plain["recall_at_8"])
+    assert any("dba+pairwise (n=5, α=3, first 5)" in k for k in rows)
 
     with pytest.raises(ConfigError, match="rerank.model"):
         evaluate(compose_config("eval", common + ["rerank.methods=[pairwise]", f"paths.output_dir={tmp_path / 'e2'}"]))

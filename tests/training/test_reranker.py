@@ -118,3 +118,18 @@ def test_roles_split_queries_from_gallery():
     val.roles[4:] = ROLE_GALLERY
     metrics = validation_metrics(None, val, candidates=5)
     assert metrics["num_queries"] + metrics["num_queries_excluded"] == 4
+
+
+def test_dba_then_an_untrained_reranker_is_dba_alone():
+    from cbir.evaluation.metrics import evaluate_embeddings
+
+    val = planted_set(6, 3, seed=5)
+    reranker = PairwiseReranker({"stage5": CHANNELS}, grid=GRID).eval()
+    with torch.no_grad():
+        tokens = reranker.encode(val.pooled)
+    both = pairwise_evaluate(val.embeddings, val.labels, val.roles, tokens, reranker, candidates=10, dba=(2, 3.0))
+    dba = evaluate_embeddings(val.embeddings, val.labels, val.roles, rerank="dba", rerank_n=2, rerank_alpha=3.0)
+    assert both["map_at_r"] == pytest.approx(dba["map_at_r"]) and both["precision_at_1"] == pytest.approx(
+        dba["precision_at_1"])
+    plain = validation_metrics(None, val, candidates=10)
+    assert both["map_at_r"] != pytest.approx(plain["map_at_r"])  # the gallery did change

@@ -15,7 +15,7 @@ from cbir.evaluation.report import format_table, write_results
 from cbir.evaluation.rerank import METHODS as RERANK_METHODS
 from cbir.models.checkpoint import load_embedder_checkpoint, resolve_checkpoint, run_config
 from cbir.training import factory
-from cbir.training.module import MetricLearningModule
+from cbir.training.module import PAIRWISE_METHODS, MetricLearningModule
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     rerank = cfg.get("rerank") or {}
     methods = [str(m) for m in (rerank.get("methods") or []) if str(m) != "none"]
-    unknown = [m for m in methods if m not in (*RERANK_METHODS, "pairwise")]
+    unknown = [m for m in methods if m not in (*RERANK_METHODS, *PAIRWISE_METHODS)]
     if unknown:
-        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(RERANK_METHODS)}, pairwise")
+        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of "
+                          f"{', '.join((*RERANK_METHODS, *PAIRWISE_METHODS))}")
     n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
-    if "pairwise" in methods:
+    if any(m in PAIRWISE_METHODS for m in methods):
         candidates = _attach_pairwise(module, embedder, rerank)
     results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:
@@ -69,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
             settings = (f"k={n}, λ=0.3" if method == "kreciprocal" else f"first {candidates}" if method == "pairwise"
+                        else f"n={n}, α={alpha:g}, first {candidates}" if method == "dba+pairwise"
                         else f"n={n}, α={alpha:g}")
             results.setdefault(f"{name} + {method} ({settings})", []).append(module.rescore(method, n, alpha))
         if index_kind:  # the same embeddings through the index a search would use

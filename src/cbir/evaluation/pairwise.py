@@ -44,11 +44,17 @@ def pairwise_retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, 
 
 def pairwise_evaluate(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor, tokens: torch.Tensor,
                       reranker: PairwiseReranker, candidates: int = 20, ks: Sequence[int] = DEFAULT_KS,
-                      knn_k: int | None = None) -> dict[str, float]:
+                      knn_k: int | None = None, dba: tuple[int, float] | None = None) -> dict[str, float]:
     """:func:`pairwise_retrieval_metrics` for one evaluation set, queries and gallery by role (all-vs-all when
-    every item is both; an item never retrieves itself)."""
+    every item is both; an item never retrieves itself). ``dba=(n, alpha)``: the gallery's embeddings get
+    database-side augmentation first (an index built with ``index.dba=n``), then the re-ranker re-orders."""
     is_query, is_gallery = (roles & ROLE_QUERY).bool(), (roles & ROLE_GALLERY).bool()
     ids = torch.arange(len(labels), device=labels.device)
-    return pairwise_retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery],
-                                      labels[is_gallery], ids[is_query], ids[is_gallery], tokens[is_query],
-                                      tokens[is_gallery], reranker, candidates, ks, knn_k)
+    query, gallery = embeddings[is_query], embeddings[is_gallery]
+    if dba is not None:
+        from cbir.evaluation.rerank import rerank_embeddings
+
+        _, gallery = rerank_embeddings("dba", query, gallery, ids[is_query], ids[is_gallery], *dba)
+    return pairwise_retrieval_metrics(query, labels[is_query], gallery, labels[is_gallery], ids[is_query],
+                                      ids[is_gallery], tokens[is_query], tokens[is_gallery], reranker, candidates, ks,
+                                      knn_k)

@@ -24,6 +24,7 @@ from cbir.training.warmup import BackboneWarmup
 
 MONITOR = "val/map_at_r"
 log = logging.getLogger(__name__)
+PAIRWISE_METHODS = ("pairwise", "dba+pairwise")  # rescore() methods that need attach_reranker()
 
 
 class MetricLearningModule(pl.LightningModule):
@@ -279,8 +280,8 @@ class MetricLearningModule(pl.LightningModule):
     def rescore(self, method: str, n: int = 5, alpha: float = 3.0) -> dict[str, float]:
         """The last evaluation's metrics again, with query expansion / database augmentation ``method``
         (:mod:`cbir.evaluation.rerank`) on the same embeddings, or ``pairwise`` re-ranking (after
-        :meth:`attach_reranker`): no second forward pass."""
-        if method == "pairwise":
+        :meth:`attach_reranker`; ``dba+pairwise``: of a DBA-augmented gallery): no second forward pass."""
+        if method in PAIRWISE_METHODS:
             if self._pairwise is None or "rerank_tokens" not in self.last_eval_outputs:
                 raise ValueError("rescore('pairwise') needs attach_reranker() before the evaluation")
             from cbir.evaluation.pairwise import pairwise_evaluate
@@ -291,7 +292,8 @@ class MetricLearningModule(pl.LightningModule):
                                                                   gathered["rerank_tokens"])
             reranker, candidates = self._pairwise
             return pairwise_evaluate(embeddings, labels, roles, tokens.float(), reranker.to(tokens.device),
-                                     candidates, self.ks, knn_k=self.knn_k)
+                                     candidates, self.ks, knn_k=self.knn_k,
+                                     dba=(n, alpha) if method == "dba+pairwise" else None)
         return self._score(self.last_eval_outputs, rerank=method, rerank_n=n, rerank_alpha=alpha)
 
 
