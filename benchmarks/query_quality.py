@@ -61,8 +61,8 @@ def main() -> None:
     parser.add_argument("--reranker", default=None, help="pairwise re-ranker of --default (train.py stage=reranker)")
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--latency-queries", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--n", type=int, default=3, help="neighbours for aqe / dba / k-reciprocal")
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds (the first is the cold one)")
+    parser.add_argument("--n", type=int, default=5, help="neighbours for aqe / dba / k-reciprocal")
     parser.add_argument("--out", type=Path, default=RESULTS / "query_quality_emoji.json")
     parser.add_argument("--skip-robustness", action="store_true", help="reuse the robustness part's JSON")
     args = parser.parse_args()
@@ -91,7 +91,10 @@ def main() -> None:
     for name, metrics in rows.items():
         option = name.split(" + ")[-1] if " + " in name else "plain k-NN"
         method = option.split(" ")[0] if option != "plain k-NN" else "none"
+        method = {"dba+pairwise": "pairwise", "dba+aqe": "aqe"}.get(method, method)  # DBA itself: build time
         latency = f"{ms[method]:.1f} | {ms[method] / ms['none']:.2f}" if method in ms else "– (build time) | –"
+        if method == "pairwise" and "pairwise (cold)" in ms:
+            latency += f" (cold: {ms['pairwise (cold)']:.1f} ms, {ms['pairwise (cold)'] / ms['none']:.2f}×)"
         lines.append(f"| {option} | {100 * metrics['precision_at_1']:.2f} | {100 * metrics['map_at_r']:.2f} | "
                      f"{100 * (metrics['map_at_r'] - plain['map_at_r']):+.2f} | {latency} |")
     rerank_text = "\n".join(lines)
