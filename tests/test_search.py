@@ -398,7 +398,7 @@ def test_kreciprocal_puts_the_hit_with_the_querys_neighbourhood_above_a_lone_loo
 
 
 def test_pairwise_reranking_reorders_the_first_candidates_by_the_rerankers_score(searcher_parts, tiny_folder,
-                                                                                 tmp_path):
+                                                                                 tmp_path, caplog):
     """A re-ranker that scores by minus the cosine turns the first candidates upside down: the known answer."""
     import torch
 
@@ -419,3 +419,16 @@ def test_pairwise_reranking_reorders_the_first_candidates_by_the_rerankers_score
         assert [h.id for h in after[:6]] == [h.id for h in before[:6]][::-1]
         assert [h.id for h in after[6:]] == [h.id for h in before[6:]]  # past the candidates: the index's order
         assert [h.score for h in after[:6]] == pytest.approx([-h.score for h in before[:6]][::-1], abs=1e-5)
+    # a candidate whose file is gone since indexing: that query keeps the index's order, and the log says why
+    import shutil
+
+    copy = tmp_path / "collection"
+    shutil.copytree(tiny_folder, copy)
+    index_copy = build_bundle_index(with_reranker, str(copy), tmp_path / "index_copy", kind="flat", num_workers=0,
+                                    progress=False)
+    query = sorted(copy.rglob("*.png"))[0]
+    plain_hits = Searcher(with_reranker, index_copy).search_paths([query], k=9)[0]
+    Path(plain_hits[0].path).unlink()
+    with caplog.at_level("WARNING", logger="cbir.search"):
+        kept = Searcher(with_reranker, index_copy, rerank="pairwise").search_paths([query], k=9)[0]
+    assert [h.id for h in kept] == [h.id for h in plain_hits] and "could not be read" in caplog.text

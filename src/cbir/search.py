@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 RERANK_METHODS = ("none", "aqe", "kreciprocal", "pairwise")  # query-time re-ranking the Searcher offers
-PAIRWISE_TOKEN_CACHE = 20_000  # rerank=pairwise: candidates' tokens kept in memory (a service sees the same ones again)
+PAIRWISE_TOKEN_CACHE = 20_000  # rerank=pairwise: candidates' tokens kept in memory (a service meets them again)
 KRECIPROCAL_CANDIDATES = 50  # rerank=kreciprocal re-orders this many first hits (or k, when larger)
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
            "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image",
@@ -342,9 +342,11 @@ class Searcher:
     def _pairwise_reranked(self, queries: np.ndarray, images: Sequence[np.ndarray], excluded: Sequence[str | None],
                            filter: str | None, size: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
         """The learned pairwise re-ranker (:mod:`cbir.models.pairwise`, as ``eval.py rerank.methods=[pairwise]``
-        measures it) re-orders the first ``candidates`` hits (or k, when larger) by comparing each query image's
-        feature maps with each candidate's; candidates' images are read from the collection (their tokens then
-        kept, up to :data:`PAIRWISE_TOKEN_CACHE`). The score returned is the re-ranker's, on the cosine's scale."""
+        measures it) re-orders the first ``candidates`` hits by comparing each query image's feature maps with each
+        candidate's (the hits after them keep the index's order); candidates' images are read from the collection
+        and their tokens kept (the :data:`PAIRWISE_TOKEN_CACHE` most recently used). The score returned is the
+        re-ranker's, on the cosine's scale. A query whose candidates cannot all be read (a file deleted since it
+        was indexed) keeps the index's order, with a warning naming the file."""
         import torch
 
         reranker, candidates = self._pairwise
@@ -361,8 +363,17 @@ class Searcher:
                     continue
                 head = row[:max(candidates, 1)]
                 cosine = torch.tensor([[s for s, _ in head]])
-                rescored = reranker.score(query_tokens[r:r + 1], self._candidate_tokens([i for _, i in head])[None],
-                                          cosine)[0] / reranker.cosine_scale.abs().clamp(min=1e-6)
+                try:
+                    candidate_tokens = self._candidate_tokens([i for _, i in head])
+                except (CbirError, OSError) as exc:
+                    log.warning("rerank=pairwise: a candidate image could not be read (%s); this query keeps the "
+                                "index's order", exc)
+                    candidate_tokens = None
+                if candidate_tokens is None:
+                    rescored = cosine[0]
+                else:
+                    rescored = reranker.score(query_tokens[r:r + 1], candidate_tokens[None], cosine)[0] / (
+                        reranker.cosine_scale.abs().clamp(min=1e-6))
                 order = torch.argsort(rescored, descending=True, stable=True).tolist()
                 out_scores[r, :len(head)] = rescored[order].float().numpy()
                 out_ids[r, :len(head)] = [head[j][1] for j in order]
@@ -380,6 +391,8 @@ class Searcher:
 
         with self._token_lock:
             known = {i: self._token_cache[i] for i in ids if i in self._token_cache}
+            for i in known:
+                self._token_cache.move_to_end(i)  # least recently used leave first
         missing = [i for i in dict.fromkeys(ids) if i not in known]
         if missing:
             fresh = self._tokens([self.load_source(self.image_source(i)) for i in missing])
