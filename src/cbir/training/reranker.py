@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cbir.errors import ConfigError, DataError
 from cbir.evaluation.metrics import evaluate_embeddings
 from cbir.evaluation.pairwise import pairwise_evaluate
 from cbir.evaluation.rerank import top_neighbours
@@ -73,7 +74,7 @@ def extract_features(embedder: torch.nn.Module, reranker: PairwiseReranker, batc
             ids.append(torch.as_tensor(batch["index"]))
             roles.append(torch.as_tensor(batch["role"]))
     if not embeddings:
-        raise ValueError(f"{description}: no readable images")
+        raise DataError(f"{description}: no readable images")
     return CachedFeatures(torch.cat(embeddings), [torch.cat(s) for s in pooled], torch.cat(labels), torch.cat(ids),
                           torch.cat(roles))
 
@@ -130,7 +131,7 @@ def fit_reranker(reranker: PairwiseReranker, queries: CachedFeatures, gallery: C
     log.info("re-ranker training: %d query views, %d with a positive and a negative among their first %d hits",
              len(queries), int(useful.sum()), positions.shape[1])
     if not useful.any():
-        raise ValueError("re-ranker: no training query has both a right and a wrong hit among its candidates "
+        raise ConfigError("re-ranker: no training query has both a right and a wrong hit among its candidates "
                          "(nothing to learn); raise reranker.candidates or use more classes")
     query_rows = torch.nonzero(useful).flatten()
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=options.lr, weight_decay=options.weight_decay)
