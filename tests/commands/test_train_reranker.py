@@ -95,3 +95,10 @@ def test_search_without_a_reranker_in_the_bundle_says_how_to_add_one(embedder_ru
                                progress=False)
     with pytest.raises(CbirError, match="stage=reranker"):
         Searcher(bundle, index, rerank="pairwise")
+
+
+def test_stage_errors_say_what_to_give(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="stage=foo"):
+        train(compose_config("train", tiny_train_overrides(tiny_folder, tmp_path / "a") + ["stage=foo"]))
+    with pytest.raises(ConfigError, match="reranker.embedder="):
+        train(compose_config("train", tiny_train_overrides(tiny_folder, tmp_path / "b") + ["stage=reranker"]))
