@@ -61,17 +61,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of "
                           f"{', '.join((*RERANK_METHODS, *PAIRWISE_METHODS))}")
     n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
-    if any(m in PAIRWISE_METHODS for m in methods):
-        candidates = _attach_pairwise(module, embedder, rerank)
+    candidates = _attach_pairwise(module, embedder, rerank) if any(m in PAIRWISE_METHODS for m in methods) else None
     results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:
         datamodule.test_spec = spec
         trainer.test(module, datamodule=datamodule, verbose=False)
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
-            settings = (f"k={n}, λ=0.3" if method == "kreciprocal" else f"first {candidates}" if method == "pairwise"
-                        else f"n={n}, α={alpha:g}, first {candidates}" if method == "dba+pairwise"
-                        else f"n={n}, α={alpha:g}")
+            settings = _method_settings(method, n, alpha, candidates)
             results.setdefault(f"{name} + {method} ({settings})", []).append(module.rescore(method, n, alpha))
         if index_kind:  # the same embeddings through the index a search would use
             for row, metrics in _through_index(module, cfg, str(index_kind)):
@@ -83,6 +80,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"\nRetrieval on {cfg.data.name}, {protocol}:\n" + format_table(rows) + "\n")
         write_results(Path(cfg.paths.output_dir) / "eval.json", f"{cfg.data.name}, {protocol}", rows)
     return metrics
+
+
+def _method_settings(method: str, n: int, alpha: float, candidates: int | None) -> str:
+    """What a re-ranking row was run with, for its name in the table."""
+    expansion = f"n={n}, α={alpha:g}"
+    return {"kreciprocal": f"k={n}, λ=0.3", "pairwise": f"first {candidates}",
+            "dba+pairwise": f"{expansion}, first {candidates}"}.get(method, expansion)
 
 
 def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> int:

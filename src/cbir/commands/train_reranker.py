@@ -44,11 +44,11 @@ def train_reranker(cfg: DictConfig) -> float:
     if unknown:
         raise ConfigError(f"reranker.stages: {unknown[0]!r} is not a stage of {checkpoint.name}'s trunk "
                           f"(it has {', '.join(channels)})")
-    reranker = PairwiseReranker({s: channels[s] for s in stages}, dim=int(settings.get("dim", 64)),
-                                grid=int(settings.get("grid", 4)), hidden=int(settings.get("hidden", 32)))
-    options = RerankerOptions(candidates=int(settings.get("candidates", 20)), epochs=int(settings.get("epochs", 10)),
-                              lr=float(settings.get("lr", 3e-4)), views=int(settings.get("views", 2)),
-                              batch_queries=int(settings.get("batch_queries", 64)), seed=int(cfg.seed))
+    # the defaults live in conf/train.yaml's reranker: section, not here
+    reranker = PairwiseReranker({s: channels[s] for s in stages}, dim=int(settings.dim), grid=int(settings.grid),
+                                hidden=int(settings.hidden))
+    options = RerankerOptions(candidates=int(settings.candidates), epochs=int(settings.epochs), lr=float(settings.lr),
+                              views=int(settings.views), batch_queries=int(settings.batch_queries), seed=int(cfg.seed))
     if options.views < 1 or options.candidates < 2 or options.epochs < 1:
         raise ConfigError("reranker: need views >= 1, candidates >= 2 and epochs >= 1")
 

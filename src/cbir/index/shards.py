@@ -30,6 +30,7 @@ from cbir.export.runtimes import check_runtime
 from cbir.index.collection import Collection
 from cbir.index.errors import ExtractionMismatchError
 from cbir.io import atomic_save_npy, atomic_write_json
+from cbir.models.checkpoint import hash_state
 from cbir.models.inference import embed, prepare_for_inference
 from cbir.models.precision import check_precision
 
@@ -107,9 +108,7 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(repr(getattr(model, name, None)).encode())
     if callable(getattr(model, "fingerprint", None)):  # a runtime copy (ONNX): its file, not torch weights
         digest.update(model.fingerprint().encode())
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_state(digest, model)
     return digest.hexdigest()
 
 

@@ -75,6 +75,14 @@ def run_config(ckpt_path: str | Path) -> dict | None:
     return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
 
 
+def hash_state(digest, module: torch.nn.Module) -> None:
+    """Feed every tensor of ``module``'s state dict (name and raw bytes) into ``digest``: two models hash alike
+    only if their weights are bit-identical (index and re-ranker fingerprints)."""
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 SIDECAR_SUFFIX = ".sha256"
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbir.errors import CheckpointError, ConfigError
+from cbir.models.checkpoint import hash_state
 
 FORMAT = "cbir-pairwise-reranker/1"
 GLOBAL_STAGES = ("cls", "cls_mean")  # ViT pooled vectors (1 x 1 "maps"): no local features to compare
@@ -124,9 +125,7 @@ def rerank_order(reranker: PairwiseReranker, query_tokens: torch.Tensor, candida
 def embedder_fingerprint(embedder: nn.Module) -> str:
     """Hash of the trunk's weights and input size: the re-ranker is only valid on the feature maps it learned."""
     digest = hashlib.sha256(repr(getattr(embedder, "input_size", None)).encode())
-    for key, tensor in embedder.backbone.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_state(digest, embedder.backbone)
     return digest.hexdigest()
 
 
