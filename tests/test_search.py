@@ -432,3 +432,33 @@ def test_pairwise_reranking_reorders_the_first_candidates_by_the_rerankers_score
     with caplog.at_level("WARNING", logger="cbir.search"):
         kept = Searcher(with_reranker, index_copy, rerank="pairwise").search_paths([query], k=9)[0]
     assert [h.id for h in kept] == [h.id for h in plain_hits] and "could not be read" in caplog.text
+
+
+def test_pairwise_queries_take_one_trunk_pass_for_embedding_and_tokens(searcher_parts, tiny_folder, tmp_path):
+    """embed_queries gives the embeddings the plain path gives and the tokens a separate pass gives, from one
+    pass of the trunk (counted), so re-ranking costs no second forward pass over the query."""
+    import torch
+
+    from cbir.models.pairwise import PairwiseReranker, default_stages, save_reranker
+    from cbir.search import read_query_image
+
+    bundle, index, _ = searcher_parts
+    channels = bundle.embedder.backbone.channels
+    reranker = PairwiseReranker({s: channels[s] for s in default_stages(channels)}, grid=2)
+    path = save_reranker(reranker, tmp_path / "reranker.pt", embedder=bundle.embedder, candidates=4)
+    with_reranker = load_bundle(export_bundle(bundle.embedder, tmp_path / "bundle", model_config=bundle.model_config,
+                                              runtimes=[], reranker=path))
+    searcher = Searcher(with_reranker, index, rerank="pairwise", precision="fp32")
+    images = [read_query_image(f) for f in sorted(tiny_folder.rglob("*.png"))[:5]]
+    passes = []
+    hook = with_reranker.embedder.backbone.register_forward_hook(lambda *_: passes.append(1))
+    embeddings, tokens = searcher.embed_queries(images)
+    hook.remove()
+    assert len(passes) == 1
+    np.testing.assert_allclose(embeddings, searcher.embed_clean(images), atol=1e-5)
+    torch.testing.assert_close(tokens, searcher._tokens(images), atol=1e-5, rtol=0)
+    with_tokens = searcher.search_embeddings(embeddings, k=6, images=images, tokens=tokens)
+    recomputed = searcher.search_embeddings(embeddings, k=6, images=images)
+    assert [[h.id for h in row] for row in with_tokens] == [[h.id for h in row] for row in recomputed]
+    plain_embeddings, no_tokens = Searcher(with_reranker, index, precision="fp32").embed_queries(images)
+    assert no_tokens is None and np.allclose(plain_embeddings, embeddings, atol=1e-5)

@@ -207,6 +207,31 @@ class Searcher:
         chunks = [self.encode(images[start:start + self.batch_size]) for start in range(0, len(images), self.batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.embedding_dim), np.float32)
 
+    def embed_queries(self, images: Sequence[np.ndarray]):
+        """Embeddings of preprocessed query images, and (``rerank=pairwise``) their re-ranker tokens, else None —
+        for :meth:`search_embeddings`. With a single-scale model both come from one pass of the eager trunk
+        (the head on its feature maps gives the embedding, the re-ranker pools the same maps), not two."""
+        if self._pairwise is None:
+            return self.embed_clean(images), None
+        if tuple(self.bundle.embedder.scales) != (1.0,):  # multi-scale embeddings: the trunk runs per scale
+            return self.embed_clean(images), self._tokens(images)
+        import torch
+        import torch.nn.functional as F
+
+        from cbir.models.inference import inference_autocast
+
+        embedder, reranker = self._eager_embedder(), self._pairwise[0]
+        embeddings, tokens = [], []
+        for start in range(0, len(images), self.batch_size):
+            features = self._trunk(images[start:start + self.batch_size], on_cpu=False)
+            with inference_autocast(features[next(iter(features))].device, bf16=self.bf16):
+                embeddings.append(F.normalize(embedder.head(features).float(), dim=1).cpu())
+            with torch.inference_mode():
+                tokens.append(reranker.tokens({name: value.float().cpu() for name, value in features.items()}).float())
+        if not embeddings:
+            return np.zeros((0, self.bundle.embedding_dim), np.float32), None
+        return torch.cat(embeddings).numpy(), torch.cat(tokens)
+
     def search_images(self, images: Sequence[np.ndarray], k: int = 10, preprocess=None,
                       exclude: Sequence[str | None] | None = None, filter: str | None = None) -> list[list[Hit]]:
         """Top-``k`` hits of each image, best first. ``exclude``: per image, the source (file path or dataset
@@ -218,7 +243,8 @@ class Searcher:
         if not len(images):
             return []
         cleaned = self.clean_images(images, preprocess)
-        return self.search_embeddings(self.embed_clean(cleaned), k, exclude, filter, images=cleaned)
+        embeddings, tokens = self.embed_queries(cleaned)
+        return self.search_embeddings(embeddings, k, exclude, filter, images=cleaned, tokens=tokens)
 
     def check_filter(self, filter: str | None) -> None:
         """A FAISS index's label filter is parsed before any image is embedded, so a typo costs nothing."""
@@ -250,9 +276,11 @@ class Searcher:
                 "collection (class sub-folders, a CSV with a label column, or a dataset)")
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10, exclude: Sequence[str | None] | None = None,
-                          filter: str | None = None, images: Sequence[np.ndarray] | None = None) -> list[list[Hit]]:
+                          filter: str | None = None, images: Sequence[np.ndarray] | None = None,
+                          tokens=None) -> list[list[Hit]]:
         """Top-``k`` hits of each embedding (see :meth:`search_images`); ``rerank=pairwise`` also needs the query
-        ``images`` (preprocessed already), since it compares them with each candidate image."""
+        ``images`` (preprocessed already), since it compares them with each candidate image, and takes their
+        re-ranker ``tokens`` when :meth:`embed_queries` gave them with the embeddings."""
         k = check_k(k)
         if self._pairwise is not None and (images is None or len(images) != len(embeddings)):
             raise SearchError("rerank=pairwise compares each query image with its candidates' images: search images "
@@ -269,7 +297,7 @@ class Searcher:
         if self.rerank == "kreciprocal":
             scores, ids = self._kreciprocal(queries, excluded, filter, size, wanted)
         elif self._pairwise is not None:
-            scores, ids = self._pairwise_reranked(queries, images, excluded, filter, size, wanted)
+            scores, ids = self._pairwise_reranked(queries, images, excluded, filter, size, wanted, tokens)
         else:
             scores, ids = self.index.search(queries, min(wanted, size), filter=filter)
         return [[Hit(rank=rank, score=score, id=i, path=_field(rec, "path"), label=_field(rec, "label"),
@@ -340,7 +368,8 @@ class Searcher:
         return out_scores, out_ids
 
     def _pairwise_reranked(self, queries: np.ndarray, images: Sequence[np.ndarray], excluded: Sequence[str | None],
-                           filter: str | None, size: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+                           filter: str | None, size: int, wanted: int, query_tokens=None
+                           ) -> tuple[np.ndarray, np.ndarray]:
         """The learned pairwise re-ranker (:mod:`cbir.models.pairwise`, as ``eval.py rerank.methods=[pairwise]``
         measures it) re-orders the first ``candidates`` hits by comparing each query image's feature maps with each
         candidate's (the hits after them keep the index's order); candidates' images are read from the collection
@@ -357,7 +386,8 @@ class Searcher:
         out_scores = np.full((len(rows), width), -np.inf, np.float32)
         out_ids = np.full((len(rows), width), -1, np.int64)
         with torch.inference_mode():
-            query_tokens = self._tokens(images)
+            if query_tokens is None or len(query_tokens) != len(rows):
+                query_tokens = self._tokens(images)
             for r, row in enumerate(rows):
                 if not row:
                     continue
@@ -381,10 +411,26 @@ class Searcher:
                 out_ids[r, len(head):len(row)] = [i for _, i in row[len(head):]]
         return out_scores, out_ids
 
+    def _eager_embedder(self):
+        embedder = self.bundle.embedder
+        if embedder.training:
+            embedder.eval()
+        return embedder
+
+    def _trunk(self, images: Sequence[np.ndarray], on_cpu: bool = True) -> dict:
+        """The eager trunk's feature maps of preprocessed images, at the precision the queries are embedded in
+        (``on_cpu``: moved to the CPU, where the re-ranker runs)."""
+        from cbir.models.inference import inference_autocast
+
+        embedder = self._eager_embedder()
+        device = next(embedder.parameters()).device
+        with inference_autocast(device, bf16=self.bf16):
+            features = embedder.backbone(self.bundle.to_tensor(images).to(device))
+        return {name: value.float().cpu() for name, value in features.items()} if on_cpu else features
+
     def _tokens(self, images: Sequence[np.ndarray]):
         """Re-ranker tokens of preprocessed images (the bundle's eager trunk)."""
-        reranker, _ = self._pairwise
-        return reranker.tokens(self.bundle.embedder.backbone(self.bundle.to_tensor(images)))
+        return self._pairwise[0].tokens(self._trunk(images)).float()
 
     def _candidate_tokens(self, ids: Sequence[int]):
         import torch

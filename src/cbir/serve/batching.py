@@ -57,7 +57,8 @@ class QueryBatcher:
         return await future
 
     def _search_images(self, images: list[np.ndarray], k: int, filter: str | None = None) -> list[list[Hit]]:
-        return self.searcher.search_embeddings(self.searcher.embed_clean(images), k, filter=filter, images=images)
+        embeddings, tokens = self.searcher.embed_queries(images)
+        return self.searcher.search_embeddings(embeddings, k, filter=filter, images=images, tokens=tokens)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,12 +108,13 @@ class QueryBatcher:
 
     def _search_batch(self, queries: list[_Query]) -> list[list[Hit]]:
         """One forward pass for the whole batch; one index search per distinct filter."""
-        embeddings = self.searcher.embed_clean([q.image for q in queries])
+        embeddings, tokens = self.searcher.embed_queries([q.image for q in queries])
         results: list[list[Hit]] = [[] for _ in queries]
         for filter in dict.fromkeys(q.filter for q in queries):
             rows = [i for i, q in enumerate(queries) if q.filter == filter]
             hits = self.searcher.search_embeddings(embeddings[rows], max(queries[i].k for i in rows), filter=filter,
-                                                   images=[queries[i].image for i in rows])
+                                                   images=[queries[i].image for i in rows],
+                                                   tokens=None if tokens is None else tokens[rows])
             for i, row in zip(rows, hits):
                 results[i] = row[:queries[i].k]  # top-k is a prefix of top-max(k)
         return results
