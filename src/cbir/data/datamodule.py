@@ -27,7 +27,7 @@ from cbir.data.datasets import (
 )
 from cbir.data.readers.pairs import PairCatalog
 from cbir.data.sampler import MPerClassBatchSampler
-from cbir.data.transforms import eval_transform, seed_transform_in_worker, train_transform
+from cbir.data.transforms import CleanAndAugmented, eval_transform, seed_transform_in_worker, train_transform
 from cbir.errors import ConfigError
 from cbir.ranks import distributed_world_size
 
@@ -82,12 +82,17 @@ class ImageDataModule(pl.LightningDataModule):
 
 
 class RetrievalDataModule(ImageDataModule):
-    """Training batches from the M-per-class sampler; validation/test sets per :class:`EvalSpec`."""
+    """Training batches from the M-per-class sampler; validation/test sets per :class:`EvalSpec`.
+    ``clean_views``: training items also carry each image's crop without the photometric augmentations
+    (``clean_image``, :class:`~cbir.data.transforms.CleanAndAugmented`), for the clean/degraded consistency term."""
 
     def __init__(self, catalog: Catalog, inputs, options: LoaderOptions = LoaderOptions(), augment: Sequence = (),
                  *, batch_sampler: Callable[..., Sampler] | None = None, val: EvalSpec | None = None,
-                 test: EvalSpec | None = None) -> None:
+                 test: EvalSpec | None = None, clean_views: bool = False) -> None:
         super().__init__(catalog, inputs, options, augment)
+        if clean_views:
+            self.train_tf = CleanAndAugmented(augment, int(inputs.input_size), tuple(inputs.mean), tuple(inputs.std),
+                                              seed=options.seed)
         self.batch_sampler_factory = batch_sampler or MPerClassBatchSampler
         self.val_spec = val
         self.test_spec = test or val

@@ -37,6 +37,8 @@ class RecordDataset(Dataset):
     With ``on_bad_image="skip"`` an unreadable image becomes ``{"bad_image": path}``, which
     :func:`collate_records` drops from the batch and reports; with ``"fail"`` it raises.
     ``cache`` (record index → decoded pixels) skips decoding for images already in it.
+    A ``transform`` that also returns ``clean_image`` (:class:`cbir.data.transforms.CleanAndAugmented`) adds it to
+    the item: the target of the clean/degraded consistency term (:mod:`cbir.training.consistency`).
     """
 
     def __init__(self, catalog: Catalog, indices: Sequence[int] | np.ndarray, transform: Callable,
@@ -63,12 +65,16 @@ class RecordDataset(Dataset):
                 if self.on_bad_image == "fail":
                     raise
                 return {"bad_image": str(exc), "index": index}
-        return {
-            "image": self.transform(image=pixels)["image"],
+        views = self.transform(image=pixels)
+        item = {
+            "image": views["image"],
             "label": self.catalog.records[index].label,
             "index": index,
             "role": int(self.roles[position]),
         }
+        if "clean_image" in views:
+            item["clean_image"] = views["clean_image"]
+        return item
 
 
 def collate_records(items: list[dict]) -> dict:

@@ -28,6 +28,31 @@ def train_transform(augment: Sequence[A.BasicTransform], size: int, mean: Sequen
                       ToTensorV2()], seed=seed)
 
 
+class CleanAndAugmented:
+    """Training views for the clean/degraded consistency term (``train.consistency_weight``): ``image`` → both
+    the augmented view and the *same crop and flip* without the photometric augmentations (noise, blur, JPEG,
+    colour...) — so the pair differs only by the damage the term teaches the embedding to ignore. The leading
+    geometric transforms (albumentations ``DualTransform``s: crops, flips, affine) run once and feed both
+    views; the rest only the augmented one. Called like an albumentations pipeline:
+    ``views(image=x)`` → ``{"image": augmented, "clean_image": clean}`` (normalised CHW tensors)."""
+
+    def __init__(self, augment: Sequence[A.BasicTransform], size: int, mean: Sequence[float],
+                 std: Sequence[float], seed: int | None = None) -> None:
+        augment = list(augment)
+        split = next((i for i, t in enumerate(augment) if not isinstance(t, A.DualTransform)), len(augment))
+        self.geometry = A.Compose(augment[:split], seed=seed)
+        self.augmented = train_transform(augment[split:], size, mean, std, seed=None if seed is None else seed + 1)
+        self.clean = eval_transform(size, mean, std)
+
+    def __call__(self, *, image):
+        cropped = self.geometry(image=image)["image"]
+        return {"image": self.augmented(image=cropped)["image"], "clean_image": self.clean(image=cropped)["image"]}
+
+    def set_random_seed(self, seed: int) -> None:
+        self.geometry.set_random_seed(seed)
+        self.augmented.set_random_seed((seed + 1) % 2**32)
+
+
 def seed_transform_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: reseed the worker's copy of the dataset's albumentations pipeline
     (and NumPy) from the worker's torch seed, which the DataLoader derives from the global seed and the

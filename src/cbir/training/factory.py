@@ -153,7 +153,19 @@ def build_datamodule(cfg: DictConfig, catalog: Catalog | PairCatalog,
         return PairDataModule(catalog, embedder, options, augment, eval_split=cfg.data.get("eval_split"))
     sampler = instantiate(cfg.sampler) if "sampler" in cfg else None
     return RetrievalDataModule(catalog, embedder, options, augment, batch_sampler=sampler,
-                               val=eval_spec(cfg.data.get("val")), test=eval_spec(cfg.data.get("test")))
+                               val=eval_spec(cfg.data.get("val")), test=eval_spec(cfg.data.get("test")),
+                               clean_views=consistency_weight(cfg) > 0)
+
+
+def consistency_weight(cfg: DictConfig) -> float:
+    """``train.consistency_weight`` (0 when absent); data=pairs has no single clean view to agree with."""
+    weight = float((cfg.get("train") or {}).get("consistency_weight", 0.0) or 0.0)
+    if weight < 0:
+        raise ConfigError(f"train.consistency_weight must be >= 0, got {weight}")
+    if weight > 0 and cfg.data.get("mode") == "pairs":
+        raise ConfigError("train.consistency_weight applies to class-labelled data; data=pairs trains on given "
+                          "pairs of images — set train.consistency_weight=0")
+    return weight
 
 
 def eval_spec(spec_cfg) -> EvalSpec | None:
@@ -206,6 +218,7 @@ def build_module(cfg: DictConfig, embedder: Embedder, catalog: Catalog | None = 
         warmup_epochs=int((cfg.get("train") or {}).get("warmup_epochs", 0)),
         distill_weight=float((cfg.get("train") or {}).get("distill_weight", 0.0) or 0.0),
         layer_decay=(cfg.get("train") or {}).get("layer_decay"),
+        consistency_weight=consistency_weight(cfg),
     )
 
 

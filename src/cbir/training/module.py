@@ -18,6 +18,7 @@ from torch import nn
 from cbir.evaluation.metrics import DEFAULT_KS, all_gather_concat, evaluate_embeddings, unique_by_id
 from cbir.models.embedder import Embedder
 from cbir.ranks import distributed_world_size as world_size
+from cbir.training.consistency import consistency_loss
 from cbir.training.distill import SimilarityDistillation
 from cbir.training.distributed import TrainingLoss
 from cbir.training.warmup import BackboneWarmup
@@ -43,6 +44,7 @@ class MetricLearningModule(pl.LightningModule):
         distill_weight: float = 0.0,
         layer_decay: float | None = None,
         knn_k: int | None = None,
+        consistency_weight: float = 0.0,
     ) -> None:
         """``loss_lr``: learning rate of the loss's own parameters (proxies, class weights), which get
         their own optimiser group; ``None`` uses the optimiser's lr. ``train_classes``: the training label
@@ -51,7 +53,9 @@ class MetricLearningModule(pl.LightningModule):
         ``distill_weight``: weight of the term that keeps the batch similarity structure of the trunk as it
         was before training (:class:`~cbir.training.distill.SimilarityDistillation`); 0 = off.
         ``layer_decay``: layer-wise learning-rate decay, the head at the optimiser's lr and each trunk layer
-        (ViT block, or CNN stage) below it at ``layer_decay`` times the one above; ``None`` = one lr."""
+        (ViT block, or CNN stage) below it at ``layer_decay`` times the one above; ``None`` = one lr.
+        ``consistency_weight``: weight of the term that pulls each augmented view's embedding towards its clean
+        image's (:mod:`cbir.training.consistency`; batches then carry ``clean_image``); 0 = off."""
         super().__init__()
         self.embedder = embedder
         self.loss_fn = loss
@@ -65,6 +69,9 @@ class MetricLearningModule(pl.LightningModule):
         if distill_weight < 0:
             raise ValueError(f"train.distill_weight must be >= 0, got {distill_weight}")
         self.distill_weight = float(distill_weight)
+        if consistency_weight < 0:
+            raise ValueError(f"train.consistency_weight must be >= 0, got {consistency_weight}")
+        self.consistency_weight = float(consistency_weight)
         if layer_decay is not None and not 0.0 < float(layer_decay) <= 1.0:
             raise ValueError(f"train.layer_decay must lie in (0, 1], got {layer_decay}")
         self.layer_decay = None if layer_decay is None else float(layer_decay)
@@ -105,11 +112,25 @@ class MetricLearningModule(pl.LightningModule):
             kept = self.distill(batch["image"], embeddings)
             loss = loss + self.distill_weight * kept
             self.log("train/distill", kept, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        if self.consistency_weight > 0:
+            agreement = self._consistency(batch, embeddings)
+            loss = loss + self.consistency_weight * agreement
+            self.log("train/consistency", agreement, on_step=True, on_epoch=True, batch_size=len(labels),
+                     sync_dist=True)
         self._epoch_images += len(labels)
         self._last_step_end = time.perf_counter()
         self.log("train/loss", value, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels),
                  sync_dist=True)
         return loss
+
+    def _consistency(self, batch: dict, embeddings: torch.Tensor) -> torch.Tensor:
+        """The clean/degraded consistency term of this batch: its clean views embedded without gradient."""
+        if "clean_image" not in batch:
+            raise RuntimeError("train.consistency_weight > 0 needs training batches with clean views "
+                               "(RetrievalDataModule(clean_views=True))")
+        with torch.no_grad():
+            clean = self.embedder(batch["clean_image"])
+        return consistency_loss(embeddings, clean)
 
     def _training_loss(self) -> TrainingLoss:
         """Loss and miner for this run's world size (under DDP: over the global batch, see
