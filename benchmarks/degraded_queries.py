@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-untrained", action="store_true", help="skip the untrained ImageNet model")
     parser.add_argument("--options", nargs="+", default=OPTIONS, choices=OPTIONS)
     parser.add_argument("--degradations", nargs="+", default=None, help="names from the standard suite")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: queries from the held-out training classes of data=emoji (data.val_classes), "
+                             "the training images added to their gallery as distractors — for choosing a recipe "
+                             "without looking at the test classes")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N test images (quick runs)")
     parser.add_argument("--queries", type=int, default=None,
                         help="degrade only a seeded random sample of N test images as queries (gallery: all)")
@@ -179,14 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown degradation(s) {unknown}; choose from {list(known)}")
         suite = [known[n] for n in args.degradations]
-    catalog = read_emoji(args.root, fetch=False)
-    indices = catalog.select("test")[: args.limit]
-    images = [load_record(catalog, int(i)) for i in tqdm(indices, desc="loading test images")]
+    catalog = emoji_catalog(args.root, args.split)
+    indices = catalog.select(args.split)[: args.limit]
+    pool = len(indices)  # queries come from these; the gallery may hold more
+    if args.split == "val":  # 143 held-out classes make a small, easy gallery: the training images join it as
+        indices = np.concatenate([indices, catalog.select("train")])  # distractors, about the test gallery's size
+    images = [load_record(catalog, int(i)) for i in tqdm(indices, desc=f"loading {args.split} images")]
     labels = torch.as_tensor(catalog.labels(indices))
     ids = torch.arange(len(images))
-    queries = np.arange(len(images))
-    if args.queries and args.queries < len(images):
-        queries = np.sort(np.random.default_rng(args.seed).choice(len(images), args.queries, replace=False))
+    queries = np.arange(pool)
+    if args.queries and args.queries < pool:
+        queries = np.sort(np.random.default_rng(args.seed).choice(pool, args.queries, replace=False))
     query_images = [images[q] for q in queries]
     query_labels, query_ids = labels[queries], ids[queries]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -246,9 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     payload["report"] = report
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.out, payload)
-    print(f"\nEmoji test split, {len(queries)} queries (each degraded, searched against the {len(images)} clean test "
-          f"images, itself excluded), {payload['embedding']}, seed {args.seed}:\n\n{report}")
+    gallery = f"{args.split}{' + train' if args.split == 'val' else ''}"
+    print(f"\nEmoji {args.split} split, {len(queries)} queries (each degraded, searched against the {len(images)} clean "
+          f"{gallery} images, itself excluded), {payload['embedding']}, seed {args.seed}:\n\n{report}")
     return 0
+
+
+def emoji_catalog(root: Path, split: str):
+    """The emoji catalog; for ``split="val"`` with the validation classes held out of the training split exactly
+    as ``data=emoji`` training holds them out (its ``val_classes`` and ``val_seed``)."""
+    if split == "test":
+        return read_emoji(root, fetch=False)
+    from cbir.configs import load_option
+    from cbir.data.readers import catalog_from_config
+
+    config = load_option("data", "emoji")
+    config.root = str(root)
+    config.reader.fetch = False
+    return catalog_from_config(config)
 
 
 class _no_pool:

@@ -63,17 +63,22 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (the first is the cold one)")
     parser.add_argument("--n", type=int, default=5, help="neighbours for aqe / dba / k-reciprocal")
-    parser.add_argument("--out", type=Path, default=RESULTS / "query_quality_emoji.json")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: the robustness table on the held-out training classes only (choosing a recipe)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/query_quality_emoji[_val].json")
     parser.add_argument("--skip-robustness", action="store_true", help="reuse the robustness part's JSON")
     args = parser.parse_args()
     from cbir.evaluation.report import write_json
     from cbir.models.checkpoint import resolve_checkpoint
 
     default, robust = resolve_checkpoint(args.default), resolve_checkpoint(args.robust)
+    if args.out is None:
+        args.out = RESULTS / f"query_quality_emoji{'_val' if args.split == 'val' else ''}.json"
     degraded_json = args.out.with_name(args.out.stem + "_degraded.json")
     if not (args.skip_robustness and degraded_json.is_file()):
         degraded_queries.main(["--queries", str(args.queries), "--options", "none", "auto", "--no-untrained",
-                               "--ckpt", str(default), "--ckpt", str(robust), "--out", str(degraded_json)])
+                               "--split", args.split, "--ckpt", str(default), "--ckpt", str(robust),
+                               "--out", str(degraded_json)])
     payload = json.loads(degraded_json.read_text())
     names = {f"trained {default}": "default", f"trained {robust}": "robust"}  # degraded_queries' model names
     for key in list(payload["results"]):
@@ -81,6 +86,13 @@ def main() -> None:
         if model in names:
             payload["results"][f"{names[model]}|{degradation}|{option}"] = payload["results"][key]
     robust_text, robust_rows = robustness_table(payload)
+    heading = f"Emoji, {payload['num_queries']} degraded queries vs the clean {args.split} images — R@1 %"
+    if args.split == "val":  # selection only: re-ranking options are chosen with eval.py protocol=val
+        write_json(args.out, {"benchmark": "query_quality", "dataset": "emoji", "split": "val",
+                              "default": str(default), "robust": str(robust), "queries": payload["num_queries"],
+                              "robustness": robust_rows, "command": " ".join(sys.argv)})
+        print(f"\n{heading}:\n\n{robust_text}")
+        return
 
     work = Path(tempfile.mkdtemp(prefix="cbir-query-quality-"))
     rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in
@@ -102,7 +114,7 @@ def main() -> None:
                           "robust": str(robust), "reranker": args.reranker, "queries": payload["num_queries"],
                           "robustness": robust_rows, "rerank": rows, "latency_ms": ms,
                           "command": " ".join(sys.argv)})
-    print(f"\nEmoji, {payload['num_queries']} degraded queries vs the clean test images — R@1 %:\n\n{robust_text}\n\n"
+    print(f"\n{heading}:\n\n{robust_text}\n\n"
           f"Emoji all-vs-all (test), re-ranking of --default:\n\n{rerank_text}")
 
 
