@@ -5,12 +5,13 @@
    augmentation) and ``--robust`` (``augment=robust``), each with ``preprocess=none`` and ``auto``: R@1 per
    degradation for {none, auto clean-up, robust training, both}, and the better robust cell as a share of the
    robust model's clean R@1 (the issue's goal: >= 90 % on every row).
-2. **Re-ranking** — :mod:`rerank` for ``--default``: P@1 / MAP@R of plain k-NN and every option on the same
+2. **Re-ranking** — :mod:`rerank` for ``--rerank-model`` (default: ``--default``): P@1 / MAP@R of plain k-NN and every option on the same
    embeddings (``pairwise`` with ``--reranker``, a ``train.py stage=reranker`` run of that checkpoint), and the
    Searcher's median ms per single-image query for each query-time option.
 
     python benchmarks/query_quality.py --default outputs/rr/emb --robust outputs/rr/emb-robust \\
         --reranker outputs/rr/reranker --queries 400
+    python benchmarks/query_quality.py --split val ...   # the robustness table on validation, to choose a recipe
 
 Writes ``benchmarks/results/query_quality_emoji.json`` (the two parts' own JSON files beside it). Emoji only:
 the degraded-query suite reads the emoji test split.
@@ -58,7 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--default", required=True, type=Path, help="checkpoint or run, default augmentation")
     parser.add_argument("--robust", required=True, type=Path, help="the same recipe trained with augment=robust")
-    parser.add_argument("--reranker", default=None, help="pairwise re-ranker of --default (train.py stage=reranker)")
+    parser.add_argument("--rerank-model", type=Path, default=None,
+                        help="the model whose re-ranking options are measured (default: --default)")
+    parser.add_argument("--reranker", default=None,
+                        help="pairwise re-ranker of the re-ranking model (train.py stage=reranker)")
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--latency-queries", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (the first is the cold one)")
@@ -94,10 +98,11 @@ def main() -> None:
         print(f"\n{heading}:\n\n{robust_text}")
         return
 
+    reranked = resolve_checkpoint(args.rerank_model) if args.rerank_model else default
     work = Path(tempfile.mkdtemp(prefix="cbir-query-quality-"))
     rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in
-            rerank.quality(str(default), ["data=emoji"], args.n, work / "eval", None, args.reranker).items()}
-    ms = rerank.latency(str(default), "emoji:test", args.latency_queries, args.n, args.rounds, work, args.reranker)
+            rerank.quality(str(reranked), ["data=emoji"], args.n, work / "eval", None, args.reranker).items()}
+    ms = rerank.latency(str(reranked), "emoji:test", args.latency_queries, args.n, args.rounds, work, args.reranker)
     plain = next(v for k, v in rows.items() if " + " not in k)
     lines = ["| option | P@1 | MAP@R | ΔMAP@R | Searcher ms / query | × plain |", "|---|---|---|---|---|---|"]
     for name, metrics in rows.items():
@@ -111,11 +116,12 @@ def main() -> None:
                      f"{100 * (metrics['map_at_r'] - plain['map_at_r']):+.2f} | {latency} |")
     rerank_text = "\n".join(lines)
     write_json(args.out, {"benchmark": "query_quality", "dataset": "emoji", "default": str(default),
-                          "robust": str(robust), "reranker": args.reranker, "queries": payload["num_queries"],
+                          "robust": str(robust), "rerank_model": str(reranked), "reranker": args.reranker,
+                          "queries": payload["num_queries"],
                           "robustness": robust_rows, "rerank": rows, "latency_ms": ms,
                           "command": " ".join(sys.argv)})
     print(f"\n{heading}:\n\n{robust_text}\n\n"
-          f"Emoji all-vs-all (test), re-ranking of --default:\n\n{rerank_text}")
+          f"Emoji all-vs-all (test), re-ranking of {reranked}:\n\n{rerank_text}")
 
 
 if __name__ == "__main__":
