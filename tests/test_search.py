@@ -460,5 +460,7 @@ def test_pairwise_queries_take_one_trunk_pass_for_embedding_and_tokens(searcher_
     with_tokens = searcher.search_embeddings(embeddings, k=6, images=images, tokens=tokens)
     recomputed = searcher.search_embeddings(embeddings, k=6, images=images)
     assert [[h.id for h in row] for row in with_tokens] == [[h.id for h in row] for row in recomputed]
+    with pytest.raises(SearchError, match="re-ranker tokens for"):
+        searcher.search_embeddings(embeddings, k=6, images=images, tokens=tokens[:2])
     plain_embeddings, no_tokens = Searcher(with_reranker, index, precision="fp32").embed_queries(images)
     assert no_tokens is None and np.allclose(plain_embeddings, embeddings, atol=1e-5)

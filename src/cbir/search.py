@@ -220,14 +220,14 @@ class Searcher:
 
         from cbir.models.inference import inference_autocast
 
-        embedder, reranker = self._eager_embedder(), self._pairwise[0]
+        embedder = self.bundle.embedder
+        device = next(embedder.parameters()).device
         embeddings, tokens = [], []
         for start in range(0, len(images), self.batch_size):
-            features = self._trunk(images[start:start + self.batch_size], on_cpu=False)
-            with inference_autocast(features[next(iter(features))].device, bf16=self.bf16):
+            features = self._trunk(images[start:start + self.batch_size])
+            with inference_autocast(device, bf16=self.bf16):
                 embeddings.append(F.normalize(embedder.head(features).float(), dim=1).cpu())
-            with torch.inference_mode():
-                tokens.append(reranker.tokens({name: value.float().cpu() for name, value in features.items()}).float())
+            tokens.append(self._tokens_of(features))
         if not embeddings:
             return np.zeros((0, self.bundle.embedding_dim), np.float32), None
         return torch.cat(embeddings).numpy(), torch.cat(tokens)
@@ -285,6 +285,9 @@ class Searcher:
         if self._pairwise is not None and (images is None or len(images) != len(embeddings)):
             raise SearchError("rerank=pairwise compares each query image with its candidates' images: search images "
                               "(search_images / search_paths, or search_embeddings(..., images=...))")
+        if tokens is not None and len(tokens) != len(embeddings):
+            raise SearchError(f"search_embeddings: {len(tokens)} re-ranker tokens for {len(embeddings)} embeddings "
+                              "(pass embed_queries' tokens for the same images, or none)")
         self.check_filter(filter)
         size = len(self.index)
         if size == 0:
@@ -386,7 +389,7 @@ class Searcher:
         out_scores = np.full((len(rows), width), -np.inf, np.float32)
         out_ids = np.full((len(rows), width), -1, np.int64)
         with torch.inference_mode():
-            if query_tokens is None or len(query_tokens) != len(rows):
+            if query_tokens is None:
                 query_tokens = self._tokens(images)
             for r, row in enumerate(rows):
                 if not row:
@@ -411,26 +414,26 @@ class Searcher:
                 out_ids[r, len(head):len(row)] = [i for _, i in row[len(head):]]
         return out_scores, out_ids
 
-    def _eager_embedder(self):
-        embedder = self.bundle.embedder
-        if embedder.training:
-            embedder.eval()
-        return embedder
-
-    def _trunk(self, images: Sequence[np.ndarray], on_cpu: bool = True) -> dict:
-        """The eager trunk's feature maps of preprocessed images, at the precision the queries are embedded in
-        (``on_cpu``: moved to the CPU, where the re-ranker runs)."""
+    def _trunk(self, images: Sequence[np.ndarray]) -> dict:
+        """The bundle's eager trunk's feature maps of preprocessed images, on its device, at the precision the
+        queries are embedded in."""
         from cbir.models.inference import inference_autocast
 
-        embedder = self._eager_embedder()
+        embedder = self.bundle.embedder  # eval mode, as the bundle loads it
         device = next(embedder.parameters()).device
         with inference_autocast(device, bf16=self.bf16):
-            features = embedder.backbone(self.bundle.to_tensor(images).to(device))
-        return {name: value.float().cpu() for name, value in features.items()} if on_cpu else features
+            return embedder.backbone(self.bundle.to_tensor(images).to(device))
+
+    def _tokens_of(self, features: dict):
+        """Re-ranker tokens of trunk feature maps (float32, on the CPU, where the re-ranker runs)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._pairwise[0].tokens({name: value.float().cpu() for name, value in features.items()})
 
     def _tokens(self, images: Sequence[np.ndarray]):
         """Re-ranker tokens of preprocessed images (the bundle's eager trunk)."""
-        return self._pairwise[0].tokens(self._trunk(images)).float()
+        return self._tokens_of(self._trunk(images))
 
     def _candidate_tokens(self, ids: Sequence[int]):
         import torch

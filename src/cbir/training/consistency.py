@@ -1,6 +1,7 @@
 """Clean/degraded consistency (``train.consistency_weight``): the embedding of an augmented (possibly
-degraded) training view is pulled towards the embedding of the same image as the gallery sees it — the
-evaluation transform, no augmentation. The clean embedding is the fixed target (no gradient), so the term
+degraded) training view is pulled towards the embedding of the same crop and flip without the photometric
+augmentations (:class:`cbir.data.transforms.CleanAndAugmented`), normalised as the gallery's images are. The
+clean embedding is the fixed target (no gradient), so the term
 moves what damage does to an embedding back to where the clean image lies instead of moving the clean
 images: a camera-grade query lands next to its own gallery entry, and clean search keeps its geometry."""
 
