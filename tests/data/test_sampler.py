@@ -113,3 +113,58 @@ def test_resume_at_starts_one_iteration_part_way_through_the_epoch():
         assert list(sampler) == whole  # only the next iteration is shortened
     with pytest.raises(ValueError):
         sampler.resume_at(-1)
+
+
+def test_every_epoch_has_the_same_number_of_batches():
+    """The greedy fill ends a batch sooner or later from epoch to epoch; the sampler pads or cuts to epoch 0's
+    length, so ``len()`` (read once by Lightning) stays true and every epoch reaches its validation."""
+    labels = uneven_labels(2)
+    sampler = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=0)
+    raw_lengths, padded, dropped = set(), 0, 0
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == sampler.epoch_length
+        for batch in batches:
+            counts = Counter(labels[batch].tolist())
+            assert len(batch) == 32 and len(counts) == 8 and set(counts.values()) == {4}
+        stats = sampler.last_plan_stats
+        assert stats.images_visited + stats.leftover_images == len(labels)
+        raw_lengths.add(len(sampler._greedy_plan(epoch)[3]))
+        padded += stats.padded_batches
+        dropped += stats.dropped_batches
+    assert len(raw_lengths) > 1 and padded > 0  # the uncorrected length did vary; padding happened
+
+
+def test_lightning_validates_every_epoch():
+    """The symptom the fixed length cures: with a batch count that changed between epochs, Lightning skipped
+    validation (and best-checkpointing) of every epoch shorter than the first."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    labels = uneven_labels(2)
+    sampler = MPerClassBatchSampler(labels, m=4, batch_size=32, seed=0)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.validated_epochs: list[int] = []
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0].float()[:, None]).mean()
+
+        def validation_step(self, batch, _):
+            if not self.validated_epochs or self.validated_epochs[-1] != self.current_epoch:
+                self.validated_epochs.append(self.current_epoch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = TensorDataset(torch.arange(len(labels)))
+    model = Tiny()
+    trainer = pl.Trainer(max_epochs=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, DataLoader(data, batch_sampler=sampler), DataLoader(data, batch_size=64))
+    assert model.validated_epochs == list(range(12))

@@ -21,6 +21,12 @@ through an epoch (:class:`cbir.data.datamodule.ResumableDataLoader` calls it fro
 
 Every image is visited once per epoch, except the few in the leftover groups, which are reported in
 ``last_plan_stats``.
+
+Every epoch has the same number of batches (epoch 0's): the greedy fill of step 2 can end one batch sooner or
+later from one epoch to the next, and Lightning decides "end of epoch, validate now" by counting batches against
+the length it read once — an epoch one batch short was silently never validated (nor checkpointed as best), the
+last epoch included. A short epoch is padded with a batch made of its leftover groups and random groups of other
+classes; a long one drops its last batch (its images count as leftover); both are reported in the stats.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class EpochPlanStats:
     images_total: int
     repeated_slots: int  # batch slots filled by repeats in classes smaller than a multiple of m
     leftover_images: int  # images whose groups could not join a batch of distinct classes
+    padded_batches: int = 0  # batches added to reach the fixed epoch length (leftover + random groups)
+    dropped_batches: int = 0  # batches cut to keep the fixed epoch length
 
 
 class MPerClassBatchSampler(Sampler[list[int]]):
@@ -83,6 +91,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             log.warning("sampler: %d of %d classes have fewer than m=%d images; their images are repeated",
                         small, len(classes), m)
         self._plan_cache: tuple[int, list[list[int]], EpochPlanStats] | None = None
+        self._epoch_length: int | None = None
         self._resume_batch = 0
 
     # -- distributed context -------------------------------------------------------------------------
@@ -114,6 +123,38 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         epoch = self.epoch if epoch is None else epoch
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1], self._plan_cache[2]
+        rng, groups, remaining, batches, repeated = self._greedy_plan(epoch)
+        target = self.epoch_length
+        padded = 0
+        while len(batches) < target:
+            batches.append(self._padding_batch(groups, remaining, rng))
+            padded += 1
+        dropped = max(0, len(batches) - target)
+        del batches[target:]
+        visited = {i for b in batches for i in b}
+        total = sum(len(ix) for ix in self._indices_by_class)
+        stats = EpochPlanStats(
+            num_batches=len(batches),
+            images_visited=len(visited),
+            images_total=total,
+            repeated_slots=repeated + padded * self.batch_size,
+            leftover_images=total - len(visited),
+            padded_batches=padded,
+            dropped_batches=dropped,
+        )
+        self._plan_cache = (epoch, batches, stats)
+        return batches, stats
+
+    @property
+    def epoch_length(self) -> int:
+        """Batches in every epoch (all ranks together): what epoch 0's greedy fill gives."""
+        if self._epoch_length is None:
+            self._epoch_length = len(self._greedy_plan(0)[3])
+        return self._epoch_length
+
+    def _greedy_plan(self, epoch: int):
+        """Steps 1-2 of the module docstring: groups of m, then batches of distinct classes until fewer than
+        ``classes_per_batch`` classes have groups left. Its length varies by a batch or so between epochs."""
         rng = np.random.default_rng([self.seed, epoch])
         groups: list[list[np.ndarray]] = []
         repeated = 0
@@ -133,17 +174,20 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             batch = np.concatenate([groups[c].pop() for c in chosen])
             remaining[chosen] -= 1
             batches.append(batch.tolist())
-        leftover = {int(i) for c in range(len(groups)) for g in groups[c] for i in g}
-        visited = {i for b in batches for i in b}
-        stats = EpochPlanStats(
-            num_batches=len(batches),
-            images_visited=len(visited),
-            images_total=sum(len(ix) for ix in self._indices_by_class),
-            repeated_slots=repeated,
-            leftover_images=len(leftover - visited),
-        )
-        self._plan_cache = (epoch, batches, stats)
-        return batches, stats
+        return rng, groups, remaining, batches, repeated
+
+    def _padding_batch(self, groups: list[list[np.ndarray]], remaining: np.ndarray,
+                       rng: np.random.Generator) -> list[int]:
+        """One more batch of distinct classes: the leftover groups first (images this epoch has not visited
+        yet), then ``m`` random images of randomly chosen other classes."""
+        leftover_classes = np.flatnonzero(remaining)[: self.classes_per_batch]
+        parts = [groups[c].pop() for c in leftover_classes]
+        remaining[leftover_classes] -= 1
+        others = np.setdiff1d(np.arange(len(groups)), leftover_classes)
+        for c in rng.choice(others, size=self.classes_per_batch - len(parts), replace=False):
+            indices = self._indices_by_class[c]
+            parts.append(rng.choice(indices, size=self.m, replace=len(indices) < self.m))
+        return np.concatenate(parts).tolist() if parts else []
 
     @property
     def last_plan_stats(self) -> EpochPlanStats:
