@@ -131,6 +131,9 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             padded += 1
         dropped = max(0, len(batches) - target)
         del batches[target:]
+        if padded or dropped:
+            log.info("sampler: epoch %d's plan %s %d batch(es) to keep %d batches an epoch", epoch,
+                     "padded with" if padded else "dropped", padded or dropped, target)
         visited = {i for b in batches for i in b}
         total = sum(len(ix) for ix in self._indices_by_class)
         stats = EpochPlanStats(
