@@ -12,6 +12,7 @@
     python benchmarks/query_quality.py --default outputs/rr/emb --robust outputs/rr/emb-robust \\
         --reranker outputs/rr/reranker --queries 400
     python benchmarks/query_quality.py --split val ...   # the robustness table on validation, to choose a recipe
+    python benchmarks/query_quality.py --skip-rerank --out results/query_quality_emoji_dinov2.json ...  # table 1 only
 
 Writes ``benchmarks/results/query_quality_emoji.json`` (the two parts' own JSON files beside it). Emoji only:
 the degraded-query suite reads the emoji test split.
@@ -71,6 +72,8 @@ def main() -> None:
                         help="val: the robustness table on the held-out training classes only (choosing a recipe)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/query_quality_emoji[_val].json")
     parser.add_argument("--skip-robustness", action="store_true", help="reuse the robustness part's JSON")
+    parser.add_argument("--skip-rerank", action="store_true",
+                        help="the robustness table only (e.g. a pair of models without a trained re-ranker)")
     args = parser.parse_args()
     from cbir.evaluation.report import write_json
     from cbir.models.checkpoint import resolve_checkpoint
@@ -91,8 +94,8 @@ def main() -> None:
             payload["results"][f"{names[model]}|{degradation}|{option}"] = payload["results"][key]
     robust_text, robust_rows = robustness_table(payload)
     heading = f"Emoji, {payload['num_queries']} degraded queries vs the clean {args.split} images — R@1 %"
-    if args.split == "val":  # selection only: re-ranking options are chosen with eval.py protocol=val
-        write_json(args.out, {"benchmark": "query_quality", "dataset": "emoji", "split": "val",
+    if args.split == "val" or args.skip_rerank:  # on val, re-ranking options are chosen with eval.py protocol=val
+        write_json(args.out, {"benchmark": "query_quality", "dataset": "emoji", "split": args.split,
                               "default": str(default), "robust": str(robust), "queries": payload["num_queries"],
                               "robustness": robust_rows, "command": " ".join(sys.argv)})
         print(f"\n{heading}:\n\n{robust_text}")
