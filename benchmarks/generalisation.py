@@ -20,6 +20,7 @@ Each number sits next to the same trunk untrained (ImageNet features + a random 
     python benchmarks/generalisation.py --epochs 8 --out benchmarks/results/generalisation_emoji.json
     python benchmarks/generalisation.py --trunk dinov2_vits14 --recipes last:1 head full+lld --wise-recipes last:1
     python benchmarks/generalisation.py --epochs 1 --recipes full --no-fmnist     # smoke run
+    python benchmarks/generalisation.py --trunk dinov2_vits14 --image-size 98 --recipes full+lld+robust --seed 1
 
 Results are written after every evaluation; a rerun skips what is already there and scores only the probes a
 row lacks, from the checkpoints kept under ``--work`` (``--fresh`` to redo everything).
@@ -54,6 +55,8 @@ RECIPES = {  # name -> train.py overrides on top of experiment=emoji_fast (whose
     "last:2": ["train.tune=last:2"],
     "head": ["train.tune=head"],
     "full+lld": ["train.tune=full", "train.layer_decay=0.75"],  # layer-wise lr decay
+    # the same with camera-grade degradations as augmentation (conf/augment/robust.yaml)
+    "full+lld+robust": ["train.tune=full", "train.layer_decay=0.75", "augment=robust"],
     "lora": ["train.tune=lora"],  # ViT trunks: low-rank adapters, merged at export
     "auto": ["train.tune=auto"],  # the default: a pretrained CNN's stem and first stage frozen
 }
@@ -181,9 +184,10 @@ def main() -> None:
         prefix += f"{args.image_size}px "
         work = work.with_name(f"{work.name}-{args.image_size}px")
     score(f"{prefix}untrained", [*model, "head=fusion"], "untrained")
+    seed_tag = f" seed {args.seed}" if args.seed else ""  # seed 0's rows keep their names
     for recipe in args.recipes:
-        name = f"{prefix}{recipe} ({args.epochs} epochs)"
-        out = work / f"train-{recipe.replace(':', '_')}-{args.epochs}"
+        name = f"{prefix}{recipe} ({args.epochs} epochs){seed_tag}"
+        out = work / f"train-{recipe.replace(':', '_')}-{args.epochs}{f'-seed{args.seed}' if args.seed else ''}"
         ckpts = sorted((out / "checkpoints").glob("best-*.ckpt"))
         if name not in rows or not ckpts:
             if name in rows and not all(p in rows[name] for p in probes):
@@ -197,7 +201,7 @@ def main() -> None:
         if recipe in args.wise_recipes:
             for alpha in args.wise:
                 wise = wise_checkpoint(ckpts[-1], alpha, work / f"wise-{recipe.replace(':', '_')}-{alpha}", pretrained)
-                score(f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}", [f"ckpt_path={wise}"], f"wise-{alpha}")
+                score(f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}{seed_tag}", [f"ckpt_path={wise}"], f"wise-{alpha}")
         print(table(rows), flush=True)
     print(table(rows))
     save()
