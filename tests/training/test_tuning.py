@@ -201,6 +201,7 @@ def test_the_generic_recipe_composes_and_trains(tiny_folder, tmp_path):
     best_emoji = compose_config("train", ["experiment=emoji"])
     assert (best_emoji.model.backbone, best_emoji.model.image_size, best_emoji.train.layer_decay) == (
         "dinov2_vits14", 98, 0.75)
+    assert "albumentations.OneOf" in [t._target_ for t in best_emoji.augment.transforms]  # augment=robust
     fast = compose_config("train", ["experiment=generic", *tiny_train_overrides(tiny_folder, tmp_path)[1:],
                                     "data.image_size=28", "trainer.fast_dev_run=true"])
     train(fast)
