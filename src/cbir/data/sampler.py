@@ -53,7 +53,7 @@ class EpochPlanStats:
     images_total: int
     repeated_slots: int  # batch slots filled by repeats in classes smaller than a multiple of m
     leftover_images: int  # images whose groups could not join a batch of distinct classes
-    padded_batches: int = 0  # batches added to reach the fixed epoch length (leftover + random groups)
+    padded_batches: int = 0  # batches added to reach the fixed epoch length (leftover groups + random images)
     dropped_batches: int = 0  # batches cut to keep the fixed epoch length
 
 
@@ -140,7 +140,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             num_batches=len(batches),
             images_visited=len(visited),
             images_total=total,
-            repeated_slots=repeated + padded * self.batch_size,
+            repeated_slots=repeated,
             leftover_images=total - len(visited),
             padded_batches=padded,
             dropped_batches=dropped,
@@ -155,7 +155,8 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             self._epoch_length = len(self._greedy_plan(0)[3])
         return self._epoch_length
 
-    def _greedy_plan(self, epoch: int):
+    def _greedy_plan(self, epoch: int) -> tuple[np.random.Generator, list[list[np.ndarray]], np.ndarray,
+                                                list[list[int]], int]:
         """Steps 1-2 of the module docstring: groups of m, then batches of distinct classes until fewer than
         ``classes_per_batch`` classes have groups left. Its length varies by a batch or so between epochs."""
         rng = np.random.default_rng([self.seed, epoch])
@@ -190,7 +191,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         for c in rng.choice(others, size=self.classes_per_batch - len(parts), replace=False):
             indices = self._indices_by_class[c]
             parts.append(rng.choice(indices, size=self.m, replace=len(indices) < self.m))
-        return np.concatenate(parts).tolist() if parts else []
+        return np.concatenate(parts).tolist()
 
     @property
     def last_plan_stats(self) -> EpochPlanStats:
