@@ -124,6 +124,8 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1], self._plan_cache[2]
         rng, groups, remaining, batches, repeated = self._greedy_plan(epoch)
+        if epoch == 0 and self._epoch_length is None:
+            self._epoch_length = len(batches)  # what epoch_length would compute again
         target = self.epoch_length
         padded = 0
         while len(batches) < target:
