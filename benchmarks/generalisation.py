@@ -184,10 +184,10 @@ def main() -> None:
         prefix += f"{args.image_size}px "
         work = work.with_name(f"{work.name}-{args.image_size}px")
     score(f"{prefix}untrained", [*model, "head=fusion"], "untrained")
-    seed_tag = f" seed {args.seed}" if args.seed else ""  # seed 0's rows keep their names
+    seed_tag, seed_dir = (f" seed {args.seed}", f"-seed{args.seed}") if args.seed else ("", "")  # seed 0 keeps its names
     for recipe in args.recipes:
         name = f"{prefix}{recipe} ({args.epochs} epochs){seed_tag}"
-        out = work / f"train-{recipe.replace(':', '_')}-{args.epochs}{f'-seed{args.seed}' if args.seed else ''}"
+        out = work / f"train-{recipe.replace(':', '_')}-{args.epochs}{seed_dir}"
         ckpts = sorted((out / "checkpoints").glob("best-*.ckpt"))
         if name not in rows or not ckpts:
             if name in rows and not all(p in rows[name] for p in probes):
@@ -197,11 +197,13 @@ def main() -> None:
             ckpts = sorted((out / "checkpoints").glob("best-*.ckpt"))
             rows[name] = {"train_wall_seconds": round(wall, 1), "checkpoint": ckpts[-1].name, "command": command,
                           "train_images_per_second": train_speed(out)}
-        score(name, [f"ckpt_path={ckpts[-1]}"], recipe.replace(":", "_"))
+        score(name, [f"ckpt_path={ckpts[-1]}"], f"{recipe.replace(':', '_')}{seed_dir}")
         if recipe in args.wise_recipes:
             for alpha in args.wise:
-                wise = wise_checkpoint(ckpts[-1], alpha, work / f"wise-{recipe.replace(':', '_')}-{alpha}", pretrained)
-                score(f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}{seed_tag}", [f"ckpt_path={wise}"], f"wise-{alpha}")
+                wise = wise_checkpoint(ckpts[-1], alpha, work / f"wise-{recipe.replace(':', '_')}-{alpha}{seed_dir}",
+                                       pretrained)
+                score(f"{prefix}{recipe} + WiSE-FT alpha={alpha:g}{seed_tag}", [f"ckpt_path={wise}"],
+                      f"wise-{alpha}{seed_dir}")
         print(table(rows), flush=True)
     print(table(rows))
     save()
