@@ -3,9 +3,11 @@
 For a trained checkpoint (or a run folder) on a dataset's test protocol (default: emoji all-vs-all, zero-shot
 classes):
 
-1. **Quality** — ``eval.py`` with ``rerank.methods=[aqe,dba,dba+aqe,kreciprocal]`` for each ``--n`` (plus
+1. **Quality** — ``eval.py`` with ``rerank.methods=[aqe,dba,dba+aqe,kreciprocal,ceiling]`` for each ``--n`` (plus
    ``pairwise`` with ``--reranker``, a ``train.py stage=reranker`` run of the same checkpoint): P@1 and MAP@R of
-   every option on the same embeddings (one forward pass), next to plain k-NN.
+   every option on the same embeddings (one forward pass), next to plain k-NN, and the ``ceiling``: the first
+   hits (as many as the re-ranker re-orders, 20 without one) put in the right order by their labels — what any
+   re-ranker of them could reach.
 2. **Latency** — the checkpoint exported as a bundle, a flat index of the test images (``emoji:test``), and
    ``Searcher.search_paths`` timed on ``--queries`` single-image queries per option (embedding, search and
    re-ranking together: what a user waits for), in interleaved rounds; median ms per query and the ratio to
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["aqe", "dba", "dba+aqe", "kreciprocal"]
+METHODS = ["aqe", "dba", "dba+aqe", "kreciprocal", "ceiling"]  # ceiling: the first hits in the right order (a bound)
 SEARCH_METHODS = ["none", "aqe", "kreciprocal"]
 
 

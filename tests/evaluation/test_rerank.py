@@ -11,7 +11,7 @@ from helpers.configs import compose_config
 
 from cbir.commands.eval import evaluate
 from cbir.data.datasets import ROLE_GALLERY, ROLE_QUERY
-from cbir.evaluation.metrics import evaluate_embeddings, retrieval_metrics
+from cbir.evaluation.metrics import evaluate_embeddings, perfect_reorder, retrieval_metrics
 from cbir.evaluation.rerank import expand, kreciprocal_scores, rerank_embeddings, top_neighbours
 
 
@@ -86,15 +86,52 @@ def test_query_vs_gallery_sets_keep_their_roles():
     assert metrics["num_queries"] == int((roles == ROLE_QUERY).sum())
 
 
+def test_the_ceiling_puts_every_right_hit_of_the_first_n_first_and_nothing_deeper():
+    # one query (class 0) and a gallery ranked by cosine: wrong, right, wrong, wrong, right (5th), right (6th)
+    query = torch.tensor([[1.0, 0.0]])
+    angles = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    gallery = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    gallery_labels = torch.tensor([1, 0, 2, 3, 0, 0])
+    labels = torch.tensor([0])
+    plain = retrieval_metrics(query, labels, gallery, gallery_labels, ks=(1, 2))
+    ceiling = retrieval_metrics(query, labels, gallery, gallery_labels, ks=(1, 2),
+                                reorder=perfect_reorder(labels, gallery_labels, 5), min_depth=5)
+    assert plain["precision_at_1"] == 0.0 and ceiling["precision_at_1"] == 1.0
+    # first 5 re-ordered: right, right, wrong, wrong, wrong, then the 6th (right) stays where it was
+    assert ceiling["map_at_r"] == pytest.approx((1 + 1) / 3)
+    assert plain["map_at_r"] == pytest.approx((1 / 2) / 3)
+    everything = retrieval_metrics(query, labels, gallery, gallery_labels, ks=(1, 2),
+                                   reorder=perfect_reorder(labels, gallery_labels, 6), min_depth=6)
+    assert everything["map_at_r"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        perfect_reorder(labels, gallery_labels, 0)
+
+
+def test_the_ceiling_never_counts_the_query_itself_all_vs_all():
+    vectors, labels = noisy_clusters(classes=4, per_class=3, noise=2.0)
+    roles = torch.full((len(labels),), ROLE_QUERY | ROLE_GALLERY)
+    plain = evaluate_embeddings(vectors, labels, roles)
+    deep = evaluate_embeddings(vectors, labels, roles, rerank="ceiling", rerank_n=len(labels))
+    shallow = evaluate_embeddings(vectors, labels, roles, rerank="ceiling", rerank_n=3)
+    assert deep["map_at_r"] == pytest.approx(1.0) and deep["num_queries"] == plain["num_queries"]
+    assert plain["map_at_r"] <= shallow["map_at_r"] <= deep["map_at_r"]
+
+
 def test_eval_prints_a_row_per_method_from_one_pass(tiny_folder, tmp_path):
     overrides = ["data=folder", f"data.root={tiny_folder}", "data.image_size=32", "data.eval_batch_size=16",
                  "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
                  "model=handcrafted", "model.image_size=32", f"paths.output_dir={tmp_path}",
-                 "rerank.methods=[aqe,dba+aqe,kreciprocal]", "rerank.n=2"]
+                 "rerank.methods=[aqe,dba+aqe,kreciprocal,ceiling]", "rerank.n=2", "rerank.candidates=3"]
     metrics = evaluate(compose_config("eval", overrides))
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
-    assert len(rows) == 4 and metrics == next(iter(rows.values()))
+    assert len(rows) == 5 and metrics == next(iter(rows.values()))
     assert [name.split(" + ")[-1] for name in list(rows)[1:]] == ["aqe (n=2, α=3)", "dba+aqe (n=2, α=3)",
-                                                                   "kreciprocal (k=2, λ=0.3)"]
+                                                                   "kreciprocal (k=2, λ=0.3)",
+                                                                   "ceiling (first 3 perfectly re-ordered)"]
+    ceiling = list(rows.values())[-1]
+    assert ceiling["map_at_r"] >= metrics["map_at_r"] and ceiling["precision_at_1"] >= metrics["precision_at_1"]
+    assert ceiling["recall_at_4"] == pytest.approx(metrics["recall_at_4"])  # only the first 3 moved
     with pytest.raises(Exception, match="kmeans"):
-        evaluate(compose_config("eval", [*overrides[:-2], "rerank.methods=[kmeans]"]))
+        evaluate(compose_config("eval", [*overrides[:-3], "rerank.methods=[kmeans]"]))
+    with pytest.raises(Exception, match="rerank.candidates=0"):
+        evaluate(compose_config("eval", [*overrides[:-3], "rerank.methods=[ceiling]", "rerank.candidates=0"]))

@@ -18,6 +18,7 @@ from cbir.training import factory
 from cbir.training.module import PAIRWISE_METHODS, MetricLearningModule
 
 log = logging.getLogger(__name__)
+DIAGNOSTIC_METHODS = ("ceiling",)  # rows that read the labels: what re-ranking could reach, not an option
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -56,12 +57,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = factory.build_trainer(cfg, logger=False, callbacks=[])
     rerank = cfg.get("rerank") or {}
     methods = [str(m) for m in (rerank.get("methods") or []) if str(m) != "none"]
-    unknown = [m for m in methods if m not in (*RERANK_METHODS, *PAIRWISE_METHODS)]
+    known = (*RERANK_METHODS, *PAIRWISE_METHODS, *DIAGNOSTIC_METHODS)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of "
-                          f"{', '.join((*RERANK_METHODS, *PAIRWISE_METHODS))}")
+        raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(known)}")
     n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
     candidates = _attach_pairwise(module, embedder, rerank) if any(m in PAIRWISE_METHODS for m in methods) else None
+    if candidates is None:  # the ceiling's depth without a re-ranker
+        candidates = 20 if rerank.get("candidates") is None else int(rerank.candidates)
+    if candidates < 1:
+        raise ConfigError(f"rerank.candidates={candidates}: re-ranking needs at least 1 hit to re-order")
     results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:
         datamodule.test_spec = spec
@@ -69,7 +74,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
             settings = _method_settings(method, n, alpha, candidates)
-            results.setdefault(f"{name} + {method} ({settings})", []).append(module.rescore(method, n, alpha))
+            results.setdefault(f"{name} + {method} ({settings})", []).append(
+                module.rescore(method, n, alpha, candidates))
         if index_kind:  # the same embeddings through the index a search would use
             for row, metrics in _through_index(module, cfg, str(index_kind)):
                 results.setdefault(f"{name} {row}", []).append(metrics)
@@ -86,7 +92,8 @@ def _method_settings(method: str, n: int, alpha: float, candidates: int | None) 
     """What a re-ranking row was run with, for its name in the table."""
     expansion = f"n={n}, α={alpha:g}"
     return {"kreciprocal": f"k={n}, λ=0.3", "pairwise": f"first {candidates}",
-            "dba+pairwise": f"{expansion}, first {candidates}"}.get(method, expansion)
+            "dba+pairwise": f"{expansion}, first {candidates}",
+            "ceiling": f"first {candidates} perfectly re-ordered"}.get(method, expansion)
 
 
 def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> int:

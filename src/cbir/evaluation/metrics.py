@@ -253,14 +253,43 @@ def unique_by_id(ids: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tenso
     return (unique_ids, *(t[first] for t in tensors))
 
 
+def perfect_reorder(query_labels: torch.Tensor, gallery_labels: torch.Tensor,
+                    depth: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A ``reorder`` for :func:`retrieval_metrics` that knows the answers: each query's first ``depth`` hits with
+    its label go first (in the embedding's order), the others after them. The metrics it gives are the ceiling
+    of *any* re-ranker of the first ``depth`` hits: what re-ordering can gain at most, and, against a learned
+    re-ranker's row, how much of that it reaches. A diagnostic for evaluation only (it reads the labels)."""
+    if int(depth) < 1:
+        raise ValueError(f"ceiling: the number of hits re-ordered must be >= 1, got {depth}")
+
+    def reorder(sims: torch.Tensor, ranked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        top = ranked[:, :int(depth)]
+        # -inf: the query itself (or a pair skipped by id) padded into a short list, never a right answer
+        right = (query_labels[rows][:, None] == gallery_labels[top]) & torch.isfinite(sims.gather(1, top))
+        ranked = ranked.clone()
+        ranked[:, :top.shape[1]] = top.gather(1, torch.argsort((~right).to(torch.int8), dim=1, stable=True))
+        return ranked
+
+    return reorder
+
+
 def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
                         ks: Sequence[int] = DEFAULT_KS, knn_k: int | None = None, rerank: str = "none",
                         rerank_n: int = 5, rerank_alpha: float = 3.0) -> dict[str, float]:
     """Metrics for one evaluation set: all-vs-all when every item is both query and gallery,
     otherwise query-vs-gallery by role (items in both sets are not matched with themselves). ``rerank``:
-    ``aqe`` / ``dba`` / ``dba+aqe`` (:mod:`cbir.evaluation.rerank`) on the same embeddings first."""
+    ``aqe`` / ``dba`` / ``dba+aqe`` / ``kreciprocal`` (:mod:`cbir.evaluation.rerank`) on the same embeddings
+    first, or ``ceiling``: each query's first ``rerank_n`` hits re-ordered perfectly (:func:`perfect_reorder`)."""
     is_query = (roles & ROLE_QUERY).bool()
     is_gallery = (roles & ROLE_GALLERY).bool()
+    if rerank == "ceiling":
+        if not (is_query.any() and is_gallery.any()):
+            return evaluate_embeddings(embeddings, labels, roles, ks, knn_k)
+        ids = torch.arange(len(labels), device=labels.device)
+        return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
+                                 query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k,
+                                 reorder=perfect_reorder(labels[is_query], labels[is_gallery], rerank_n),
+                                 min_depth=rerank_n)
     if rerank != "none":
         from cbir.evaluation.rerank import rerank_embeddings
 

@@ -298,10 +298,14 @@ class MetricLearningModule(pl.LightningModule):
                                                     gathered["label"], gathered["role"])
         return evaluate_embeddings(embeddings, labels, roles, self.ks, knn_k=self.knn_k, **rerank)
 
-    def rescore(self, method: str, n: int = 5, alpha: float = 3.0) -> dict[str, float]:
+    def rescore(self, method: str, n: int = 5, alpha: float = 3.0, candidates: int = 20) -> dict[str, float]:
         """The last evaluation's metrics again, with query expansion / database augmentation ``method``
         (:mod:`cbir.evaluation.rerank`) on the same embeddings, or ``pairwise`` re-ranking (after
-        :meth:`attach_reranker`; ``dba+pairwise``: of a DBA-augmented gallery): no second forward pass."""
+        :meth:`attach_reranker`; ``dba+pairwise``: of a DBA-augmented gallery), or ``ceiling`` (the first
+        ``candidates`` hits re-ordered by their labels: what any re-ranker of them can reach): no second
+        forward pass."""
+        if method == "ceiling":
+            return self._score(self.last_eval_outputs, rerank="ceiling", rerank_n=int(candidates))
         if method in PAIRWISE_METHODS:
             if self._pairwise is None or "rerank_tokens" not in self.last_eval_outputs:
                 raise ValueError("rescore('pairwise') needs attach_reranker() before the evaluation")
