@@ -121,8 +121,8 @@ def main() -> None:
                      f"{100 * (metrics['map_at_r'] - plain['map_at_r']):+.2f} | {latency} |")
     rerank_text = "\n".join(lines)
     write_json(args.out, {"benchmark": "query_quality", "dataset": "emoji", "split": args.split,
-                          "default": str(default), "robust": str(robust), "rerank_model": str(reranked), "reranker": args.reranker,
-                          "queries": payload["num_queries"],
+                          "default": str(default), "robust": str(robust), "rerank_model": str(reranked),
+                          "reranker": args.reranker, "queries": payload["num_queries"],
                           "robustness": robust_rows, "rerank": rows, "latency_ms": ms,
                           "command": " ".join(sys.argv)})
     print(f"\n{heading}:\n\n{robust_text}\n\n"
