@@ -5,9 +5,10 @@
    augmentation) and ``--robust`` (``augment=robust``), each with ``preprocess=none`` and ``auto``: R@1 per
    degradation for {none, auto clean-up, robust training, both}, and the better robust cell as a share of the
    robust model's clean R@1 (the issue's goal: >= 90 % on every row).
-2. **Re-ranking** — :mod:`rerank` for ``--rerank-model`` (default: ``--default``): P@1 / MAP@R of plain k-NN and every option on the same
-   embeddings (``pairwise`` with ``--reranker``, a ``train.py stage=reranker`` run of that checkpoint), and the
-   Searcher's median ms per single-image query for each query-time option.
+2. **Re-ranking** — :mod:`rerank` for ``--rerank-model`` (default: ``--default``): P@1 / MAP@R of plain k-NN
+   and every option on the same embeddings (``pairwise`` with ``--reranker``, a ``train.py stage=reranker`` run
+   of that checkpoint), the ceiling of re-ordering the first hits, and the Searcher's median ms per single-image
+   query for each query-time option.
 
     python benchmarks/query_quality.py --default outputs/rr/emb --robust outputs/rr/emb-robust \\
         --reranker outputs/rr/reranker --queries 400
@@ -45,7 +46,8 @@ def robustness_table(payload: dict) -> tuple[str, dict]:
         return 100 * results[f"{model}|{degradation}|{option}"]["metrics"]["recall_at_1"]
 
     clean = r1("robust", "clean", "none")
-    lines = ["| query | none | auto clean-up | robust training | both | robust, best / clean |", "|---|---|---|---|---|---|"]
+    lines = ["| query | none | auto clean-up | robust training | both | robust, best / clean |",
+             "|---|---|---|---|---|---|"]
     rows = {}
     for name in names:
         cells = [r1("default", name, "none"), r1("default", name, "auto"), r1("robust", name, "none"),
