@@ -65,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     candidates = _attach_pairwise(module, embedder, rerank) if any(m in PAIRWISE_METHODS for m in methods) else None
     if candidates is None:  # the ceiling's depth without a re-ranker
         candidates = 20 if rerank.get("candidates") is None else int(rerank.candidates)
-    if candidates < 1:
+    if "ceiling" in methods and candidates < 1:  # other rows do not read it
         raise ConfigError(f"rerank.candidates={candidates}: re-ranking needs at least 1 hit to re-order")
     results: dict[str, list[dict[str, float]]] = {name: []}
     for spec in specs:

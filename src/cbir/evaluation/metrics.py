@@ -266,11 +266,18 @@ def perfect_reorder(query_labels: torch.Tensor, gallery_labels: torch.Tensor,
         top = ranked[:, :int(depth)]
         # -inf: the query itself (or a pair skipped by id) padded into a short list, never a right answer
         right = (query_labels[rows][:, None] == gallery_labels[top]) & torch.isfinite(sims.gather(1, top))
-        ranked = ranked.clone()
-        ranked[:, :top.shape[1]] = top.gather(1, torch.argsort((~right).to(torch.int8), dim=1, stable=True))
-        return ranked
+        return sort_first_hits(ranked, right.to(torch.int8))
 
     return reorder
+
+
+def sort_first_hits(ranked: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``ranked`` (gallery positions, best first) with its first ``scores.shape[1]`` columns sorted by ``scores``,
+    highest first; ties keep the embedding's order. The rest of each row is left where it was."""
+    depth = scores.shape[1]
+    ranked = ranked.clone()
+    ranked[:, :depth] = ranked[:, :depth].gather(1, torch.argsort(scores, dim=1, descending=True, stable=True))
+    return ranked
 
 
 def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor,
@@ -282,14 +289,10 @@ def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: t
     first, or ``ceiling``: each query's first ``rerank_n`` hits re-ordered perfectly (:func:`perfect_reorder`)."""
     is_query = (roles & ROLE_QUERY).bool()
     is_gallery = (roles & ROLE_GALLERY).bool()
-    if rerank == "ceiling":
-        if not (is_query.any() and is_gallery.any()):
-            return evaluate_embeddings(embeddings, labels, roles, ks, knn_k)
-        ids = torch.arange(len(labels), device=labels.device)
-        return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
-                                 query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k,
-                                 reorder=perfect_reorder(labels[is_query], labels[is_gallery], rerank_n),
-                                 min_depth=rerank_n)
+    ceiling = {}
+    if rerank == "ceiling":  # the plain search below, its first rerank_n hits put in the right order
+        ceiling = {"reorder": perfect_reorder(labels[is_query], labels[is_gallery], rerank_n), "min_depth": rerank_n}
+        rerank = "none"
     if rerank != "none":
         from cbir.evaluation.rerank import rerank_embeddings
 
@@ -304,11 +307,11 @@ def evaluate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, roles: t
         return retrieval_metrics(query, labels[is_query], gallery, labels[is_gallery], query_ids=ids[is_query],
                                  gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k)
     if bool(is_query.all()) and bool(is_gallery.all()):
-        return retrieval_metrics(embeddings, labels, ks=ks, knn_k=knn_k)
+        return retrieval_metrics(embeddings, labels, ks=ks, knn_k=knn_k, **ceiling)
     if not (is_query.any() and is_gallery.any()):
         # only happens when evaluation is truncated (fast_dev_run, limit_*_batches)
         warnings.warn("evaluation saw no queries or no gallery items; metrics skipped", stacklevel=2)
         return {}
     ids = torch.arange(len(labels), device=labels.device)
     return retrieval_metrics(embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery],
-                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k)
+                             query_ids=ids[is_query], gallery_ids=ids[is_gallery], ks=ks, knn_k=knn_k, **ceiling)
