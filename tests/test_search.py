@@ -464,3 +464,30 @@ def test_pairwise_queries_take_one_trunk_pass_for_embedding_and_tokens(searcher_
         searcher.search_embeddings(embeddings, k=6, images=images, tokens=tokens[:2])
     plain_embeddings, no_tokens = Searcher(with_reranker, index, precision="fp32").embed_queries(images)
     assert no_tokens is None and np.allclose(plain_embeddings, embeddings, atol=1e-5)
+
+
+def test_pairwise_candidates_tokens_are_kept_in_half_precision_within_the_memory_budget(searcher_parts, tiny_folder,
+                                                                                         tmp_path, monkeypatch):
+    """With the local term the tokens carry the raw cells (wide): the cache holds what fits in its budget."""
+    import torch
+
+    import cbir.search
+    from cbir.models.pairwise import PairwiseReranker, default_stages, save_reranker
+
+    bundle, index, _ = searcher_parts
+    channels = bundle.embedder.backbone.channels
+    reranker = PairwiseReranker({s: channels[s] for s in default_stages(channels)}, grid=2, local_weight=0.5)
+    path = save_reranker(reranker, tmp_path / "reranker.pt", embedder=bundle.embedder, candidates=6)
+    with_reranker = load_bundle(export_bundle(bundle.embedder, tmp_path / "bundle", model_config=bundle.model_config,
+                                              runtimes=[], reranker=path))
+    per_image = reranker.num_tokens * (64 + reranker.local_width) * 2  # bytes in float16
+    monkeypatch.setattr(cbir.search, "PAIRWISE_TOKEN_CACHE_MB", 4 * per_image / 2**20)  # room for 4 images
+    searcher = Searcher(with_reranker, index, rerank="pairwise", precision="fp32")
+    files = sorted(tiny_folder.rglob("*.png"))[::5]
+    hits = searcher.search_paths(files, k=6)
+    assert len(searcher._token_cache) == 4
+    assert all(t.dtype == torch.float16 and t.shape == (reranker.num_tokens, 64 + reranker.local_width)
+               for t in searcher._token_cache.values())
+    roomy = Searcher(with_reranker, index, rerank="pairwise", precision="fp32")
+    monkeypatch.setattr(cbir.search, "PAIRWISE_TOKEN_CACHE_MB", 1024)
+    assert [[h.id for h in row] for row in roomy.search_paths(files, k=6)] == [[h.id for h in row] for row in hits]

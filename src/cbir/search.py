@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 RERANK_METHODS = ("none", "aqe", "kreciprocal", "pairwise")  # query-time re-ranking the Searcher offers
-PAIRWISE_TOKEN_CACHE = 20_000  # rerank=pairwise: candidates' tokens kept in memory (a service meets them again)
+PAIRWISE_TOKEN_CACHE_MB = 1024  # rerank=pairwise: candidates' tokens kept in memory (a service meets them again)
 KRECIPROCAL_CANDIDATES = 50  # rerank=kreciprocal re-orders this many first hits (or k, when larger)
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_K", "Hit", "ImageTooLargeError", "Prediction", "SearchError", "Searcher",
            "check_k", "expand_query_paths", "format_hits", "parse_array_source", "read_query_image",
@@ -376,9 +376,9 @@ class Searcher:
         """The learned pairwise re-ranker (:mod:`cbir.models.pairwise`, as ``eval.py rerank.methods=[pairwise]``
         measures it) re-orders the first ``candidates`` hits by comparing each query image's feature maps with each
         candidate's (the hits after them keep the index's order); candidates' images are read from the collection
-        and their tokens kept (the :data:`PAIRWISE_TOKEN_CACHE` most recently used). The score returned is the
-        re-ranker's, on the cosine's scale. A query whose candidates cannot all be read (a file deleted since it
-        was indexed) keeps the index's order, with a warning naming the file."""
+        and their tokens kept (half precision, the most recently used up to :data:`PAIRWISE_TOKEN_CACHE_MB`). The
+        score returned is the re-ranker's, on the cosine's scale. A query whose candidates cannot all be read (a
+        file deleted since it was indexed) keeps the index's order, with a warning naming the file."""
         import torch
 
         reranker, candidates = self._pairwise
@@ -444,14 +444,15 @@ class Searcher:
                 self._token_cache.move_to_end(i)  # least recently used leave first
         missing = [i for i in dict.fromkeys(ids) if i not in known]
         if missing:
-            fresh = self._tokens([self.load_source(self.image_source(i)) for i in missing])
-            known.update(zip(missing, fresh))
+            fresh = self._tokens([self.load_source(self.image_source(i)) for i in missing]).half()
+            known.update(zip(missing, [t.clone() for t in fresh]))  # own storage, not views of the batch
+            budget = PAIRWISE_TOKEN_CACHE_MB * 2**20 // max(fresh[0].numel() * fresh.element_size(), 1)
             with self._token_lock:
                 for i in missing:
                     self._token_cache[i] = known[i]
-                while len(self._token_cache) > PAIRWISE_TOKEN_CACHE:
+                while len(self._token_cache) > budget:
                     self._token_cache.popitem(last=False)
-        return torch.stack([known[i] for i in ids])
+        return torch.stack([known[i] for i in ids]).float()
 
     def _match(self, score: float) -> float | None:
         if self.rerank != "none":  # the curve was fitted on plain scores; an expanded query's scores run higher

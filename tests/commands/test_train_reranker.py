@@ -35,29 +35,36 @@ def test_train_eval_export_and_search_with_a_pairwise_reranker(embedder_run, tin
     assert 0.0 <= score <= 1.0  # validation MAP@R after re-ranking
     reranker, info = load_reranker(out / "reranker.pt")
     assert info["candidates"] == 5 and reranker.stages == ["layer3", "layer4"]
+    assert reranker.local_weight == info["report"]["local_weight"] in (0.0, 0.1, 0.25, 0.5, 1.0)  # chosen on val
     results = json.loads((out / "results.json").read_text())
-    assert any(row.startswith("pairwise re-ranker") for row in results["results"])
+    tried = [row for row in results["results"] if row.startswith("pairwise re-ranker")]
+    assert len(tried) == 5 and all("local term x" in row for row in tried)  # each weight of the grid
+    assert [row for row in tried if row.endswith("(kept)")] == [
+        row for row in tried if row.endswith(f"local term x{reranker.local_weight:g} (kept)")]
 
     common = ["data=folder", f"data.root={tiny_folder}", "data.image_size=32", "data.num_workers=0",
               "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"ckpt_path={embedder_run}"]
     evaluate(compose_config("eval", common + ["rerank.methods=[pairwise,dba+pairwise]", f"rerank.model={out}",
-                                              f"paths.output_dir={tmp_path / 'eval'}"]))
+                                              "rerank.local_weight=0.5", f"paths.output_dir={tmp_path / 'eval'}"]))
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
     plain = next(v for k, v in rows.items() if "pairwise" not in k)
-    reranked = next(v for k, v in rows.items() if "pairwise (first 5)" in k)
+    reranked = next(v for k, v in rows.items() if "+ pairwise (first 5, local term x0.5)" in k)
     assert reranked["num_queries"] == plain["num_queries"] == 12
     # the first 5 hits were re-ordered, nothing else: R@8 (>5) cannot change
     assert reranked["recall_at_8"] == pytest.approx(plain["recall_at_8"])
-    assert any("dba+pairwise (n=5, α=3, first 5)" in k for k in rows)
+    assert any("dba+pairwise (n=5, α=3, first 5, local term x0.5)" in k for k in rows)
 
     with pytest.raises(ConfigError, match="rerank.model"):
         evaluate(compose_config("eval", common + ["rerank.methods=[pairwise]", f"paths.output_dir={tmp_path / 'e2'}"]))
 
+    saved = torch.load(out / "reranker.pt", weights_only=False)  # the search below uses the local term too
+    saved["config"]["local_weight"] = 0.5
+    torch.save(saved, out / "reranker.pt")
     bundle_dir = tmp_path / "bundle"
     export(compose_config("export", [f"ckpt_path={embedder_run}", f"out={bundle_dir}", "runtimes=[]",
                                      f"reranker={out}", "precision_check_images=8"]))
     bundle = load_bundle(bundle_dir)
-    assert bundle.has_reranker
+    assert bundle.has_reranker and load_reranker(bundle_dir / "reranker.pt")[0].local_weight == 0.5
     index = build_bundle_index(bundle, str(tiny_folder), bundle_dir / "index", kind="flat", num_workers=0,
                                progress=False)
     files = sorted(tiny_folder.rglob("*.png"))[:3]

@@ -18,7 +18,14 @@ from cbir.models.pairwise import (
     rerank_order,
     save_reranker,
 )
-from cbir.training.reranker import CachedFeatures, RerankerOptions, fit_reranker, listwise_loss, validation_metrics
+from cbir.training.reranker import (
+    CachedFeatures,
+    RerankerOptions,
+    choose_local_weight,
+    fit_reranker,
+    listwise_loss,
+    validation_metrics,
+)
 
 CHANNELS, GRID = 8, 2
 
@@ -133,3 +140,70 @@ def test_dba_then_an_untrained_reranker_is_dba_alone():
         dba["precision_at_1"])
     plain = validation_metrics(None, val, candidates=10)
     assert both["map_at_r"] != pytest.approx(plain["map_at_r"])  # the gallery did change
+
+
+def test_the_local_term_is_the_raw_cells_best_match_similarity_across_stages_of_different_widths():
+    reranker = PairwiseReranker({"narrow": 3, "wide": 5}, dim=4, grid=1, local_weight=0.5).eval()
+    assert reranker.local_width == 5
+    g = torch.Generator().manual_seed(0)
+    pooled_query = [torch.randn(1, 1, 3, generator=g), torch.randn(1, 1, 5, generator=g)]
+    pooled_candidate = [torch.randn(2, 1, 3, generator=g), torch.randn(2, 1, 5, generator=g)]
+    with torch.no_grad():
+        query, candidates = reranker.encode(pooled_query), reranker.encode(pooled_candidate)
+        assert query.shape == (1, 2, 4 + 5)
+        cosine = torch.tensor([[0.3, 0.2]])
+        with_local = reranker.score(query, candidates[None], cosine)
+        reranker.local_weight = 0.0
+        without = reranker.score(query, candidates[None], cosine)
+    # one cell per stage: its best match is the other image's cell there, so the term is the mean cell cosine
+    expected = torch.stack([(F.cosine_similarity(pooled_query[0][0, 0], pooled_candidate[0][i, 0], dim=0)
+                             + F.cosine_similarity(pooled_query[1][0, 0], pooled_candidate[1][i, 0], dim=0)) / 2
+                            for i in range(2)])
+    assert torch.allclose(with_local[0] - without[0], reranker.cosine_scale.abs() * 0.5 * expected, atol=1e-5)
+
+
+def test_the_local_term_needs_tokens_that_carry_the_raw_cells():
+    reranker = PairwiseReranker({"stage5": CHANNELS}, grid=GRID, local_weight=1.0).eval()
+    cells = [torch.randn(2, GRID * GRID, CHANNELS)]
+    plain = reranker.encode(cells, local=False)
+    with pytest.raises(ConfigError, match="raw cells"):
+        reranker.score(plain[:1], plain[None], torch.rand(1, 2))
+    with pytest.raises(ConfigError, match="local_weight"):
+        reranker.local_weight = -0.5
+
+
+def test_the_local_weight_is_chosen_on_validation_and_stays_off_when_the_cells_say_nothing():
+    informative = planted_set(12, 4, seed=6)  # the cells tell the classes apart, the embedding does not
+    reranker = PairwiseReranker({"stage5": CHANNELS}, dim=32, grid=GRID).eval()
+    weight, scores = choose_local_weight(reranker, informative, candidates=12, weights=[1.0, 0.0, 0.25])
+    assert list(scores) == [0.0, 0.25, 1.0]
+    assert weight > 0 and reranker.local_weight == weight
+    assert scores[weight]["map_at_r"] > scores[0.0]["map_at_r"] + 0.1
+    noise = planted_set(12, 4, seed=7)
+    noise.pooled = [torch.randn_like(noise.pooled[0].float()).half()]  # cells unrelated to the class
+    noise.embeddings = F.normalize(F.one_hot(noise.labels).float() + 0.01 * torch.randn(len(noise.labels), 12), dim=1)
+    weight, scores = choose_local_weight(reranker, noise, candidates=12, weights=[0.0, 0.25, 1.0])
+    assert weight == 0.0 and reranker.local_weight == 0.0  # a perfect embedding: the term can only tie or hurt
+    assert scores[0.0]["map_at_r"] == pytest.approx(1.0)
+
+
+def test_fit_reports_the_local_weights_tried_and_the_file_keeps_the_chosen_one(tmp_path):
+    train, val = planted_set(20, 4, seed=8), planted_set(10, 4, seed=9)
+    reranker = PairwiseReranker({"stage5": CHANNELS}, dim=16, grid=GRID)
+    trained, report = fit_reranker(reranker, train, train, val, RerankerOptions(
+        candidates=10, epochs=2, lr=1e-2, batch_queries=32, local_weights=(0.0, 0.5, 2.0)))
+    assert set(report["local_weights"]) == {"0", "0.5", "2"}
+    assert trained.local_weight == report["local_weight"]
+    assert report["val_after"] == report["local_weights"][f"{report['local_weight']:g}"]
+    assert report["val_after"]["map_at_r"] == max(s["map_at_r"] for s in report["local_weights"].values())
+    embedder = build_embedder("resnet18", pretrained=None, image_size=32).eval()
+    trained.local_weight = 0.5
+    save_reranker(trained, tmp_path / "r.pt", embedder=embedder, candidates=10)
+    loaded, _ = load_reranker(tmp_path / "r.pt")
+    assert loaded.local_weight == 0.5
+    with torch.no_grad():
+        tokens = loaded.encode(val.pooled)
+        assert tokens.shape[-1] == 16 + CHANNELS  # carries the raw cells, as its weight needs
+        cosine = torch.rand(1, 5)
+        assert torch.equal(loaded.score(tokens[:1], tokens[None, :5], cosine),
+                           trained.eval().score(tokens[:1], tokens[None, :5], cosine))

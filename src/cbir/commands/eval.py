@@ -62,7 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if unknown:
         raise ConfigError(f"rerank.methods: {unknown[0]!r} is not one of {', '.join(known)}")
     n, alpha = int(rerank.get("n", 5)), float(rerank.get("alpha", 3.0))
-    candidates = _attach_pairwise(module, embedder, rerank) if any(m in PAIRWISE_METHODS for m in methods) else None
+    candidates, local_weight = (_attach_pairwise(module, embedder, rerank)
+                                if any(m in PAIRWISE_METHODS for m in methods) else (None, 0.0))
     if candidates is None:  # the ceiling's depth without a re-ranker
         candidates = 20 if rerank.get("candidates") is None else int(rerank.candidates)
     if "ceiling" in methods and candidates < 1:  # other rows do not read it
@@ -73,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule, verbose=False)
         results[name].append(dict(module.last_eval_metrics))
         for method in methods:  # the same embeddings, expanded: one forward pass for every row
-            settings = _method_settings(method, n, alpha, candidates)
+            settings = _method_settings(method, n, alpha, candidates, local_weight)
             results.setdefault(f"{name} + {method} ({settings})", []).append(
                 module.rescore(method, n, alpha, candidates))
         if index_kind:  # the same embeddings through the index a search would use
@@ -88,17 +89,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _method_settings(method: str, n: int, alpha: float, candidates: int | None) -> str:
+def _method_settings(method: str, n: int, alpha: float, candidates: int | None, local_weight: float = 0.0) -> str:
     """What a re-ranking row was run with, for its name in the table."""
     expansion = f"n={n}, α={alpha:g}"
-    return {"kreciprocal": f"k={n}, λ=0.3", "pairwise": f"first {candidates}",
-            "dba+pairwise": f"{expansion}, first {candidates}",
+    pairwise = f"first {candidates}" + (f", local term x{local_weight:g}" if local_weight > 0 else "")
+    return {"kreciprocal": f"k={n}, λ=0.3", "pairwise": pairwise, "dba+pairwise": f"{expansion}, {pairwise}",
             "ceiling": f"first {candidates} perfectly re-ordered"}.get(method, expansion)
 
 
-def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> int:
+def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> tuple[int, float]:
     """Load ``rerank.model`` (a re-ranker file or the ``stage=reranker`` run folder holding one), check it was
-    trained on this very model, and have the evaluation keep its tokens; the number of candidates it re-orders."""
+    trained on this very model, and have the evaluation keep its tokens; the number of candidates it re-orders
+    and the weight of its local term."""
     from cbir.models.pairwise import check_embedder, load_reranker
 
     if not rerank.get("model"):
@@ -108,9 +110,11 @@ def _attach_pairwise(module: MetricLearningModule, embedder, rerank) -> int:
         raise ConfigError("rerank.methods=[pairwise] reads the trunk's feature maps: evaluate with runtime=eager")
     reranker, info = load_reranker(rerank.model)
     check_embedder(info, embedder)
+    if rerank.get("local_weight") is not None:  # else the weight chosen on validation when it was trained
+        reranker.local_weight = float(rerank.local_weight)
     candidates = int(rerank.get("candidates") or info["candidates"])
     module.attach_reranker(reranker, candidates)
-    return candidates
+    return candidates, reranker.local_weight
 
 
 def _bundle_index_kind(bundle_dir: Path) -> str | None:

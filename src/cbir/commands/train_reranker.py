@@ -9,6 +9,7 @@ validation MAP@R after re-ranking, and writes ``reranker.pt`` and ``results.json
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -48,9 +49,12 @@ def train_reranker(cfg: DictConfig) -> float:
     reranker = PairwiseReranker({s: channels[s] for s in stages}, dim=int(settings.dim), grid=int(settings.grid),
                                 hidden=int(settings.hidden))
     options = RerankerOptions(candidates=int(settings.candidates), epochs=int(settings.epochs), lr=float(settings.lr),
-                              views=int(settings.views), batch_queries=int(settings.batch_queries), seed=int(cfg.seed))
+                              views=int(settings.views), batch_queries=int(settings.batch_queries), seed=int(cfg.seed),
+                              local_weights=tuple(float(w) for w in (settings.get("local_weights") or [0.0])))
     if options.views < 1 or options.candidates < 2 or options.epochs < 1:
         raise ConfigError("reranker: need views >= 1, candidates >= 2 and epochs >= 1")
+    if any(not math.isfinite(w) or w < 0 for w in options.local_weights):
+        raise ConfigError(f"reranker.local_weights: {list(options.local_weights)}: need numbers >= 0")
 
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)
@@ -74,8 +78,13 @@ def train_reranker(cfg: DictConfig) -> float:
                          extra={"embedder_checkpoint": str(checkpoint), "report": report})
     rows = {}
     if "val_before" in report:
-        rows = {"embedding order": report["val_before"],
-                f"pairwise re-ranker, first {options.candidates} (epoch {report['kept_epoch']})": report["val_after"]}
+        name = f"pairwise re-ranker, first {options.candidates} (epoch {report['kept_epoch']})"
+        rows = {"embedding order": report["val_before"]}
+        if "local_weights" in report:  # each local-term weight tried, in order; the kept one says so
+            rows.update({f"{name}, local term x{w}" + (" (kept)" if float(w) == report["local_weight"] else ""):
+                         scores for w, scores in report["local_weights"].items()})
+        else:
+            rows[name] = report["val_after"]
         print(f"\nRe-ranking on the validation set of {cfg.data.name}:\n" + format_table(rows) + "\n")
     write_results(output_dir / "results.json", f"{cfg.data.name} validation, pairwise re-ranker", rows,
                   reranker=str(path), embedder_checkpoint=str(checkpoint))

@@ -12,7 +12,11 @@ which it never changes:
   other side, same-place similarity...) → a small MLP → a logit, plus a learned multiple of the pair's embedding
   cosine. The MLP's output starts at zero, so an untrained re-ranker keeps the embedding's order and
   training only has to learn corrections. A pair costs ``T² x dim`` multiply-adds: re-ranking 20 candidates takes
-  well under a millisecond, and the whole thing trains on cached features in seconds an epoch.
+  well under a millisecond, and the whole thing trains on cached features in seconds an epoch;
+- ``local_weight`` (not learned; chosen on the validation classes after training, 0 = off): plus ``local_weight``
+  x how well each image's *raw* pooled cells find a match in the other's (the mean best-match cosine, both ways),
+  on the cosine's scale. The learned projection and judge are fitted on training classes the embedder already
+  separates; the raw cells are the trunk's own features, which carry over to unseen kinds of images.
 
 A re-ranker file (:func:`save_reranker`) records the fingerprint of the Embedder whose trunk it reads: tokens
 from another model's feature maps mean nothing to it, and :func:`check_embedder` refuses them.
@@ -21,6 +25,7 @@ from another model's feature maps mean nothing to it, and :func:`check_embedder`
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,16 +53,19 @@ class PairwiseReranker(nn.Module):
     """``score(query tokens, candidate tokens, cosine)`` → one logit per pair (higher = same class)."""
 
     def __init__(self, channels: dict[str, int], dim: int = 64, grid: int = 4, hidden: int = 32,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, local_weight: float = 0.0) -> None:
         super().__init__()
         if not channels:
             raise ConfigError("reranker: no trunk stages to read (reranker.stages is empty)")
         if dim < 1 or grid < 1 or hidden < 1:
             raise ConfigError(f"reranker: dim={dim}, grid={grid}, hidden={hidden}: need positive sizes")
         self.config = {"channels": {str(k): int(v) for k, v in channels.items()}, "dim": int(dim), "grid": int(grid),
-                       "hidden": int(hidden), "dropout": float(dropout)}
+                       "hidden": int(hidden), "dropout": float(dropout), "local_weight": 0.0}
         self.stages = list(self.config["channels"])
         self.grid = int(grid)
+        self.dim = int(dim)
+        self.local_width = max(self.config["channels"].values())  # raw cells, zero-padded to the widest stage
+        self.local_weight = local_weight
         self.project = nn.ModuleList([nn.Linear(width, dim) for width in self.config["channels"].values()])
         self.position = nn.Parameter(torch.zeros(len(self.stages), grid * grid, dim))
         nn.init.trunc_normal_(self.position, std=0.02)
@@ -71,6 +79,17 @@ class PairwiseReranker(nn.Module):
     def num_tokens(self) -> int:
         return len(self.stages) * self.grid * self.grid
 
+    @property
+    def local_weight(self) -> float:
+        """Weight of the raw cells' best-match similarity in :meth:`score` (0: tokens carry no raw cells)."""
+        return self.config["local_weight"]
+
+    @local_weight.setter
+    def local_weight(self, value: float) -> None:
+        if not math.isfinite(float(value)) or float(value) < 0:
+            raise ConfigError(f"reranker: local_weight={value}: need a number >= 0")
+        self.config["local_weight"] = float(value)
+
     def pool(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The chosen stages of a trunk's output, each ``(B, grid², C)`` (not learned: cacheable)."""
         missing = [stage for stage in self.stages if stage not in features]
@@ -80,11 +99,18 @@ class PairwiseReranker(nn.Module):
         return [F.adaptive_avg_pool2d(features[stage].float(), self.grid).flatten(2).transpose(1, 2)
                 for stage in self.stages]
 
-    def encode(self, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Pooled stages → unit-length tokens ``(B, T, dim)`` (projected cells that know their stage and place)."""
+    def encode(self, pooled: Sequence[torch.Tensor], local: bool | None = None) -> torch.Tensor:
+        """Pooled stages → unit-length tokens ``(B, T, dim)`` (projected cells that know their stage and place);
+        with ``local`` (default: when :attr:`local_weight` > 0) each token is followed by its raw cell, unit length
+        and zero-padded to the widest stage: ``(B, T, dim + local_width)``."""
         tokens = [project(cells.float()) + self.position[i] for i, (project, cells)
                   in enumerate(zip(self.project, pooled, strict=True))]
-        return F.normalize(torch.cat(tokens, dim=1), dim=-1)
+        tokens = F.normalize(torch.cat(tokens, dim=1), dim=-1)
+        if not (self.local_weight > 0 if local is None else local):
+            return tokens
+        raw = torch.cat([F.pad(F.normalize(cells.float(), dim=-1), (0, self.local_width - cells.shape[-1]))
+                         for cells in pooled], dim=1)
+        return torch.cat([tokens, raw], dim=-1)
 
     def tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(self.pool(features))
@@ -98,15 +124,27 @@ class PairwiseReranker(nn.Module):
         learn the training classes' cells by heart, only what a match looks like (which holds for unseen ones)."""
         if candidates.shape[0] == 0 or candidates.shape[1] == 0:
             return cosine.float() * self.cosine_scale
-        cells, evidence = self.grid * self.grid, []
+        cells, evidence, local = self.grid * self.grid, [], 0.0
+        with_local = self.local_weight > 0 and query.shape[-1] > self.dim
+        if self.local_weight > 0 and not with_local:
+            raise ConfigError("reranker: local_weight > 0 but the tokens carry no raw cells (encode them with "
+                              "local=True)")
+        widths = list(self.config["channels"].values())
         for i in range(len(self.stages)):
             block = slice(i * cells, (i + 1) * cells)
-            correlation = torch.einsum("qtd,qcsd->qcts", query[:, block].float(), candidates[:, :, block].float())
+            correlation = torch.einsum("qtd,qcsd->qcts", query[:, block, :self.dim].float(),
+                                       candidates[:, :, block, :self.dim].float())
             query_best, candidate_best = correlation.amax(dim=3), correlation.amax(dim=2)
             evidence += [query_best.mean(-1), candidate_best.mean(-1), query_best.amin(-1), candidate_best.amin(-1),
                          torch.diagonal(correlation, dim1=2, dim2=3).mean(-1), correlation.mean(dim=(2, 3))]
+            if with_local:
+                raw_cells = slice(self.dim, self.dim + widths[i])  # this stage's width; the rest is padding
+                raw = torch.einsum("qtd,qcsd->qcts", query[:, block, raw_cells].float(),
+                                   candidates[:, :, block, raw_cells].float())
+                local = local + 0.5 * (raw.amax(dim=3).mean(-1) + raw.amax(dim=2).mean(-1)) / len(self.stages)
         evidence = torch.stack([*evidence, cosine.float()], dim=-1)
-        return self.judge(evidence).squeeze(-1) + self.cosine_scale * cosine.float()
+        logits = self.judge(evidence).squeeze(-1) + self.cosine_scale * cosine.float()
+        return logits + self.cosine_scale.abs() * self.local_weight * local if with_local else logits
 
 
 def rerank_order(reranker: PairwiseReranker, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor,

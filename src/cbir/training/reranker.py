@@ -7,7 +7,9 @@ with itself left out: its first ``candidates`` hits are what the re-ranker learn
 own hard negatives, seen the way unseen queries are (an augmented view ranks less perfectly than the clean
 image the embedder memorised). The loss is listwise: softmax over a query's candidates, all positives together
 (``-log sum_pos p``). The epoch kept is the one with the best MAP@R on the held-out *validation* classes after
-re-ranking; the test classes are never seen.
+re-ranking; the test classes are never seen. Then the weight of the training-free local term
+(:attr:`PairwiseReranker.local_weight`) is chosen the same way, from ``local_weights``: the one with the best
+validation MAP@R (ties: the smaller weight, so 0 — off — unless the term helps).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RerankerOptions:
     batch_queries: int = 64
     views: int = 2  # augmented query views of each training image
     seed: int = 0
+    local_weights: tuple[float, ...] = (0.0,)  # local-term weights tried on validation after training
 
 
 def extract_features(embedder: torch.nn.Module, reranker: PairwiseReranker, batches: Iterable[dict],
@@ -96,26 +99,51 @@ def listwise_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_of(reranker: PairwiseReranker, features: CachedFeatures, rows: torch.Tensor | slice | None = None,
-              batch: int = 1024) -> torch.Tensor:
-    """Encoded tokens of ``features`` (all of them, or ``rows``), ``batch`` images at a time."""
+              batch: int = 1024, local: bool | None = None) -> torch.Tensor:
+    """Encoded tokens of ``features`` (all of them, or ``rows``), ``batch`` images at a time; ``local``: as
+    :meth:`PairwiseReranker.encode`."""
     pooled = features.pooled if rows is None else [p[rows] for p in features.pooled]
     count = len(pooled[0])
-    return torch.cat([reranker.encode([p[start:start + batch] for p in pooled])
+    return torch.cat([reranker.encode([p[start:start + batch] for p in pooled], local=local)
                       for start in range(0, count, batch)]) if count else pooled[0].new_zeros((0,))
 
 
-def validation_metrics(reranker: PairwiseReranker | None, val: CachedFeatures, candidates: int) -> dict[str, float]:
+def validation_metrics(reranker: PairwiseReranker | None, val: CachedFeatures, candidates: int,
+                       tokens: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics on ``val`` (queries vs gallery by role; all-vs-all when every item is both) after re-ranking, or
-    in the embedding's order when ``reranker`` is None."""
+    in the embedding's order when ``reranker`` is None. ``tokens``: ``val``'s, encoded already."""
     if reranker is None:
         return evaluate_embeddings(val.embeddings, val.labels, val.roles)
     was_training = reranker.training
     reranker.eval()
     with torch.no_grad():
-        metrics = pairwise_evaluate(val.embeddings, val.labels, val.roles, tokens_of(reranker, val), reranker,
-                                    candidates)
+        tokens = tokens_of(reranker, val) if tokens is None else tokens
+        metrics = pairwise_evaluate(val.embeddings, val.labels, val.roles, tokens, reranker, candidates)
     reranker.train(was_training)
     return metrics
+
+
+def choose_local_weight(reranker: PairwiseReranker, val: CachedFeatures, candidates: int,
+                        weights: Iterable[float]) -> tuple[float, dict[float, dict[str, float]]]:
+    """Set ``reranker.local_weight`` to the one of ``weights`` with the best validation MAP@R (ties: the
+    smaller) and return it with each weight's validation metrics."""
+    weights = sorted({float(w) for w in weights})
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError(f"reranker.local_weights: {weights}: need numbers >= 0")
+    with torch.no_grad():
+        tokens = tokens_of(reranker, val, local=True)
+    scores: dict[float, dict[str, float]] = {}
+    best = None
+    for weight in weights:
+        reranker.local_weight = weight
+        metrics = validation_metrics(reranker, val, candidates, tokens)
+        scores[weight] = {k: metrics[k] for k in ("precision_at_1", "map_at_r")}
+        if best is None or scores[weight]["map_at_r"] > scores[best]["map_at_r"]:
+            best = weight
+    reranker.local_weight = best
+    log.info("re-ranker local term: weight %g kept on validation (%s)", best,
+             ", ".join(f"{w:g}: MAP@R {s['map_at_r']:.4f}" for w, s in scores.items()))
+    return best, scores
 
 
 def fit_reranker(reranker: PairwiseReranker, queries: CachedFeatures, gallery: CachedFeatures,
@@ -179,4 +207,9 @@ def fit_reranker(reranker: PairwiseReranker, queries: CachedFeatures, gallery: C
     if val is not None:
         kept = report["epochs"][report["kept_epoch"] - 1]
         report["val_after"] = {"precision_at_1": kept["val_precision_at_1"], "map_at_r": kept["val_map_at_r"]}
+        if any(w > 0 for w in options.local_weights):
+            weight, scores = choose_local_weight(reranker, val, options.candidates, options.local_weights)
+            report["local_weights"] = {f"{w:g}": s for w, s in scores.items()}
+            report["local_weight"] = weight
+            report["val_after"] = scores[weight]
     return reranker, report
