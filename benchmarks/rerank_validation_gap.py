@@ -80,14 +80,14 @@ def split_features(ckpt: str, num_workers: int) -> dict[str, dict[str, torch.Ten
 def chamfer_reorder(cells: list[torch.Tensor], weight: float, depth: int):
     """A ``reorder`` for :func:`retrieval_metrics`: the first ``depth`` hits by ``cosine + weight * chamfer``."""
     from cbir.evaluation.metrics import sort_first_hits
+    from cbir.models.pairwise import mutual_best_match
 
     def reorder(sims: torch.Tensor, ranked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         top = ranked[:, :depth]
         cosine = sims.gather(1, top)
         local = torch.zeros_like(cosine)
         for stage in cells:
-            correlation = torch.einsum("qtd,qcsd->qcts", stage[rows], stage[top])
-            local += 0.5 * (correlation.amax(3).mean(-1) + correlation.amax(2).mean(-1)) / len(cells)
+            local += mutual_best_match(stage[rows], stage[top]) / len(cells)
         score = torch.where(torch.isfinite(cosine), cosine + weight * local, cosine)  # -inf: the query itself
         return sort_first_hits(ranked, score)
 

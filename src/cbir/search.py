@@ -452,7 +452,7 @@ class Searcher:
                     self._token_cache[i] = known[i]
                 while len(self._token_cache) > budget:
                     self._token_cache.popitem(last=False)
-        return torch.stack([known[i] for i in ids]).float()
+        return torch.stack([known[i] for i in ids])  # half: the re-ranker's score reads each slice as float
 
     def _match(self, score: float) -> float | None:
         if self.rerank != "none":  # the curve was fitted on plain scores; an expanded query's scores run higher

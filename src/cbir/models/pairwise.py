@@ -43,6 +43,14 @@ EVIDENCE = ("query cells best match, mean", "candidate cells best match, mean", 
             "candidate cells best match, worst", "same-place similarity, mean", "all pairs, mean")
 
 
+def mutual_best_match(query_cells: torch.Tensor, candidate_cells: torch.Tensor) -> torch.Tensor:
+    """``(Q, C)``: how well each side's cells find a match on the other, both ways — the mean best-match cosine of
+    the query's cells ``(Q, T, d)`` among each candidate's ``(Q, C, S, d)`` and of the candidate's among the
+    query's, averaged (cells unit length). The re-ranker's local term; training-free local matching."""
+    correlation = torch.einsum("qtd,qcsd->qcts", query_cells, candidate_cells)
+    return 0.5 * (correlation.amax(dim=3).mean(-1) + correlation.amax(dim=2).mean(-1))
+
+
 def default_stages(channels: dict[str, int], count: int = 2) -> list[str]:
     """The trunk's last ``count`` stages that are feature maps (a ViT's pooled CLS entry is not)."""
     spatial = [stage for stage in channels if stage not in GLOBAL_STAGES]
@@ -64,9 +72,10 @@ class PairwiseReranker(nn.Module):
         self.stages = list(self.config["channels"])
         self.grid = int(grid)
         self.dim = int(dim)
-        self.local_width = max(self.config["channels"].values())  # raw cells, zero-padded to the widest stage
+        self.widths = list(self.config["channels"].values())
+        self.local_width = max(self.widths)  # raw cells, zero-padded to the widest stage
         self.local_weight = local_weight
-        self.project = nn.ModuleList([nn.Linear(width, dim) for width in self.config["channels"].values()])
+        self.project = nn.ModuleList([nn.Linear(width, dim) for width in self.widths])
         self.position = nn.Parameter(torch.zeros(len(self.stages), grid * grid, dim))
         nn.init.trunc_normal_(self.position, std=0.02)
         self.judge = nn.Sequential(nn.Linear(len(EVIDENCE) * len(self.stages) + 1, hidden), nn.GELU(),
@@ -129,7 +138,6 @@ class PairwiseReranker(nn.Module):
         if self.local_weight > 0 and not with_local:
             raise ConfigError("reranker: local_weight > 0 but the tokens carry no raw cells (encode them with "
                               "local=True)")
-        widths = list(self.config["channels"].values())
         for i in range(len(self.stages)):
             block = slice(i * cells, (i + 1) * cells)
             correlation = torch.einsum("qtd,qcsd->qcts", query[:, block, :self.dim].float(),
@@ -138,10 +146,9 @@ class PairwiseReranker(nn.Module):
             evidence += [query_best.mean(-1), candidate_best.mean(-1), query_best.amin(-1), candidate_best.amin(-1),
                          torch.diagonal(correlation, dim1=2, dim2=3).mean(-1), correlation.mean(dim=(2, 3))]
             if with_local:
-                raw_cells = slice(self.dim, self.dim + widths[i])  # this stage's width; the rest is padding
-                raw = torch.einsum("qtd,qcsd->qcts", query[:, block, raw_cells].float(),
-                                   candidates[:, :, block, raw_cells].float())
-                local = local + 0.5 * (raw.amax(dim=3).mean(-1) + raw.amax(dim=2).mean(-1)) / len(self.stages)
+                raw = slice(self.dim, self.dim + self.widths[i])  # this stage's width; the rest is padding
+                local = local + mutual_best_match(query[:, block, raw].float(),
+                                                  candidates[:, :, block, raw].float()) / len(self.stages)
         evidence = torch.stack([*evidence, cosine.float()], dim=-1)
         logits = self.judge(evidence).squeeze(-1) + self.cosine_scale * cosine.float()
         return logits + self.cosine_scale.abs() * self.local_weight * local if with_local else logits
