@@ -15,7 +15,9 @@ emoji test split: 4,152 PNG files), three ways, interleaved over ``--repeats`` r
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,6 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cbir-bundle-extract-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a bundle and extracted shards
     embedder = build_embedder(args.backbone, pretrained="imagenet", image_size=args.image_size)
     bundle = load_bundle(export_bundle(embedder, work / "bundle", runtimes=[],
                                        model_config={"backbone": args.backbone, "image_size": args.image_size,

@@ -25,8 +25,10 @@ whole process to its printed result, per runtime, interleaved; warm single-query
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,7 +236,10 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
           f"batch {args.batch}, {args.rounds} interleaved rounds", flush=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="cbir-inference-"))
+    work = args.work
+    if work is None:  # exported bundles, deleted at exit; --work keeps them
+        work = Path(tempfile.mkdtemp(prefix="cbir-inference-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     q_images, q_labels = load_images(args.quality, args.quality_images)
     report = {"batch": args.batch, "rounds": args.rounds, "torch": torch.__version__, "models": {}}
     for spec in args.models.split(","):

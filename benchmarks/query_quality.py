@@ -104,10 +104,12 @@ def main() -> None:
         return
 
     reranked = resolve_checkpoint(args.rerank_model) if args.rerank_model else default
-    work = Path(tempfile.mkdtemp(prefix="cbir-query-quality-"))
-    rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in
-            rerank.quality(str(reranked), ["data=emoji"], args.n, work / "eval", None, args.reranker).items()}
-    ms = rerank.latency(str(reranked), "emoji:test", args.latency_queries, args.n, args.rounds, work, args.reranker)
+    with tempfile.TemporaryDirectory(prefix="cbir-query-quality-") as tmp:  # eval runs and a bundle: ~100 MB
+        work = Path(tmp)
+        rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in
+                rerank.quality(str(reranked), ["data=emoji"], args.n, work / "eval", None, args.reranker).items()}
+        ms = rerank.latency(str(reranked), "emoji:test", args.latency_queries, args.n, args.rounds, work,
+                            args.reranker)
     plain = next(v for k, v in rows.items() if " + " not in k)
     lines = ["| option | P@1 | MAP@R | ΔMAP@R | Searcher ms / query | × plain |", "|---|---|---|---|---|---|"]
     for name, metrics in rows.items():

@@ -20,7 +20,9 @@ classes):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +103,7 @@ def main() -> None:
     from cbir.evaluation.report import write_json
 
     work = Path(tempfile.mkdtemp(prefix="cbir-rerank-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # eval runs and a bundle: ~100 MB
     rows: dict[str, dict] = {}
     for n in args.n:
         for name, metrics in quality(args.ckpt, args.data, n, work / f"eval-{n}", args.precision,
