@@ -126,8 +126,6 @@ class Searcher:
     def __init__(self, bundle, index, *, preprocess=None, device: str | None = None, precision: str = "auto",
                  runtime: str = "auto", one_shot: bool = False, batch_size: int = 32, rerank: str = "none",
                  rerank_n: int = 3, rerank_alpha: float = 3.0) -> None:
-        from cbir.preprocess import build_preprocessor
-
         if rerank not in RERANK_METHODS:
             raise SearchError(f"rerank={rerank!r}: choose from {', '.join(RERANK_METHODS)}")
         if int(rerank_n) < 1 or float(rerank_alpha) < 0:
@@ -152,7 +150,7 @@ class Searcher:
         self.runtime, self.bf16 = self.encode.runtime, self.encode.bf16
         spec = bundle.preprocessing.query if preprocess is None else preprocess
         self.preprocess_spec = spec
-        self.preprocessor = build_preprocessor(spec)
+        self.preprocessor = bundle.preprocessing.query_preprocessor(spec)  # `auto`: the bundle's fitted thresholds
         self._datasets: dict = {}  # array-backed datasets opened for their pixels, by name
         self._datasets_lock = threading.Lock()
 
@@ -197,9 +195,8 @@ class Searcher:
         """The query preprocessing alone (``preprocess``: a spec, None = the bundle's own), so a service can
         run it outside the inference worker. ``deadline`` (``time.monotonic()``): past it, the next step is
         not started (:class:`cbir.preprocess.query.CleanUpTimeout`)."""
-        from cbir.preprocess import build_preprocessor
-
-        preprocessor = self.preprocessor if preprocess is None else build_preprocessor(preprocess)
+        preprocessor = self.preprocessor if preprocess is None else self.bundle.preprocessing.query_preprocessor(
+            preprocess)
         return [preprocessor.apply(image, deadline=deadline)[0] for image in images]
 
     def embed_clean(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -13,6 +14,7 @@ from cbir.index.builder import IndexOptions
 from cbir.index.shards import ExtractionOptions
 from cbir.models.handcrafted import DescriptorOptions
 from cbir.preprocess import build_preprocessor
+from cbir.preprocess.calibrate import fit_auto
 from cbir.preprocess.query import PRESETS, STEPS
 
 
@@ -57,4 +59,11 @@ def test_query_presets_match_their_yaml():
         assert [type(s).name for s in from_yaml.steps] == steps, name
     auto_yaml = preset("preprocess", "auto")["steps"][0]
     auto_defaults = {k: v for k, v in defaults(STEPS["auto"]).items()}
-    assert {k: v for k, v in auto_yaml.items() if k != "name"} == auto_defaults
+    set_here = {k: v for k, v in auto_yaml.items() if k != "name"}
+    assert set_here == {k: auto_defaults[k] for k in set_here}
+    # the thresholds a bundle fits to its domain are left out, or they would override the fitted ones
+    fitted = set(fit_auto([np.full((8, 8, 3), 200, np.uint8)] * 20)["params"])
+    assert not fitted & set(set_here) and fitted <= set(auto_defaults)
+    comments = (config_dir() / "preprocess" / "auto.yaml").read_text()
+    for key in fitted:  # the shipped values are documented in the file
+        assert f"{key}: {auto_defaults[key]}" in comments, key

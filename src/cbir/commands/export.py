@@ -46,15 +46,17 @@ def export(cfg: DictConfig) -> Path:
     query_preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True) if cfg.get("preprocess") else None
     index_cfg = cfg.get("index") or {}
     runtimes = list(cfg.runtimes)
-    samples = export_samples(embedder, cfg.get("int8_calibration") or index_cfg.get("collection") or
-                             training_collection(config), int(cfg.get("precision_check_images", 512)),
+    training = training_collection(config)
+    samples = export_samples(embedder, cfg.get("int8_calibration") or index_cfg.get("collection") or training,
+                             int(cfg.get("precision_check_images", 512)),
                              int(cfg.get("int8_calibration_images", 256)) if "onnx-int8" in runtimes else 0)
+    auto = auto_calibration(training or index_cfg.get("collection"))
     out = export_bundle(embedder, cfg.out, model_config=model_config, config=config,
                         query_preprocess=query_preprocess, runtimes=runtimes,
                         tolerance=float(cfg.parity_tolerance), source=source, overwrite=bool(cfg.overwrite),
                         check_images=samples.check, check_source=samples.source, check_labels=samples.labels,
                         calibration_images=samples.calibration, int8_max_drop=float(cfg.get("int8_max_drop", 0.005)),
-                        reranker=cfg.get("reranker"))
+                        reranker=cfg.get("reranker"), auto_calibration=auto)
     bundle = load_bundle(out)
     print(describe_bundle(bundle))
     if index_cfg.get("collection"):
@@ -116,6 +118,39 @@ def export_samples(embedder, collection, count: int, calibration_count: int = 0)
     return ExportSamples(torch.stack(check), labels if all(label is not None for label in labels) else None,
                          torch.stack(calibration) if calibration else None,
                          f"{len(check)} images of {getattr(collection, 'spec', collection)}")
+
+
+def auto_calibration(collection, count: int | None = None) -> dict | None:
+    """``auto`` query clean-up's thresholds fitted (:func:`cbir.preprocess.calibrate.fit_auto`) to up to
+    ``count`` images spread over ``collection`` — the model's training images, else the collection indexed —, with
+    where they came from; None (the shipped thresholds) without a collection or with too few readable images."""
+    if not collection:
+        return None
+    import numpy as np
+
+    from cbir.data.images import load_record
+    from cbir.errors import BadImageError
+    from cbir.index.collection import Collection, read_collection
+    from cbir.preprocess.calibrate import CALIBRATION_IMAGES, MIN_IMAGES, fit_auto
+
+    chosen = collection if isinstance(collection, Collection) else read_collection(collection)
+    count = CALIBRATION_IMAGES if count is None else count
+    picks = np.unique(np.linspace(0, len(chosen.indices) - 1, num=min(count, len(chosen.indices))).astype(np.int64))
+    images = []
+    for position in picks:
+        try:
+            images.append(load_record(chosen.catalog, int(chosen.indices[position])))
+        except BadImageError:
+            continue  # the index build reports unreadable images; the thresholds need only readable ones
+    name = chosen.spec
+    if len(images) < MIN_IMAGES:
+        log.info("export: %d readable images of %s are too few to fit `auto`'s thresholds; the shipped ones apply",
+                 len(images), name)
+        return None
+    fitted = fit_auto(images)
+    fitted["source"] = f"{len(images)} images of {name}"
+    log.info("export: `auto` query clean-up thresholds fitted to %s: %s", fitted["source"], fitted["params"])
+    return fitted
 
 
 def sample_positions(labels: list, count: int, calibration_count: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -197,6 +232,9 @@ def describe_bundle(bundle) -> str:
                  + ("passed" if check["passed"] else "failed (precision=auto keeps fp32)")
                  + (f"; here {speed['fp32']:.0f} → {speed['bf16']:.0f} img/s" if speed else "")
                  + (f"; precision=auto on this machine: {'bf16' if bundle.use_bf16() else 'fp32'}"))
+    fitted = bundle.preprocessing.auto
+    if fitted:
+        text += f"\n`auto` query clean-up thresholds fitted to {fitted.get('source', 'its training images')}"
     if bundle.has_reranker:
         text += "\npairwise re-ranker: reranker.pt (search with rerank.method=pairwise)"
     return text

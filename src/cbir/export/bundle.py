@@ -70,15 +70,27 @@ class Preprocessing:
     std: tuple[float, ...]
     resize: str = "stretch to input_size x input_size, bilinear (albumentations Resize)"
     query: dict | list | str | None = None  # query clean-up (cbir.preprocess), applied to queries only
+    auto: dict | None = None  # `auto`'s thresholds fitted to the model's domain (cbir.preprocess.calibrate)
 
     def to_json(self) -> dict:
         return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "query": self.query}
+                "resize": self.resize, "query": self.query, "auto": self.auto}
 
     @classmethod
     def from_json(cls, data: dict) -> Preprocessing:
         return cls(input_size=int(data["input_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                   resize=data.get("resize", cls.resize), query=data.get("query"))
+                   resize=data.get("resize", cls.resize), query=data.get("query"), auto=data.get("auto"))
+
+    @property
+    def auto_params(self) -> dict | None:
+        """The fitted ``auto`` thresholds, which fill in every ``auto`` step that a query spec leaves unset."""
+        return (self.auto or {}).get("params")
+
+    def query_preprocessor(self, spec=None):
+        """The query clean-up of ``spec`` (None: the bundle's own), ``auto`` steps with this domain's thresholds."""
+        from cbir.preprocess import build_preprocessor
+
+        return build_preprocessor(self.query if spec is None else spec, auto=self.auto_params)
 
     def transform(self):
         from cbir.data.transforms import eval_transform
@@ -252,7 +264,8 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
                   source: str | None = None, overwrite: bool = False,
                   check_images: torch.Tensor | None = None, check_source: str = "",
                   check_labels: Sequence | None = None, calibration_images: torch.Tensor | None = None,
-                  int8_max_drop: float | None = None, reranker: str | Path | None = None) -> Path:
+                  int8_max_drop: float | None = None, reranker: str | Path | None = None,
+                  auto_calibration: dict | None = None) -> Path:
     """Write ``embedder`` as a bundle into ``out_dir`` (built in a temporary sibling folder and renamed,
     so a crash never leaves half a bundle). Each runtime copy is compared with the eager model on
     ``sample_images`` (default: random inputs of the model's size) and the export fails if the largest
@@ -267,7 +280,10 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     Either way the manifest says what happened.
 
     ``reranker``: a pairwise re-ranker file (``train.py stage=reranker``) trained on this very model, copied in as
-    ``reranker.pt`` (``Searcher(..., rerank="pairwise")`` uses it)."""
+    ``reranker.pt`` (``Searcher(..., rerank="pairwise")`` uses it).
+
+    ``auto_calibration``: :func:`cbir.preprocess.calibrate.fit_auto` of the model's training images, stored with
+    the preprocessing so that ``auto`` query clean-up uses thresholds fitted to this domain."""
     import torch
 
     from cbir.models.precision import bf16_parity_and_fp32
@@ -282,7 +298,9 @@ def export_bundle(embedder: nn.Module, out_dir: str | Path, *, model_config: dic
     embedder = embedder.cpu().eval()
     reranker_file = _checked_reranker(reranker, embedder) if reranker else None
     preprocessing = Preprocessing(input_size=int(embedder.input_size), mean=tuple(embedder.mean),
-                                  std=tuple(embedder.std), query=query_preprocess)
+                                  std=tuple(embedder.std), query=query_preprocess, auto=auto_calibration)
+    if auto_calibration is not None:
+        preprocessing.query_preprocessor("auto")  # fitted values that Auto refuses fail here, not at query time
     if sample_images is None:
         generator = torch.Generator().manual_seed(0)
         size = preprocessing.input_size

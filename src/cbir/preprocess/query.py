@@ -373,17 +373,19 @@ class QueryPreprocessor:
         return {"steps": [step.describe() for step in self.steps]}
 
 
-def build_preprocessor(spec: Any = None) -> QueryPreprocessor:
+def build_preprocessor(spec: Any = None, auto: Mapping | None = None) -> QueryPreprocessor:
     """A :class:`QueryPreprocessor` from plain data: ``None``/``"none"``; a step or preset name
     (``"auto"``, ``"denoise_enhance"``); a step dict ``{"name": "clahe", "clip_limit": 3}``; a list of
     names/dicts; ``{"steps": [...]}`` (the conf/preprocess YAML shape; a Hydra DictConfig works too);
-    or an existing preprocessor/step. Unknown names or parameters raise :class:`~cbir.errors.ConfigError`."""
+    or an existing preprocessor/step. ``auto``: parameters for every ``auto`` step that the spec does not set
+    itself (a bundle's thresholds fitted to its domain, :mod:`cbir.preprocess.calibrate`). Unknown names or
+    parameters raise :class:`~cbir.errors.ConfigError`."""
     if spec is None:
         return QueryPreprocessor()
     if isinstance(spec, QueryPreprocessor):
         return spec
     if isinstance(spec, str) and spec in PRESETS:
-        return QueryPreprocessor(tuple(_build_step(name) for name in PRESETS[spec]))
+        return QueryPreprocessor(tuple(_build_step(name, auto) for name in PRESETS[spec]))
     if isinstance(spec, Mapping) and "name" not in spec:
         unknown = set(spec) - {"steps"}
         if unknown:
@@ -395,10 +397,10 @@ def build_preprocessor(spec: Any = None) -> QueryPreprocessor:
     if not isinstance(spec, Sequence):
         raise ConfigError(f"preprocess: cannot build a preprocessor from {type(spec).__name__}; "
                           "give a name, a list of steps or {steps: [...]}")
-    return QueryPreprocessor(tuple(_build_step(item) for item in spec))
+    return QueryPreprocessor(tuple(_build_step(item, auto) for item in spec))
 
 
-def _build_step(item: Any) -> Step:
+def _build_step(item: Any, auto: Mapping | None = None) -> Step:
     if isinstance(item, Step):
         return item
     if isinstance(item, str):
@@ -417,4 +419,6 @@ def _build_step(item: Any) -> Step:
     if unknown:
         raise ConfigError(f"preprocess step '{name}': unknown parameter(s) {', '.join(unknown)}; "
                           f"it takes {', '.join(allowed)}")
+    if cls is Auto and auto:
+        params = {**auto, **params}  # what the spec sets itself wins over the fitted thresholds
     return cls(**params)
