@@ -59,7 +59,7 @@ def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work:
     from cbir.index.pipeline import build_bundle_index
     from cbir.index.store import load_index
     from cbir.models.checkpoint import load_checkpoint_model
-    from cbir.search import Searcher
+    from cbir.search import Searcher, parse_array_source
 
     embedder, model_config = load_checkpoint_model(ckpt)
     bundle_dir = work / "bundle"
@@ -71,14 +71,23 @@ def latency(ckpt: str, collection: str, queries: int, n: int, rounds: int, work:
     methods = [*SEARCH_METHODS, *(["pairwise"] if reranker else [])]
     searchers = {m: Searcher(bundle, index, rerank=m, rerank_n=n, precision="fp32") for m in methods}
     times: dict[str, list[list[float]]] = {m: [] for m in methods}
+
+    def query(searcher: Searcher, source: str) -> None:
+        """One single-image query as a user sends it: a file read from disk, or a dataset row (Fashion-MNIST)."""
+        if parse_array_source(source) is None:
+            searcher.search_paths([source], k=10)
+        else:
+            searcher.search_images([searcher.load_source(source)], k=10, exclude=[source])
+
     for method in methods:  # warm-up
-        searchers[method].search_paths(paths[:2], k=10)
+        for path in paths[:2]:
+            query(searchers[method], path)
     for _ in range(rounds):  # interleaved: each round times every option on the same queries
         for method in methods:
             times[method].append([])
             for path in paths:
                 start = time.perf_counter()
-                searchers[method].search_paths([path], k=10)
+                query(searchers[method], path)
                 times[method][-1].append(1000 * (time.perf_counter() - start))
     # the first round meets every pairwise candidate for the first time (read + embed); later rounds are the
     # steady state of a service whose candidates recur
