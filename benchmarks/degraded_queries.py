@@ -3,8 +3,10 @@
 Any data config's evaluation protocol (``--data``, default ``emoji``: its test split, zero-shot classes, all-vs-all
 at 64 px; ``fashion_mnist``: the test images against the 60k train gallery; ``icons``: all-vs-all in the unseen
 icon names). Each query (all of them, or a seeded ``--queries`` sample) is searched against the clean gallery,
-itself left out in an all-vs-all protocol; only the query is degraded (Gaussian noise, blur, JPEG q=10-20, low light; :mod:`cbir.preprocess.degrade`, seeded) and
-then passed through each preprocessing option (``conf/preprocess``) before the model's resize/normalise.
+itself left out in an all-vs-all protocol; only the query is degraded (Gaussian noise, blur, JPEG q=10-20, low
+light; :mod:`cbir.preprocess.degrade`, seeded) and then passed through each preprocessing option
+(``conf/preprocess``; ``auto`` with its thresholds fitted to 500 training images of the data, as an exported
+bundle's are, unless ``--auto-thresholds shipped``) before the model's resize/normalise.
 Row ``clean`` = undamaged queries, which shows what each option costs when nothing needs fixing.
 
 Models: ImageNet MobileNetV2 as it comes (64 px) and any ``--ckpt`` training checkpoints. Prints R@1 and
