@@ -62,7 +62,8 @@ def load_option(name: str, auto: dict | None = None):
 
     if name in VARIANTS:
         return build_preprocessor(VARIANTS[name], auto=auto)
-    return build_preprocessor(yaml.safe_load((config_dir() / "preprocess" / f"{name}.yaml").read_text()), auto=auto)
+    spec = yaml.safe_load((config_dir() / "preprocess" / f"{name}.yaml").read_text())
+    return build_preprocessor(spec, auto=auto)
 
 
 def _init_worker() -> None:
@@ -71,7 +72,8 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
-def _process_chunk(job: tuple[str, list[np.ndarray], dict | None]) -> tuple[list[np.ndarray], list[list[str]], float]:
+def _process_chunk(job: tuple[str, list[np.ndarray], dict | None]
+                   ) -> tuple[list[np.ndarray], list[list[str]], float]:
     name, images, auto = job
     preprocessor = load_option(name, auto)
     started = time.process_time()
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.out, payload)
     print(f"\n{args.data}, {args.split} protocol, {len(queries)} queries (each degraded, searched against the "
-          f"{len(images)} clean gallery images, itself excluded), {payload['embedding']}, seed {args.seed}:\n\n{report}")
+          f"{len(images)} clean gallery images, itself excluded), {payload['embedding']}, seed {args.seed}:"
+          f"\n\n{report}")
     return 0
 
 

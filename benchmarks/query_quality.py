@@ -91,8 +91,8 @@ def main() -> None:
         args.out = RESULTS / f"query_quality_{args.data}{'_val' if args.split == 'val' else ''}.json"
     degraded_json = args.out.with_name(args.out.stem + "_degraded.json")
     if not (args.skip_robustness and degraded_json.is_file()):
-        degraded_queries.main(["--data", args.data, "--queries", str(args.queries), "--options", "none", "auto", "--no-untrained",
-                               "--split", args.split, "--ckpt", str(default), "--ckpt", str(robust),
+        degraded_queries.main(["--data", args.data, "--queries", str(args.queries), "--options", "none", "auto",
+                               "--no-untrained", "--split", args.split, "--ckpt", str(default), "--ckpt", str(robust),
                                "--out", str(degraded_json)])
     payload = json.loads(degraded_json.read_text())
     names = {f"trained {default}": "default", f"trained {robust}": "robust"}  # degraded_queries' model names
@@ -113,10 +113,10 @@ def main() -> None:
     reranked = resolve_checkpoint(args.rerank_model) if args.rerank_model else default
     with tempfile.TemporaryDirectory(prefix="cbir-query-quality-") as tmp:  # eval runs and a bundle: ~100 MB
         work = Path(tmp)
-        rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in
-                rerank.quality(str(reranked), [f"data={args.data}"], args.n, work / "eval", None, args.reranker).items()}
-        ms = rerank.latency(str(reranked), args.latency_collection or f"{args.data}:test", args.latency_queries, args.n, args.rounds, work,
-                            args.reranker)
+        measured = rerank.quality(str(reranked), [f"data={args.data}"], args.n, work / "eval", None, args.reranker)
+        rows = {name: {k: metrics[k] for k in ("precision_at_1", "map_at_r")} for name, metrics in measured.items()}
+        ms = rerank.latency(str(reranked), args.latency_collection or f"{args.data}:test", args.latency_queries,
+                            args.n, args.rounds, work, args.reranker)
     plain = next(v for k, v in rows.items() if " + " not in k)
     lines = ["| option | P@1 | MAP@R | ΔMAP@R | Searcher ms / query | × plain |", "|---|---|---|---|---|---|"]
     for name, metrics in rows.items():

@@ -9,7 +9,6 @@ validation MAP@R after re-ranking, and writes ``reranker.pt`` and ``results.json
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -21,7 +20,13 @@ from cbir.evaluation.report import format_table, write_results
 from cbir.models.checkpoint import load_embedder_checkpoint, resolve_checkpoint, run_config
 from cbir.models.pairwise import PairwiseReranker, default_stages, save_reranker
 from cbir.training import factory
-from cbir.training.reranker import CachedFeatures, RerankerOptions, extract_features, fit_reranker
+from cbir.training.reranker import (
+    CachedFeatures,
+    RerankerOptions,
+    check_local_weights,
+    extract_features,
+    fit_reranker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,9 @@ def train_reranker(cfg: DictConfig) -> float:
                                 hidden=int(settings.hidden))
     options = RerankerOptions(candidates=int(settings.candidates), epochs=int(settings.epochs), lr=float(settings.lr),
                               views=int(settings.views), batch_queries=int(settings.batch_queries), seed=int(cfg.seed),
-                              local_weights=tuple(float(w) for w in (settings.get("local_weights") or [0.0])))
+                              local_weights=check_local_weights(settings.get("local_weights") or [0.0]))
     if options.views < 1 or options.candidates < 2 or options.epochs < 1:
         raise ConfigError("reranker: need views >= 1, candidates >= 2 and epochs >= 1")
-    if any(not math.isfinite(w) or w < 0 for w in options.local_weights):
-        raise ConfigError(f"reranker.local_weights: {list(options.local_weights)}: need numbers >= 0")
 
     catalog = factory.build_catalog(cfg.data)
     datamodule = factory.build_datamodule(cfg, catalog, embedder)

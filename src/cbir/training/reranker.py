@@ -123,13 +123,19 @@ def validation_metrics(reranker: PairwiseReranker | None, val: CachedFeatures, c
     return metrics
 
 
+def check_local_weights(weights: Iterable[float]) -> tuple[float, ...]:
+    """``reranker.local_weights`` as floats; a ConfigError unless each is a finite number >= 0."""
+    weights = tuple(float(w) for w in weights)
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError(f"reranker.local_weights: {list(weights)}: need numbers >= 0")
+    return weights
+
+
 def choose_local_weight(reranker: PairwiseReranker, val: CachedFeatures, candidates: int,
                         weights: Iterable[float]) -> tuple[float, dict[float, dict[str, float]]]:
     """Set ``reranker.local_weight`` to the one of ``weights`` with the best validation MAP@R (ties: the
     smaller) and return it with each weight's validation metrics."""
-    weights = sorted({float(w) for w in weights})
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ConfigError(f"reranker.local_weights: {weights}: need numbers >= 0")
+    weights = sorted(set(check_local_weights(weights)))
     with torch.no_grad():
         tokens = tokens_of(reranker, val, local=True)
     scores: dict[float, dict[str, float]] = {}
